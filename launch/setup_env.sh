@@ -24,7 +24,7 @@ echo "[setup] installing dependencies into $VENV (first run takes a few minutes)
 "$PY" -m pip install -q "numpy>=1.26" versioneer wheel "setuptools>=68"
 if ! "$PY" -c 'import radiomics' 2>/dev/null; then
   echo "[setup] building pyradiomics from source (--no-build-isolation)"
-  "$PY" -m pip install -q --no-build-isolation "pyradiomics>=3.0.1"
+  "$PY" -m pip install -q --no-build-isolation "pyradiomics==3.0.1"
 fi
 "$PY" -m pip install -q -e "$ROOT[dev]"
 echo "$WANT" > "$STAMP"
