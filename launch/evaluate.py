@@ -1,0 +1,40 @@
+r"""Evaluates every trained model under a workdir and writes the clinical report.
+
+  python -m launch.evaluate --workdir=/tmp/run
+
+Reads <workdir>/<model>/predictions.parquet (+ run.json naming the feature store), adds the
+TNM comparator from the store's clinical.parquet, writes metrics.json, CSV/Markdown tables,
+PNG figures and a self-contained report.html into the workdir, and prints the comparison table.
+"""
+
+from absl import app, flags, logging
+
+from moemil_jax import evaluation, report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder with one subfolder per trained model.", required=True)
+flags.DEFINE_enum("ci_method", "delong", ["delong", "bootstrap"], "95% CI method for the AUC.")
+flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples for C-index (and AUC if bootstrap) CIs.")
+flags.DEFINE_bool("tnm", True, "Add the TNM comparator fitted on training patients.")
+
+
+def main(argv):
+    del argv
+    ev = evaluation.evaluate(FLAGS.workdir, n_bootstrap=FLAGS.n_bootstrap, ci_method=FLAGS.ci_method,
+                             with_tnm=FLAGS.tnm)
+    paths = report.write_report(ev, FLAGS.workdir)
+    print(evaluation.format_comparison(evaluation.comparison_table(ev)))
+    notes = evaluation.undefined_notes(ev)
+    if notes:
+        print("\nUndefined metrics and warnings:")
+        print("\n".join(f"  - {n}" for n in notes))
+    logging.info("wrote %d files", len(paths))
+    print(f"\nreport: {paths['report.html']}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
