@@ -1,0 +1,34 @@
+"""Trains MoEMIL (or a baseline) from a feature store.
+
+python -m launch.train --config=moemil_jax/configs/moemil.py --workdir=runs/moemil \
+    --store=STORE [--config.train.epochs=30 ...] [--resume]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, events, predictions.")
+_STORE = flags.DEFINE_string("store", None, "Feature store directory (overrides config.store).")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in workdir.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from moemil_jax import train  # after flag parsing: keeps --help fast
+  config = _CONFIG.value
+  if _STORE.value:
+    config.store = _STORE.value
+  logging.info("config:\n%s", config)
+  train.train_and_evaluate(config, _WORKDIR.value, resume=_RESUME.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,24 @@
+"""A tiny MoEMIL for tests and smoke runs on a CPU (small store, a few epochs)."""
+
+from moemil_jax.configs import moemil
+
+
+def get_config():
+  c = moemil.get_config()
+  c.data.bag_buckets = (64, 128, 256)
+  c.data.max_train_patches = 128
+  c.data.radiomics_lasso = False
+  c.model.wsi_dim = 64
+  c.model.attention_dim = 32
+  c.model.radiomics_dims = (32,)
+  c.model.mri_deep_dim = 32
+  c.model.expert_dim = 32
+  c.model.tower_dim = 16
+  c.model.dropout = 0.1
+  c.train.batch_size = 8
+  c.train.epochs = 12
+  c.train.learning_rate = 3e-3
+  c.train.warmup_epochs = 1
+  c.train.patience = 0
+  c.train.log_every = 5
+  return c

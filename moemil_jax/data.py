@@ -1,0 +1,429 @@
+"""From a feature store to device-resident arrays and bucketed batches.
+
+The store is read once into host arrays (one row per patient, all slides of a patient
+concatenated into one bag), split by patient, normalised with statistics fitted on the
+training patients only, and put on the device once. A training step then only receives a
+few small index arrays; every bag size is padded to one of a few buckets so the number of
+compiled programs stays small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from absl import logging
+
+from feature_store import store
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class Cohort:
+  """Host arrays, one row per patient (clinical.parquet order)."""
+
+  patient_id: np.ndarray      # (P,) str
+  center: np.ndarray          # (P,) str
+  response: np.ndarray        # (P,) float, NaN when unknown
+  os_months: np.ndarray       # (P,) float, NaN when unknown
+  os_event: np.ndarray        # (P,) int
+  patches: np.ndarray         # (total, 1024) float16, bags back to back
+  patch_offset: np.ndarray    # (P,) int64
+  patch_count: np.ndarray     # (P,) int64
+  radiomics: pd.DataFrame     # (P, F) float64 wide: "<sequence>:<feature>"; NaN rows w/o MRI
+  mri_deep: np.ndarray        # (P, S, 2048) float32, zero padded
+  mri_deep_count: np.ndarray  # (P,) int64
+  split: np.ndarray | None = None  # (P,) str in SPLITS
+
+  @property
+  def num_patients(self) -> int:
+    return len(self.patient_id)
+
+  @property
+  def has_radiomics(self) -> np.ndarray:
+    return self.radiomics.notna().any(axis=1).to_numpy()
+
+
+def _read_clinical(path: Path) -> pd.DataFrame:
+  if not path.exists():
+    raise store.StoreError(f"{path}: not found")
+  df = pq.read_table(path).to_pandas()
+  missing = sorted(set(store.CLINICAL_COLUMNS) - set(df.columns))
+  if missing:
+    raise store.StoreError(f"{path}: missing columns {missing}")
+  if df["patient_id"].duplicated().any():
+    dup = df.loc[df["patient_id"].duplicated(), "patient_id"].iloc[0]
+    raise store.StoreError(f"{path}: patient_id {dup!r} appears more than once")
+  bad = ~df["center"].isin(["A", "B"])
+  if bad.any():
+    row = int(np.flatnonzero(bad)[0])
+    raise store.StoreError(f"{path}: row {row} has center {df['center'].iloc[row]!r}, "
+                           "expected 'A' or 'B'")
+  resp = df["ic_response"]
+  if not resp.dropna().isin([0, 1]).all():
+    raise store.StoreError(f"{path}: ic_response must be 0, 1 or null")
+  return df.reset_index(drop=True)
+
+
+def load_store(store_dir: str | Path) -> Cohort:
+  """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays."""
+  root = Path(store_dir)
+  info = store.read_store_json(root)
+  clinical = _read_clinical(root / store.CLINICAL)
+  ids = clinical["patient_id"].astype(str).to_numpy()
+  index = {pid: i for i, pid in enumerate(ids)}
+  wsi_dim = int(info.get("encoder", {}).get("dim", store.WSI_DIM))
+
+  # WSI: all slides of a patient form one bag, in slide-id order.
+  per_patient: list[list[np.ndarray]] = [[] for _ in ids]
+  files = store.slide_files(root)
+  for path in files:
+    bag = store.read_slide(path, expected_dim=wsi_dim)
+    if bag.patient_id not in index:
+      if len(bag.embeddings):
+        raise store.StoreError(f"{path}: patient_id {bag.patient_id!r} not in clinical.parquet")
+      continue
+    per_patient[index[bag.patient_id]].append(bag.embeddings)
+  counts = np.array([sum(len(e) for e in bags) for bags in per_patient], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  patches = np.zeros((int(counts.sum()), wsi_dim), np.float16)
+  for i, bags in enumerate(per_patient):
+    if bags:
+      patches[offsets[i]:offsets[i] + counts[i]] = np.concatenate(bags)
+  logging.info("store %s: %d patients, %d slides, %d patches", root, len(ids), len(files),
+               len(patches))
+
+  radiomics = _read_radiomics(root / store.RADIOMICS, ids)
+  mri_deep, mri_count = _read_mri_deep(root / store.MRI_DEEP, index)
+  surv_known = clinical["os_months"].notna() & clinical["os_event"].notna()
+  return Cohort(
+      patient_id=ids,
+      center=clinical["center"].astype(str).to_numpy(),
+      response=clinical["ic_response"].astype("Float64").to_numpy(np.float64, na_value=np.nan),
+      os_months=np.where(surv_known, clinical["os_months"].astype("Float64").to_numpy(
+          np.float64, na_value=np.nan), np.nan),
+      os_event=clinical["os_event"].fillna(0).astype(np.int64).to_numpy(),
+      patches=patches, patch_offset=offsets, patch_count=counts,
+      radiomics=radiomics, mri_deep=mri_deep, mri_deep_count=mri_count)
+
+
+def _read_radiomics(path: Path, ids: np.ndarray) -> pd.DataFrame:
+  if not path.exists():
+    logging.warning("%s: not found; no radiomics features", path)
+    return pd.DataFrame(index=ids)
+  df = pq.read_table(path).to_pandas()
+  for col in ("patient_id", "sequence"):
+    if col not in df.columns:
+      raise store.StoreError(f"{path}: missing column {col!r}")
+  feats = [c for c in df.columns if c not in ("patient_id", "sequence")]
+  wide = df.pivot_table(index="patient_id", columns="sequence", values=feats, aggfunc="first",
+                        dropna=False)
+  wide.columns = [f"{seq}:{feat}" for feat, seq in wide.columns]
+  wide = wide[sorted(wide.columns)]
+  return wide.reindex(ids).astype(np.float64)
+
+
+def _read_mri_deep(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+  n = len(index)
+  if not path.exists():
+    logging.warning("%s: not found; no deep MRI features", path)
+    return np.zeros((n, 1, store.MRI_DEEP_DIM), np.float32), np.zeros(n, np.int64)
+  table = pq.read_table(path)
+  emb = store.embeddings_from_column(table.column("embedding"), path).astype(np.float32)
+  meta = table.select(["patient_id", "sequence", "slice_index"]).to_pandas()
+  seq_rank = {s: i for i, s in enumerate(store.MRI_SEQUENCES)}
+  meta["seq_rank"] = meta["sequence"].map(lambda s: seq_rank.get(s, len(seq_rank)))
+  meta["row"] = np.arange(len(meta))
+  unknown = set(meta["patient_id"]) - set(index)
+  if unknown:
+    raise store.StoreError(f"{path}: patient_id {sorted(unknown)[0]!r} not in clinical.parquet")
+  meta = meta.sort_values(["patient_id", "seq_rank", "sequence", "slice_index"], kind="stable")
+  counts = np.zeros(n, np.int64)
+  groups = meta.groupby("patient_id", sort=False)["row"]
+  for pid, rows in groups:
+    counts[index[pid]] = len(rows)
+  out = np.zeros((n, max(int(counts.max(initial=0)), 1), emb.shape[1]), np.float32)
+  for pid, rows in groups:
+    out[index[pid], :len(rows)] = emb[rows.to_numpy()]
+  return out, counts
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def assign_splits(cohort: Cohort, *, test_center: str = "B", val_fraction: float = 0.25,
+                  seed: int = 0, folds: int = 0, fold: int = 0) -> np.ndarray:
+  """test = `test_center`; the rest split by patient, stratified by response (unknown is
+  its own stratum): a `val_fraction` hold-out, or fold `fold` of `folds` when folds > 1."""
+  if folds > 1 and not 0 <= fold < folds:
+    raise ValueError(f"split.fold={fold} outside [0, {folds})")
+  split = np.where(cohort.center == test_center, "test", "train").astype(object)
+  rng = np.random.default_rng(seed)
+  strata = np.where(np.isnan(cohort.response), -1, cohort.response)
+  for s in np.unique(strata):
+    members = np.flatnonzero((strata == s) & (split != "test"))
+    members = members[rng.permutation(len(members))]
+    if folds > 1:
+      split[members[np.arange(len(members)) % folds == fold]] = "val"
+    else:
+      split[members[:int(round(val_fraction * len(members)))]] = "val"
+  return split.astype(str)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclasses.dataclass
+class RadiomicsSelection:
+  """Radiomics columns kept and their training mean/std."""
+
+  columns: list[str]
+  mean: np.ndarray
+  std: np.ndarray
+
+  def transform(self, wide: pd.DataFrame) -> np.ndarray:
+    if not self.columns:
+      return np.zeros((len(wide), 1), np.float32)
+    x = (wide[self.columns].to_numpy(np.float64) - self.mean) / self.std
+    return np.nan_to_num(np.clip(x, -10, 10), nan=0.0).astype(np.float32)
+
+
+def fit_radiomics(wide: pd.DataFrame, train: np.ndarray, response: np.ndarray, *,
+                  corr_threshold: float = 0.9, lasso: bool = True, lasso_cs: int = 10,
+                  seed: int = 0) -> RadiomicsSelection:
+  """Fitted on training patients with MRI only: drop missing/constant columns, z-score,
+  optional greedy correlation filter, optional L1 logistic regression on response."""
+  rows = train & wide.notna().any(axis=1).to_numpy()
+  x = wide[rows]
+  cols = [c for c in x.columns if x[c].notna().all() and x[c].std(ddof=0) > 1e-12]
+  if not cols:
+    logging.warning("radiomics: no usable column on %d training patients", rows.sum())
+    return RadiomicsSelection([], np.zeros(0), np.ones(0))
+  mean, std = x[cols].mean().to_numpy(), x[cols].std(ddof=0).to_numpy()
+  z = (x[cols].to_numpy() - mean) / std
+  n_start = len(cols)
+  keep = np.arange(len(cols))
+  if corr_threshold and 0 < corr_threshold < 1 and len(cols) > 1:
+    corr = np.abs(np.corrcoef(z, rowvar=False))
+    kept: list[int] = []
+    for j in range(len(cols)):
+      if all(corr[j, i] <= corr_threshold for i in kept):
+        kept.append(j)
+    keep = np.array(kept)
+  if lasso:
+    y = response[rows]
+    labelled = ~np.isnan(y)
+    classes, n_per = np.unique(y[labelled], return_counts=True)
+    if len(classes) == 2 and n_per.min() >= 3:
+      import sklearn
+      from sklearn.linear_model import LogisticRegressionCV
+      modern = tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8)
+      l1 = dict(l1_ratios=(1.0,), use_legacy_attributes=False) if modern else \
+          dict(penalty="l1")
+      clf = LogisticRegressionCV(Cs=lasso_cs, cv=min(5, int(n_per.min())), solver="liblinear",
+                                 scoring="roc_auc", random_state=seed, max_iter=1000, **l1)
+      clf.fit(z[labelled][:, keep], y[labelled].astype(int))
+      chosen = np.flatnonzero(np.abs(clf.coef_[0]) > 0)
+      if len(chosen):
+        keep = keep[chosen]
+      else:
+        logging.warning("radiomics LASSO selected nothing; keeping %d columns", len(keep))
+    else:
+      logging.warning("radiomics LASSO skipped: too few labelled training patients")
+  logging.info("radiomics: %d columns -> %d usable -> %d selected", wide.shape[1], n_start,
+               len(keep))
+  return RadiomicsSelection([cols[i] for i in keep], mean[keep], std[keep])
+
+
+def masked_mean_std(x: np.ndarray, rows: np.ndarray, counts: np.ndarray,
+                    chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean/std over the valid slices of the selected rows (float64 sums)."""
+  sel = [x[i, :counts[i]] for i in np.flatnonzero(rows) if counts[i]]
+  if not sel:
+    return np.zeros(x.shape[-1]), np.ones(x.shape[-1])
+  return _mean_std(np.concatenate(sel), chunk)
+
+
+def _mean_std(x: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+  s = np.zeros(x.shape[1]); ss = np.zeros(x.shape[1])
+  for start in range(0, len(x), chunk):
+    block = x[start:start + chunk].astype(np.float64)
+    s += block.sum(0); ss += (block * block).sum(0)
+  mean = s / max(len(x), 1)
+  std = np.sqrt(np.maximum(ss / max(len(x), 1) - mean * mean, 0.0))
+  return mean, np.where(std > 1e-6, std, 1.0)
+
+
+# --------------------------------------------------------------------------- device data
+
+
+@dataclasses.dataclass
+class DeviceData:
+  """Everything a step needs, resident on the device; batches only carry indices."""
+
+  patches: jax.Array          # (total + 1, 1024) float16; last row is a zero pad
+  patch_mean: jax.Array       # (1024,) float32
+  patch_inv_std: jax.Array    # (1024,) float32
+  radiomics: jax.Array        # (P, F) float32 (z-scored, 0 where missing)
+  has_radiomics: jax.Array    # (P,) bool
+  mri_deep: jax.Array         # (P, S, 2048) float32 (z-scored)
+  mri_deep_count: jax.Array   # (P,) int32
+  response: jax.Array         # (P,) float32 (0 where unknown)
+  has_response: jax.Array     # (P,) bool
+  os_months: jax.Array        # (P,) float32
+  os_event: jax.Array         # (P,) int32
+  has_survival: jax.Array     # (P,) bool
+  radiomics_columns: list[str]
+
+  def tree(self) -> dict[str, jax.Array]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != "radiomics_columns"}
+
+
+def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None) -> DeviceData:
+  """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device."""
+  if cohort.split is None:
+    raise ValueError("prepare() needs cohort.split; call assign_splits first")
+  train = cohort.split == "train"
+  sel = fit_radiomics(cohort.radiomics, train, cohort.response,
+                      corr_threshold=data_config.radiomics_corr_threshold,
+                      lasso=data_config.radiomics_lasso, lasso_cs=data_config.radiomics_lasso_cs,
+                      seed=seed)
+  rad = sel.transform(cohort.radiomics) if len(cohort.radiomics.columns) else \
+      np.zeros((cohort.num_patients, 1), np.float32)
+  has_rad = cohort.has_radiomics & (len(sel.columns) > 0)
+  rad[~has_rad] = 0.0
+
+  d_mean, d_std = masked_mean_std(cohort.mri_deep, train, cohort.mri_deep_count)
+  deep = ((cohort.mri_deep - d_mean) / d_std).astype(np.float32)
+  deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
+
+  train_patch_rows = np.concatenate(
+      [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[train], cohort.patch_count[train])]
+      + [np.zeros(0, np.int64)])
+  p_mean, p_std = _mean_std(cohort.patches[train_patch_rows]) if len(train_patch_rows) else \
+      (np.zeros(cohort.patches.shape[1]), np.ones(cohort.patches.shape[1]))
+  patches = np.concatenate([cohort.patches, np.zeros((1, cohort.patches.shape[1]), np.float16)])
+
+  surv = ~np.isnan(cohort.os_months)
+  put = lambda x: jax.device_put(x, device)
+  return DeviceData(
+      patches=put(patches), patch_mean=put(p_mean.astype(np.float32)),
+      patch_inv_std=put((1.0 / p_std).astype(np.float32)),
+      radiomics=put(rad), has_radiomics=put(has_rad),
+      mri_deep=put(deep), mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
+      response=put(np.nan_to_num(cohort.response).astype(np.float32)),
+      has_response=put(~np.isnan(cohort.response)),
+      os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
+      os_event=put(cohort.os_event.astype(np.int32)),
+      has_survival=put(surv), radiomics_columns=sel.columns)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def bucket_size(n: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket >= n; beyond the largest, the next multiple of it."""
+  buckets = sorted(buckets)
+  for b in buckets:
+    if n <= b:
+      return b
+  return int(-(-n // buckets[-1]) * buckets[-1])
+
+
+@dataclasses.dataclass
+class Batch:
+  """Host index arrays for one step (B patients, N patch slots)."""
+
+  patient: np.ndarray       # (B,) int32, 0 for padding rows
+  patient_mask: np.ndarray  # (B,) bool
+  patch_index: np.ndarray   # (B, N) int32 into DeviceData.patches (pad row for padding)
+  patch_valid: np.ndarray   # (B, N) bool
+
+  def tree(self) -> dict[str, np.ndarray]:
+    return dataclasses.asdict(self)
+
+
+def _make_batch(members, counts, offsets, pad_row, batch_size, buckets, cap, rng):
+  take = np.array([min(counts[p], cap) if cap else counts[p] for p in members], np.int64)
+  n = bucket_size(max(int(take.max(initial=0)), 1), buckets)
+  index = np.full((batch_size, n), pad_row, np.int32)
+  valid = np.zeros((batch_size, n), bool)
+  for row, (p, t) in enumerate(zip(members, take)):
+    if t < counts[p]:
+      chosen = np.sort(rng.choice(counts[p], size=t, replace=False))
+    else:
+      chosen = np.arange(t)
+    index[row, :t] = offsets[p] + chosen
+    valid[row, :t] = True
+  patient = np.zeros(batch_size, np.int32)
+  patient[:len(members)] = members
+  mask = np.arange(batch_size) < len(members)
+  return Batch(patient, mask, index, valid)
+
+
+def train_batches(patients: np.ndarray, counts: np.ndarray, offsets: np.ndarray, pad_row: int,
+                  *, batch_size: int, buckets: Sequence[int], max_patches: int,
+                  rng: np.random.Generator) -> list[Batch]:
+  """One epoch: patients of similar bag size share a batch (sizes jittered so batches
+  change between epochs), batches shuffled; bags above `max_patches` randomly subsampled."""
+  patients = np.asarray(patients)
+  size = np.minimum(counts[patients], max_patches) if max_patches else counts[patients]
+  jitter = np.exp(rng.normal(0.0, 0.5, len(patients)))
+  order = patients[np.argsort((size + 1) * jitter, kind="stable")]
+  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+  return [_make_batch(c, counts, offsets, pad_row, batch_size, buckets, max_patches, rng)
+          for c in chunks]
+
+
+def eval_batches(patients: np.ndarray, counts: np.ndarray, offsets: np.ndarray, pad_row: int,
+                 *, batch_size: int, buckets: Sequence[int], max_patches: int = 0,
+                 seed: int = 0) -> list[Batch]:
+  """Deterministic batches sorted by bag size (whole bags unless `max_patches`)."""
+  patients = np.asarray(patients)
+  order = patients[np.argsort(counts[patients], kind="stable")]
+  rng = np.random.default_rng(seed)
+  return [_make_batch(order[i:i + batch_size], counts, offsets, pad_row, batch_size, buckets,
+                      max_patches, rng) for i in range(0, len(order), batch_size)]
+
+
+def batch_shapes(batches: Sequence[Batch]) -> set[tuple[int, int]]:
+  return {b.patch_index.shape for b in batches}
+
+
+def gather_inputs(data: dict[str, jax.Array], batch: dict[str, jax.Array], compute_dtype):
+  """Inside jit: model inputs and targets of one batch from the resident arrays."""
+  p = batch["patient"]
+  wsi = data["patches"][batch["patch_index"]].astype(jnp.float32)
+  wsi = ((wsi - data["patch_mean"]) * data["patch_inv_std"]).astype(compute_dtype)
+  s = data["mri_deep"].shape[1]
+  deep_count = data["mri_deep_count"][p]
+  pmask = batch["patient_mask"]
+  inputs = {
+      "wsi": wsi, "wsi_valid": batch["patch_valid"],
+      "has_wsi": jnp.any(batch["patch_valid"], -1) & pmask,
+      "radiomics": data["radiomics"][p], "has_radiomics": data["has_radiomics"][p] & pmask,
+      "mri_deep": data["mri_deep"][p].astype(compute_dtype),
+      "mri_deep_valid": jnp.arange(s)[None] < deep_count[:, None],
+      "has_mri_deep": (deep_count > 0) & pmask,
+  }
+  targets = {
+      "patient_mask": pmask,
+      "response": data["response"][p], "has_response": data["has_response"][p],
+      "os_months": data["os_months"][p], "os_event": data["os_event"][p],
+      "has_survival": data["has_survival"][p],
+  }
+  return inputs, targets
+
+
+def iterate(batches: Sequence[Batch]) -> Iterator[dict[str, np.ndarray]]:
+  for b in batches:
+    yield b.tree()
