@@ -75,7 +75,9 @@ def radiomics_features(image_path: Path | str | sitk.Image, mask_path: Path | st
     if params is None:
         params = DEFAULT_PARAMS
     arg = copy.deepcopy(dict(params)) if isinstance(params, Mapping) else str(params)
+    # PyRadiomics logs per feature class and pykwalify once per params validation: hush both.
     std_logging.getLogger("radiomics").setLevel(std_logging.ERROR)
+    std_logging.getLogger("pykwalify").setLevel(std_logging.WARNING)
     extractor = featureextractor.RadiomicsFeatureExtractor(arg)
     image, mask = _as_image(image_path), _as_image(mask_path)
     try:

@@ -3,7 +3,7 @@ r"""Extract slide-patch and MRI features once into a Parquet feature store.
   python -m launch.extract --manifest=cohort/manifest.csv --store=store/ \
       --device=cuda --batch_size=256 --workers=8
 
-Shards: --shard_index/--shard_count, or torchrun's RANK/WORLD_SIZE when the flags
+Shards: --shard_index/--num_shards, or torchrun's RANK/WORLD_SIZE when the flags
 are left at their defaults. Exit status 0 when everything was extracted, 1 when
 some items failed (the summary and failures.parquet say which), 2 when the store
 could not start (store made with another fingerprint, weights unavailable, unreadable manifest).
@@ -24,12 +24,13 @@ _WORKERS = flags.DEFINE_integer("workers", 4, "Threads reading and decoding slid
 _TARGET_MPP = flags.DEFINE_float("target_mpp", 0.5, "Patch resolution in um/px (0.5 ~ 20x).")
 _PATCH_PX = flags.DEFINE_integer("patch_px", 256, "Patch side in px at target_mpp (resized to 224).")
 _WEIGHTS = flags.DEFINE_string("encoder_weights", "imagenet",
-                               "'imagenet', 'random' (not pretrained; tests only) or a state_dict file.")
+                               "'imagenet', 'random' (not pretrained; tests only), a state_dict file, "
+                               "or 'auto': imagenet when its weights are in the torch cache, else random.")
 _RADIOMICS = flags.DEFINE_string("radiomics_params", None,
                                  "PyRadiomics YAML; default feature_store/params/mr_default.yaml.")
 _MRI_SLICES = flags.DEFINE_integer("mri_slices", 5, "Axial slices with the largest tumour area per sequence.")
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This process's shard (default: $RANK or 0).")
-_SHARD_COUNT = flags.DEFINE_integer("shard_count", None, "Number of shards (default: $WORLD_SIZE or 1).")
+_SHARD_COUNT = flags.DEFINE_integer("num_shards", None, "Number of shards (default: $WORLD_SIZE or 1).")
 _FALLBACK_MPP = flags.DEFINE_float("fallback_mpp", None, "um/px for slides that do not record it.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace features made with another fingerprint.")
 _SATURATION = flags.DEFINE_integer("tissue_saturation", 8, "Saturation threshold (floor under Otsu).")
@@ -55,11 +56,17 @@ def main(argv):
     shard_index = _SHARD_INDEX.value if _SHARD_INDEX.value is not None else int(os.environ.get("RANK", 0))
     shard_count = _SHARD_COUNT.value if _SHARD_COUNT.value is not None else int(os.environ.get("WORLD_SIZE", 1))
     device = _device(_DEVICE.value)
+    weights = _WEIGHTS.value
+    if weights == "auto":
+        weights = "imagenet" if encoders.imagenet_cached() else "random"
+        print(f"encoder weights: {weights}" + ("" if weights == "imagenet" else
+              " (ImageNet weights are not in the torch cache and this machine is offline: "
+              "features are NOT pretrained, fine for a demo, not for a study)"))
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     cfg = extract.ExtractConfig(
         device=device, batch_size=_BATCH.value, workers=_WORKERS.value, target_mpp=_TARGET_MPP.value,
-        patch_px=_PATCH_PX.value, encoder_weights=_WEIGHTS.value, radiomics_params=_RADIOMICS.value,
+        patch_px=_PATCH_PX.value, encoder_weights=weights, radiomics_params=_RADIOMICS.value,
         mri_slices=_MRI_SLICES.value, shard_index=shard_index, shard_count=shard_count,
         fallback_mpp=_FALLBACK_MPP.value, overwrite=_OVERWRITE.value,
         tissue=slides.TissueParams(sthresh=_SATURATION.value, mthresh=_MEDIAN.value, close=_CLOSE.value,
