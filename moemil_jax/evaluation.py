@@ -451,6 +451,12 @@ def response_table(ev: Evaluation, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("Model")
 
 
+def hr_text(s: dict) -> str:
+    """'HR (lo-hi)'; a bound lifelines could not estimate (tiny groups: inf or NaN) shows as n/a."""
+    num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"
+    return "n/a" if s.get("hr") is None else f"{num(s['hr'])} ({num(s.get('hr_lo'))}-{num(s.get('hr_hi'))})"
+
+
 def survival_table(ev: Evaluation, split: str) -> pd.DataFrame:
     rows = []
     for name in ev.models:
@@ -458,8 +464,7 @@ def survival_table(ev: Evaluation, split: str) -> pd.DataFrame:
         row = {"Model": display_name(name), "N (events)": f"{s.get('n', 0)} ({s.get('events', 0)})",
                "C-index (95% CI)": _ci(s, "c_index"),
                "High/low risk": f"{s.get('n_high', 0)}/{s.get('n_low', 0)}",
-               "HR high vs low (95% CI)": "n/a" if s.get("hr") is None else
-               f"{s['hr']:.2f} ({s['hr_lo']:.2f}-{s['hr_hi']:.2f})",
+               "HR high vs low (95% CI)": hr_text(s),
                "Log-rank P": format_p(s.get("logrank_p")) + ("*" if s.get("logrank_warning") else "")}
         for h, v in (s.get("td_auc") or {}).items():
             row[f"AUC({float(h) / 12:g} y)"] = f"{v:.3f}" if isinstance(v, float) else "n/a"

@@ -139,7 +139,7 @@ def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
     if s.get("logrank_p") is not None:
         text = f"Log-rank P {evaluation.format_p(s['logrank_p'])}"
         if s.get("hr") is not None:
-            text += f"\nHR {s['hr']:.2f} ({s['hr_lo']:.2f}-{s['hr_hi']:.2f})"
+            text += f"\nHR {evaluation.hr_text(s)}"
         if s.get("logrank_warning"):
             text += f"\n{s['logrank_warning']}"
     else:
