@@ -8,12 +8,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 OUT="${MOEMIL_DEMO_DIR:-$ROOT/demo_out}"
-PATIENTS="${MOEMIL_DEMO_PATIENTS:-48}"
+PATIENTS="${MOEMIL_DEMO_PATIENTS:-80}"
 step() { echo; echo "=== [$1] $2"; }
 
 step 1/4 "synthetic cohort: $PATIENTS patients (slides, MRI, manifest) in $OUT/cohort"
 if [[ ! -f "$OUT/cohort/manifest.csv" ]]; then
-  "$PY" -m launch.synth --out="$OUT/cohort" --patients="$PATIENTS" --seed=0 --slide_px=1024 --mri_px=96
+  "$PY" -m launch.synth --out="$OUT/cohort" --patients="$PATIENTS" --seed=0 --slide_px=1024 --mri_px=80
 else
   echo "reusing $OUT/cohort/manifest.csv"
 fi

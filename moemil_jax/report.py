@@ -201,6 +201,45 @@ table.t thead th { border-bottom: 2px solid #999; }
 """
 
 
+EXPLAIN = "explain"
+_INTERPRETATION_START = "<!-- interpretation -->"
+_INTERPRETATION_END = "<!-- /interpretation -->"
+
+
+def interpretation_pngs(report_dir: Path) -> list[Path]:
+    """PNGs written by launch.explain into <dir>/explain/ or <dir>/<model>/explain/."""
+    report_dir = Path(report_dir)
+    return sorted(report_dir.glob(f"{EXPLAIN}/*.png")) + sorted(report_dir.glob(f"*/{EXPLAIN}/*.png"))
+
+
+def interpretation_html(report_dir: Path) -> str:
+    """The optional "Interpretation" section (empty string when there is nothing to show)."""
+    pngs = interpretation_pngs(report_dir)
+    if not pngs:
+        return ""
+    items = [_img(p, p.stem) + f"<div><small>{html.escape(p.relative_to(report_dir).as_posix())}</small></div>"
+             for p in pngs]
+    return "\n".join([
+        _INTERPRETATION_START, "<h2>Interpretation</h2>",
+        "<p>Attention heatmaps (raw WSI attention scores as within-slide percentiles, tissue only) "
+        "and MRI Grad-CAM of the task output through the fused model (ResNet50 layer4; white: "
+        "tumour contour).</p>",
+        "<div class='grid'>", *(f"<div>{i}</div>" for i in items), "</div>", _INTERPRETATION_END])
+
+
+def add_interpretation(report_html: Path) -> Path:
+    """Puts (or replaces) the Interpretation section of an existing report.html in place."""
+    report_html = Path(report_html)
+    text = report_html.read_text()
+    if _INTERPRETATION_START in text:
+        head, rest = text.split(_INTERPRETATION_START, 1)
+        text = head + rest.split(_INTERPRETATION_END, 1)[-1]
+    section = interpretation_html(report_html.parent)
+    text = text.replace("</body></html>", f"{section}\n</body></html>" if section else "</body></html>")
+    atomic_write_bytes(report_html, text.encode())
+    return report_html
+
+
 def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
     primary = display_name(ev.results["primary"])
     parts = [
@@ -232,6 +271,9 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
                   *(_img(figures[f"km_{m}_{split}"], f"Kaplan-Meier, {display_name(m)}, {name}")
                     for m in ev.models),
                   "</div>"]
+    interpretation = interpretation_html(Path(path).parent)
+    if interpretation:
+        parts.append(interpretation)
     parts.append("</body></html>")
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from moemil_jax import data as data_lib
-from moemil_jax import losses, models
+from moemil_jax import losses, models, parallel
 
 PREDICTIONS = "predictions.parquet"
 RUN_JSON = "run.json"
@@ -61,11 +61,13 @@ def _compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
                                                  "gate_balance")}
   loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
                  subtyping=config.loss.instance_subtyping)
+  mesh = parallel.mesh_from_config(config)  # None: single device, as without config.mesh
 
   def loss_fn(params, rest, data, batch, key):
     model = nnx.merge(graphdef, params, rest)
     inputs, targets = data_lib.gather_inputs(data, batch, dtype)
     out = model(inputs, rngs=nnx.Rngs(dropout=key))
+    out, targets = parallel.gather_for_loss(out, targets, mesh)  # Cox sorts the global batch
     loss, terms = losses.total_loss(out, targets, weights, **loss_kw)
     return loss, terms
 
@@ -75,6 +77,7 @@ def _compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
                                                                      batch, key)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    params, opt_state = parallel.constrain_replicated((params, opt_state), mesh)
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}
 
   @jax.jit
@@ -82,7 +85,8 @@ def _compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
     model = nnx.merge(graphdef, params, rest)
     inputs, _ = data_lib.gather_inputs(data, batch, dtype)
     out = model(inputs, rngs=None)
-    return {k: out[k] for k in ("response_logit", "log_risk", "gates")}
+    return parallel.constrain_replicated(
+        {k: out[k] for k in ("response_logit", "log_risk", "gates")}, mesh)
 
   return tx, train_step, eval_step
 
@@ -145,12 +149,14 @@ def _restore(mgr, step, params, opt_state):
 # --------------------------------------------------------------------------- the run
 
 
-def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts):
+def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts,
+             mesh=None):
   logit = np.full(num_patients, np.nan)
   risk = np.full(num_patients, np.nan)
   gates = np.full((num_patients, len(models.TASKS), num_experts), np.nan)
   data_tree = device_data.tree()
-  outs = [(b, eval_step(params, rest, data_tree, b.tree())) for b in batches]
+  outs = [(b, eval_step(params, rest, data_tree, parallel.shard_batch(b.tree(), mesh)))
+          for b in batches]
   for b, out in outs:
     out = jax.device_get(out)
     rows = b.patient[b.patient_mask]
@@ -177,6 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     raise ValueError("config.store is empty: pass --store or --config.store")
   store_dir = Path(config.store).resolve()
   tc, dc = config.train, config.data
+  parallel.initialize_distributed(config)  # multi-host: before any other JAX call
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_batch_size(tc.batch_size, mesh)
 
   cohort = data_lib.load_store(store_dir)
   cohort.split = data_lib.assign_splits(
@@ -186,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   logging.info("split: %s", counts)
   if counts["train"] == 0:
     raise ValueError(f"{store_dir}: no training patients (center != {config.split.test_center})")
-  device_data = data_lib.prepare(cohort, dc, seed=config.seed)
+  device_data = data_lib.prepare(cohort, dc, seed=config.seed,
+                                 device=None if mesh is None else parallel.replicated(mesh))
   radiomics_dim = int(device_data.radiomics.shape[1])
   pad_row = int(cohort.patches.shape[0])
   patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
@@ -200,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   model = build_model(config, radiomics_dim)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(params)
+  params, rest, opt_state = parallel.replicate((params, rest, opt_state), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info("model %s: %d parameters, modalities %s", config.name, n_params,
                tuple(config.model.modalities))
@@ -233,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     epoch_key = jax.random.fold_in(base_key, epoch)
     step_metrics = []
     for i, batch in enumerate(batches):
-      params, opt_state, m = train_step(params, opt_state, rest, data_tree, batch.tree(),
+      params, opt_state, m = train_step(params, opt_state, rest, data_tree,
+                                        parallel.shard_batch(batch.tree(), mesh),
                                         jax.random.fold_in(epoch_key, i))
       step_metrics.append(m)
       meta["step"] += 1
@@ -243,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     train_means = {k: float(np.mean([float(x[k]) for x in jax.device_get(step_metrics)]))
                    for k in step_metrics[0]}
     logit, risk, _ = _predict(eval_step, params, rest, device_data, val_batches,
-                              cohort.num_patients, config.model.num_experts)
+                              cohort.num_patients, config.model.num_experts, mesh)
     auc = response_auc(1 / (1 + np.exp(-logit[val_ids])), cohort.response[val_ids])
     cidx = harrell_cindex(risk[val_ids], cohort.os_months[val_ids], cohort.os_event[val_ids])
     metric = validation_metric(tc.val_metric, auc, cidx)
@@ -289,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                       buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
                                       seed=config.seed)
   logit, risk, gates = _predict(eval_step, params, rest, device_data, all_batches,
-                                cohort.num_patients, config.model.num_experts)
+                                cohort.num_patients, config.model.num_experts, mesh)
   frame = predictions_frame(config.name, cohort, logit, risk, gates)
   frame.to_parquet(workdir / PREDICTIONS, index=False)
   run_info = {"model": config.name, "store": str(store_dir), "seed": int(config.seed),
