@@ -30,6 +30,6 @@ for model in moemil dlr pathomics; do
 done
 
 step 4/4 "clinical evaluation (with the TNM comparator) and report"
-"$PY" -m launch.evaluate --workdir="$OUT/runs"
+"$PY" -m launch.evaluate --workdir="$OUT/runs" --truth="$OUT/cohort/truth.csv"
 echo
 echo "Report: $OUT/runs/report.html"

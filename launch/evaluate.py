@@ -16,12 +16,13 @@ flags.DEFINE_string("workdir", None, "Folder with one subfolder per trained mode
 flags.DEFINE_enum("ci_method", "delong", ["delong", "bootstrap"], "95% CI method for the AUC.")
 flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples for C-index (and AUC if bootstrap) CIs.")
 flags.DEFINE_bool("tnm", True, "Add the TNM comparator fitted on training patients.")
+flags.DEFINE_string("truth", None, "A synthetic cohort's truth.csv: adds the oracle row (the ceiling).")
 
 
 def main(argv):
     del argv
     ev = evaluation.evaluate(FLAGS.workdir, n_bootstrap=FLAGS.n_bootstrap, ci_method=FLAGS.ci_method,
-                             with_tnm=FLAGS.tnm)
+                             with_tnm=FLAGS.tnm, truth=FLAGS.truth)
     paths = report.write_report(ev, FLAGS.workdir)
     print(evaluation.format_comparison(evaluation.comparison_table(ev)))
     notes = evaluation.undefined_notes(ev)

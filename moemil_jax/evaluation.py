@@ -26,8 +26,9 @@ PREDICTIONS = "predictions.parquet"
 RUN_JSON = "run.json"
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "External test"}
-MODEL_ORDER = ("moemil", "dlr", "pathomics", "tnm")
-DISPLAY_NAMES = {"moemil": "MoEMIL", "dlr": "DLR", "pathomics": "Pathomics", "tnm": "TNM"}
+MODEL_ORDER = ("moemil", "dlr", "pathomics", "tnm", "oracle")
+DISPLAY_NAMES = {"moemil": "MoEMIL", "dlr": "DLR", "pathomics": "Pathomics", "tnm": "TNM",
+                 "oracle": "Oracle (truth)"}
 PRIMARY_MODEL = "moemil"
 HORIZONS_MONTHS = (36.0, 60.0)
 STAGE_ORDER = {"I": 1, "II": 2, "III": 3, "IVA": 4, "IVB": 5}
@@ -189,6 +190,28 @@ def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame
         "os_months": df["os_months"].astype(float),
         "os_event": df["os_event"].astype(float),
     }), "TNM comparator")
+
+
+def oracle_predictions(truth: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """The synthetic cohort's ground truth as a model: the ceiling no model can beat.
+
+    `truth` is a synthetic cohort's truth.csv (patient_id, response_prob, log_hazard);
+    `reference` is another model's predictions, whose splits and outcomes are reused.
+    """
+    missing = {"patient_id", "response_prob", "log_hazard"} - set(truth.columns)
+    if missing:
+        raise EvaluationError(f"truth.csv: missing columns {sorted(missing)}")
+    truth = truth.assign(patient_id=truth["patient_id"].astype(str)).set_index("patient_id")
+    absent = reference.loc[~reference["patient_id"].isin(truth.index), "patient_id"]
+    if len(absent):
+        raise EvaluationError(f"truth.csv has no row for {_names(absent)}")
+    prob = truth.loc[reference["patient_id"], "response_prob"].to_numpy(float)
+    out = reference.copy()
+    out["model"] = "oracle"
+    out["response_prob"] = prob
+    out["response_logit"] = np.log(prob) - np.log1p(-prob)
+    out["log_risk"] = truth.loc[reference["patient_id"], "log_hazard"].to_numpy(float)
+    return check_predictions(out, "truth.csv")
 
 
 # --------------------------------------------------------------------------- results
@@ -379,8 +402,12 @@ def evaluate_predictions(predictions: Mapping[str, pd.DataFrame], *, primary: st
 
 
 def evaluate(workdir: Path, *, horizons: tuple[float, ...] = HORIZONS_MONTHS, n_bootstrap: int = 1000,
-             ci_method: str = "delong", with_tnm: bool = True) -> Evaluation:
-    """Reads every model folder under `workdir`, adds the TNM comparator, computes all results."""
+             ci_method: str = "delong", with_tnm: bool = True,
+             truth: str | Path | None = None) -> Evaluation:
+    """Reads every model folder under `workdir`, adds the TNM comparator, computes all results.
+
+    `truth`: a synthetic cohort's truth.csv, added as the 'oracle' row (the ceiling).
+    """
     found = discover_models(workdir)
     predictions = {name: df for name, (df, _) in found.items()}
     notes: list[str] = []
@@ -394,6 +421,10 @@ def evaluate(workdir: Path, *, horizons: tuple[float, ...] = HORIZONS_MONTHS, n_
         else:
             split_of = predictions[primary].set_index("patient_id")["split"]
             predictions["tnm"] = tnm_predictions(pd.read_parquet(clinical_path), split_of)
+    if truth is not None:
+        primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+        predictions["oracle"] = oracle_predictions(
+            pd.read_csv(truth, dtype={"patient_id": str}), predictions[primary])
     for note in notes:
         logging.warning("%s", note)
     return evaluate_predictions(predictions, horizons=horizons, n_bootstrap=n_bootstrap,

@@ -229,3 +229,28 @@ def test_bad_outcome_values_are_refused_naming_patients(tmp_path):
     df.to_parquet(path, index=False)
     with pytest.raises(evaluation.EvaluationError, match=r"os_event not 0 or 1 for P011"):
         evaluation.evaluate(workdir)
+
+
+def test_oracle_row_from_truth_is_the_ceiling(tmp_path):
+    cohort = make_cohort()
+    workdir = write_workdir(tmp_path, cohort)
+    prob = 1 / (1 + np.exp(-1.5 * cohort["_latent"]))
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"patient_id": cohort["patient_id"], "latent": cohort["_latent"],
+                  "response_prob": prob, "log_hazard": 0.8 * cohort["_latent"]}).to_csv(truth, index=False)
+    ev = evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
+    assert ev.models[-1] == "oracle"
+    test = ev.predictions["oracle"].query("split == 'test'")
+    lab = test[test["ic_response"].notna()]
+    oracle = ev.results["per_model"]["oracle"]
+    assert oracle["response"]["test"]["auc"] == pytest.approx(roc_auc_score(lab["ic_response"].astype(int),
+                                                                            lab["response_prob"]))
+    assert oracle["survival"]["test"]["c_index"] == pytest.approx(
+        lifelines_c(test["os_months"], -test["log_risk"], test["os_event"]))
+    # The oracle scores are the noise-free truth, so they beat every noisy model on the test split.
+    assert oracle["response"]["test"]["auc"] >= ev.results["per_model"]["moemil"]["response"]["test"]["auc"]
+    assert "Oracle (truth)" in evaluation.comparison_table(ev).index
+
+    pd.read_csv(truth).iloc[1:].to_csv(truth, index=False)  # a patient without truth
+    with pytest.raises(evaluation.EvaluationError, match="truth.csv has no row for"):
+        evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
