@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# A single TPU VM (e.g. v5litepod-8 / v4-8): all local chips on the data axis.
+# Extraction runs once elsewhere (GPU host or the VM's CPUs); copy or mount the store here.
+#   launch/recipes/tpu_vm.sh STORE WORKDIR
+set -euo pipefail
+STORE=$1 WORKDIR=$2
+pip install -e '.[tpu]'
+python -c "import jax; print(jax.device_count(), jax.devices())"
+python -m launch.train --config=launch/recipes/data_parallel.py:moemil --store="$STORE" \
+  --workdir="$WORKDIR/moemil" --config.mesh.data=-1 --config.train.batch_size=32
+# bf16 matmuls suit the MXU; parameters stay float32.
+python -m launch.sweep --config=moemil_jax/configs/moemil.py --store="$STORE" --workdir="$WORKDIR/sweep" \
+  --config.split.folds=5 --seeds=0,1,2 --config.model.compute_dtype=bfloat16

@@ -1,0 +1,445 @@
+"""K models in one program: `jax.vmap` over folds x seeds x learning rates.
+
+Python API (what `launch.sweep` and the benchmarks call):
+
+  from moemil_jax import sweep
+  cohort = sweep.load(config)                       # the store, read once into host arrays
+  members = sweep.grid(folds=(0, 1, 2, 3, 4), seeds=(0, 1), learning_rates=(3e-4, 1e-3))
+  result = sweep.train_sweep(config, cohort, members)            # one vmapped program
+  result = sweep.train_sweep(config, cohort, members, vectorize=False)  # same, one by one
+  result.metrics        # DataFrame, one row per member: val/test AUC and C-index
+  result.fold_metrics   # per fold: mean and sd over that fold's members
+  result.ensemble       # test-set AUC and C-index of the averaged members, out-of-fold AUC
+  result.predictions    # DataFrame: one row per (member, patient), plus member "ensemble"
+  result.params         # parameters stacked along a leading K axis (nnx.State)
+
+A member is (fold, seed, learning_rate). `config.split.folds` > 1 gives k-fold splits of
+center A (`fold` picks the validation fold); otherwise every member uses the hold-out split
+and `fold` must be 0. The seed drives initialisation, dropout and the batch order, exactly
+as `config.seed` does in `train.train_and_evaluate`; the learning rate scales the update of
+an optimiser built with peak rate 1 (the warmup-cosine schedule is linear in its peak).
+
+What is vmapped: parameters, optimiser states, RNG keys, per-fold preprocessing (radiomics
+selection, patch and MRI statistics fitted on that fold's training patients) and each
+member's batches (its own training patients). Members whose epoch has fewer batches than
+the longest take masked no-op steps; each step's bags are padded to the largest bucket among
+the members. The K-fold schedule is therefore the same whether vmapped or sequential
+(`vectorize=False`), and the two agree to round-off. Runs are fixed-length: no early
+stopping and no checkpoints (a sweep is for model selection; retrain the chosen setting
+with `launch.train`). Radiomics inputs are zero-padded to the widest fold's selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pandas as pd
+from absl import logging
+from flax import nnx
+
+from moemil_jax import data as data_lib
+from moemil_jax import losses, metrics, models, train
+
+SHARED = ("patches", "mri_deep", "mri_deep_count", "response", "has_response", "os_months",
+          "os_event", "has_survival")
+PER_FOLD = ("patch_mean", "patch_inv_std", "radiomics", "has_radiomics", "deep_mean",
+            "deep_inv_std")
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  fold: int
+  seed: int
+  learning_rate: float
+
+  @property
+  def name(self) -> str:
+    return f"fold{self.fold}_seed{self.seed}_lr{self.learning_rate:g}"
+
+
+def grid(*, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
+         learning_rates: Sequence[float] = (3e-4,)) -> list[Member]:
+  """Every combination, fold-major."""
+  return [Member(int(f), int(s), float(lr)) for f in folds for s in seeds
+          for lr in learning_rates]
+
+
+def load(config) -> data_lib.Cohort:
+  if not config.store:
+    raise ValueError("config.store is empty: pass --store or --config.store")
+  return data_lib.load_store(config.store)
+
+
+@dataclasses.dataclass
+class SweepResult:
+  members: list[Member]
+  params: Any                 # nnx.State, every leaf with a leading K axis
+  logits: np.ndarray          # (K, P) response logits, every patient
+  log_risk: np.ndarray        # (K, P)
+  splits: np.ndarray          # (K, P) "train" / "val" / "test"
+  train_loss: np.ndarray      # (K, epochs) mean training loss per epoch
+  metrics: pd.DataFrame
+  fold_metrics: pd.DataFrame
+  ensemble: dict[str, float]
+  predictions: pd.DataFrame
+  seconds: float
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _splits(config, cohort, folds: Sequence[int]) -> dict[int, np.ndarray]:
+  sc = config.split
+  out = {}
+  for f in folds:
+    if sc.folds <= 1 and f != 0:
+      raise ValueError(f"member fold {f}: config.split.folds={sc.folds} means one hold-out "
+                       "split (fold 0); set split.folds > 1 for k-fold")
+    out[f] = data_lib.assign_splits(cohort, test_center=sc.test_center,
+                                    val_fraction=sc.val_fraction, seed=sc.seed,
+                                    folds=sc.folds, fold=f)
+  return out
+
+
+def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
+  """Shared arrays (once) and per-fold preprocessing stacked along a leading fold axis."""
+  cpu = jax.devices("cpu")[0]
+  per_fold = {k: [] for k in PER_FOLD}
+  for f, split in splits.items():
+    c = dataclasses.replace(cohort, split=split)
+    d = data_lib.prepare(c, config.data, seed=config.seed, device=cpu)
+    mean, std = data_lib.masked_mean_std(cohort.mri_deep, split == "train",
+                                         cohort.mri_deep_count)
+    per_fold["patch_mean"].append(np.asarray(d.patch_mean))
+    per_fold["patch_inv_std"].append(np.asarray(d.patch_inv_std))
+    per_fold["radiomics"].append(np.asarray(d.radiomics))
+    per_fold["has_radiomics"].append(np.asarray(d.has_radiomics))
+    per_fold["deep_mean"].append(mean.astype(np.float32))
+    per_fold["deep_inv_std"].append((1.0 / std).astype(np.float32))
+    if f == next(iter(splits)):
+      shared = {k: np.asarray(getattr(d, k)) for k in SHARED if k != "mri_deep"}
+    del d
+  width = max(r.shape[1] for r in per_fold["radiomics"])
+  per_fold["radiomics"] = [np.pad(r, ((0, 0), (0, width - r.shape[1])))
+                           for r in per_fold["radiomics"]]
+  shared["mri_deep"] = cohort.mri_deep.astype(np.float32)
+  return (jax.device_put(shared), jax.device_put({k: np.stack(v) for k, v in per_fold.items()}),
+          width)
+
+
+def _member_data(shared, per_fold, fold_index):
+  return {**shared, **{k: v[fold_index] for k, v in per_fold.items()}}
+
+
+def _inputs(data, batch, dtype):
+  """data_lib.gather_inputs, with deep MRI features z-scored by the member's own fold."""
+  inputs, targets = data_lib.gather_inputs(data, batch, dtype)
+  raw = data["mri_deep"][batch["patient"]]
+  z = (raw - data["deep_mean"]) * data["deep_inv_std"]
+  inputs["mri_deep"] = (z * inputs["mri_deep_valid"][..., None]).astype(dtype)
+  return inputs, targets
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _pad_batch(b: data_lib.Batch, n: int, pad_row: int) -> dict[str, np.ndarray]:
+  t = b.tree()
+  extra = n - t["patch_index"].shape[1]
+  if extra:
+    t["patch_index"] = np.pad(t["patch_index"], ((0, 0), (0, extra)), constant_values=pad_row)
+    t["patch_valid"] = np.pad(t["patch_valid"], ((0, 0), (0, extra)))
+  return t
+
+
+def _epoch_plan(config, cohort, members, splits, epoch, pad_row, patch_counts):
+  """Per step: stacked (K, ...) batches and the (K,) mask of members with a real batch."""
+  tc, dc = config.train, config.data
+  per_member = []
+  for m in members:
+    ids = np.flatnonzero(splits[m.fold] == "train")
+    per_member.append(data_lib.train_batches(
+        ids, patch_counts, cohort.patch_offset, pad_row, batch_size=tc.batch_size,
+        buckets=dc.bag_buckets, max_patches=dc.max_train_patches,
+        rng=np.random.default_rng([m.seed, epoch])))
+  steps = max(len(b) for b in per_member)
+  plan = []
+  for i in range(steps):
+    here = [b[i] if i < len(b) else None for b in per_member]
+    n = max(b.patch_index.shape[1] for b in here if b is not None)
+    empty = data_lib.Batch(np.zeros(tc.batch_size, np.int32), np.zeros(tc.batch_size, bool),
+                           np.full((tc.batch_size, n), pad_row, np.int32),
+                           np.zeros((tc.batch_size, n), bool))
+    trees = [_pad_batch(b if b is not None else empty, n, pad_row) for b in here]
+    stacked = {k: np.stack([t[k] for t in trees]) for k in trees[0]}
+    plan.append((stacked, np.array([b is not None for b in here])))
+  return plan
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def freeze_cox_offset(grads):
+  """Zeroes the gradient of the survival head's bias.
+
+  The Cox partial likelihood is invariant to a constant shift of log-risk, so this bias
+  has an exactly-zero gradient in exact arithmetic; in floating point it is round-off, which
+  Adam divides by its own RMS and turns into learning-rate-sized random steps. Those steps
+  change nothing but a constant in log-risk, yet they would make two numerically different
+  but equivalent programs (vmapped vs sequential) disagree on that parameter. With a zero
+  gradient the bias stays at its initial 0 (weight decay keeps 0 at 0).
+  """
+  survival = models.TASKS.index("survival")
+
+  def zero(path, g):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    return jnp.zeros_like(g) if keys[-3:] == ["heads", survival, "bias"] or \
+        keys[-4:-1] == ["heads", survival, "bias"] else g
+
+  return jax.tree_util.tree_map_with_path(zero, grads)
+
+
+def _steps(config, graphdef, steps_per_epoch: int, vectorize: bool):
+  tc = config.train.copy_and_resolve_references()
+  tc.learning_rate = 1.0  # members scale the updates by their own rate
+  tx = train.make_optimizer(tc, steps_per_epoch)
+  dtype = jnp.dtype(config.model.compute_dtype)
+  weights = {k: float(config.loss[k]) for k in ("response", "survival", "instance",
+                                                 "gate_balance")}
+  loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
+                 subtyping=config.loss.instance_subtyping)
+
+  def loss_fn(params, rest, data, batch, key):
+    model = nnx.merge(graphdef, params, rest)
+    inputs, targets = _inputs(data, batch, dtype)
+    out = model(inputs, rngs=nnx.Rngs(dropout=key))
+    return losses.total_loss(out, targets, weights, **loss_kw)
+
+  def member_step(params, opt_state, rest, lr, fold_index, active, shared, per_fold, batch,
+                  key):
+    data = _member_data(shared, per_fold, fold_index)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data,
+                                                                     batch, key)
+    grads = freeze_cox_offset(grads)
+    updates, new_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: lr * u, updates)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+    return keep(new_params, params), keep(new_state, opt_state), {"loss": loss, **terms}
+
+  def member_eval(params, rest, fold_index, shared, per_fold, batch):
+    model = nnx.merge(graphdef, params, rest)
+    inputs, _ = _inputs(_member_data(shared, per_fold, fold_index), batch, dtype)
+    out = model(inputs, rngs=None)
+    return out["response_logit"], out["log_risk"]
+
+  step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None, None, 0, 0)),
+                 donate_argnums=(0, 1))
+  evaluate = jax.jit(jax.vmap(member_eval, in_axes=(0, 0, 0, None, None, None)))
+  if not vectorize:  # one member at a time through the same program (a batch of one)
+    one = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+    step_one = lambda p, o, r, lr, f, a, shared, per_fold, b, k: _take(
+        step(one(p), one(o), one(r), one(lr), one(f), one(a), shared, per_fold, one(b),
+             one(k)), 0)
+    eval_one = lambda p, r, f, shared, per_fold, b: _take(
+        evaluate(one(p), one(r), one(f), shared, per_fold, b), 0)
+    return tx, step_one, eval_one
+  return tx, step, evaluate
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, k):
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
+                members: Sequence[Member], *, vectorize: bool = True) -> SweepResult:
+  """Trains every member for config.train.epochs epochs; see the module docstring."""
+  members = list(members)
+  if not members:
+    raise ValueError("train_sweep: no members")
+  t0 = time.time()
+  tc, dc = config.train, config.data
+  folds = sorted({m.fold for m in members})
+  splits = _splits(config, cohort, folds)
+  for f, s in splits.items():
+    if not (s == "train").any():
+      raise ValueError(f"{config.store}: fold {f} has no training patients")
+  fold_index = np.array([folds.index(m.fold) for m in members], np.int32)
+  shared, per_fold, radiomics_dim = _fold_data(config, cohort, splits)
+  pad_row = int(cohort.patches.shape[0])
+  patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
+      np.zeros_like(cohort.patch_count)
+  steps_per_epoch = max(math.ceil((s == "train").sum() / tc.batch_size) for s in splits.values())
+
+  inits = []
+  for m in members:
+    c = config.copy_and_resolve_references()
+    c.seed = m.seed
+    graphdef, params, rest = nnx.split(train.build_model(c, radiomics_dim), nnx.Param, ...)
+    inits.append((params, rest))
+  tx, step, evaluate = _steps(config, graphdef, steps_per_epoch, vectorize)
+  params = [p for p, _ in inits]
+  rests = [r for _, r in inits]
+  states = [tx.init(p) for p in params]
+  lrs = np.array([m.learning_rate for m in members], np.float32)
+  if vectorize:
+    params, states, rests = _stack(params), _stack(states), _stack(rests)
+  logging.info("sweep: %d members (%s), %d folds, radiomics width %d, %s", len(members),
+               "vmapped" if vectorize else "sequential", len(folds), radiomics_dim,
+               f"{steps_per_epoch} steps/epoch")
+
+  base_keys = [jax.random.key(m.seed) for m in members]
+  train_loss = np.zeros((len(members), tc.epochs))
+  for epoch in range(tc.epochs):
+    plan = _epoch_plan(config, cohort, members, splits, epoch, pad_row, patch_counts)
+    keys = [[jax.random.fold_in(jax.random.fold_in(k, epoch), i) for k in base_keys]
+            for i in range(len(plan))]
+    sums = np.zeros(len(members)); counts = np.zeros(len(members))
+    outs = []
+    if vectorize:
+      for i, (batch, active) in enumerate(plan):
+        params, states, m = step(params, states, rests, lrs, fold_index, active, shared,
+                                 per_fold, batch, jnp.stack(keys[i]))
+        outs.append((active, m["loss"]))
+    else:
+      for k in range(len(members)):
+        for i, (batch, active) in enumerate(plan):
+          params[k], states[k], m = step(params[k], states[k], rests[k], lrs[k],
+                                         fold_index[k], active[k], shared, per_fold,
+                                         _take(batch, k), keys[i][k])
+          outs.append((np.eye(len(members), dtype=bool)[k] & active[k],
+                       jnp.full(len(members), m["loss"])))
+    for active, loss in jax.device_get(outs):
+      sums += np.where(active, loss, 0.0); counts += active
+    train_loss[:, epoch] = sums / np.maximum(counts, 1)
+    logging.info("sweep epoch %d/%d: mean train loss %.4f [%.1fs]", epoch + 1, tc.epochs,
+                 train_loss[:, epoch].mean(), time.time() - t0)
+
+  # Predictions for every patient from every member.
+  batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts,
+                                  cohort.patch_offset, pad_row, batch_size=tc.batch_size,
+                                  buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
+                                  seed=config.seed)
+  logits = np.full((len(members), cohort.num_patients), np.nan)
+  risks = np.full_like(logits, np.nan)
+  for b in batches:
+    rows = b.patient[b.patient_mask]
+    if vectorize:
+      lg, rk = jax.device_get(evaluate(params, rests, fold_index, shared, per_fold, b.tree()))
+    else:
+      got = jax.device_get([evaluate(params[k], rests[k], fold_index[k], shared, per_fold,
+                                     b.tree()) for k in range(len(members))])
+      lg, rk = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
+    logits[:, rows] = lg[:, :len(rows)]
+    risks[:, rows] = rk[:, :len(rows)]
+  if not vectorize:
+    params = _stack(params)
+  split_rows = np.stack([splits[m.fold] for m in members])
+  seconds = time.time() - t0
+  table, by_fold, ensemble, frame = _report(config, cohort, members, logits, risks, split_rows)
+  logging.info("sweep done in %.1fs: ensemble %s", seconds, ensemble)
+  return SweepResult(members, params, logits, risks, split_rows, train_loss, table, by_fold,
+                     ensemble, frame, seconds)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _auc(y, score) -> float:
+  ok = ~np.isnan(y)
+  if ok.sum() < 2 or len(np.unique(y[ok])) < 2:
+    return float("nan")
+  return float(metrics.roc_auc_ci(y[ok].astype(int), score[ok])[0])
+
+
+def _cindex(time_, event, risk) -> float:
+  ok = ~np.isnan(time_)
+  if ok.sum() < 2 or event[ok].sum() == 0:
+    return float("nan")
+  return float(metrics.concordance_index(time_[ok], event[ok], risk[ok]))
+
+
+def _report(config, cohort, members, logits, risks, splits):
+  y, t, e = cohort.response, cohort.os_months, cohort.os_event
+  rows = []
+  for k, m in enumerate(members):
+    row = {"member": m.name, "fold": m.fold, "seed": m.seed, "learning_rate": m.learning_rate}
+    for split in ("val", "test"):
+      ids = splits[k] == split
+      row[f"{split}_auc"] = _auc(y[ids], logits[k, ids])
+      row[f"{split}_cindex"] = _cindex(t[ids], e[ids], risks[k, ids])
+    rows.append(row)
+  table = pd.DataFrame(rows)
+  by_fold = table.groupby("fold")[["val_auc", "val_cindex", "test_auc", "test_cindex"]].agg(
+      ["mean", "std"])
+  by_fold.columns = [f"{a}_{b}" for a, b in by_fold.columns]
+  by_fold = by_fold.reset_index()
+
+  # Ensemble: mean logit; log-risks centred on each member's training median first (the Cox
+  # likelihood fixes a member's log-risk only up to a constant).
+  centred = risks - np.array([np.median(risks[k, splits[k] == "train"])
+                              for k in range(len(members))])[:, None]
+  ens_logit, ens_risk = logits.mean(0), centred.mean(0)
+  test = cohort.center == config.split.test_center
+  val = splits == "val"
+  oof = np.where(val.any(0), np.where(val, logits, 0).sum(0) / np.maximum(val.sum(0), 1), np.nan)
+  has_oof = ~np.isnan(oof)
+  ensemble = {"members": len(members), "test_auc": _auc(y[test], ens_logit[test]),
+              "test_cindex": _cindex(t[test], e[test], ens_risk[test]),
+              "oof_val_auc": _auc(y[has_oof], oof[has_oof])}
+
+  frames = []
+  for k, m in enumerate(members):
+    frames.append(pd.DataFrame({"member": m.name, "fold": m.fold, "seed": m.seed,
+                                "learning_rate": m.learning_rate,
+                                "patient_id": cohort.patient_id.astype(str),
+                                "center": cohort.center.astype(str), "split": splits[k],
+                                "response_logit": logits[k], "log_risk": risks[k]}))
+  frames.append(pd.DataFrame({"member": "ensemble", "fold": -1, "seed": -1,
+                              "learning_rate": np.nan,
+                              "patient_id": cohort.patient_id.astype(str),
+                              "center": cohort.center.astype(str),
+                              "split": np.where(test, "test", "dev"),
+                              "response_logit": ens_logit, "log_risk": ens_risk}))
+  frame = pd.concat(frames, ignore_index=True)
+  frame["response_prob"] = 1.0 / (1.0 + np.exp(-frame.response_logit))
+  frame["ic_response"] = np.tile(cohort.response, len(members) + 1)
+  frame["os_months"] = np.tile(t, len(members) + 1)
+  frame["os_event"] = np.tile(e, len(members) + 1).astype(np.int64)
+  return table, by_fold, ensemble, frame
+
+
+def write(result: SweepResult, workdir) -> None:
+  """sweep.json (members, per-member, per-fold and ensemble metrics) + predictions.parquet."""
+  from pathlib import Path
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  clean = lambda x: None if isinstance(x, float) and not math.isfinite(x) else x
+  summary = {
+      "members": [dataclasses.asdict(m) for m in result.members],
+      "seconds": result.seconds,
+      "metrics": [{k: clean(v) for k, v in r.items()}
+                  for r in result.metrics.to_dict(orient="records")],
+      "fold_metrics": [{k: clean(v) for k, v in r.items()}
+                       for r in result.fold_metrics.to_dict(orient="records")],
+      "ensemble": {k: clean(v) for k, v in result.ensemble.items()},
+      "train_loss": result.train_loss.tolist(),
+  }
+  (workdir / "sweep.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+  result.predictions.to_parquet(workdir / "predictions.parquet", index=False)
