@@ -41,7 +41,7 @@ READ_BLOCK = 8  # grid cells per side read with one read_region
 
 
 class FingerprintMismatch(store.StoreError):
-    """The store holds features made with other settings or weights."""
+    """The store holds features made with other settings or weights, or unreadable unit files."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,10 @@ def _part_meta(path: Path) -> dict | None:
     """A unit file's metadata, or None when absent; store-written (wsi) or part-written (mri)."""
     if not path.exists():
         return None
-    md = pq.read_schema(path).metadata or {}
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise store.StoreError(f"{path}: unreadable Parquet file, corrupt or truncated ({e})") from e
     if _PART_KEY in md:
         return json.loads(md[_PART_KEY])
     return store.table_metadata(path)
@@ -202,28 +205,39 @@ def extract_mri(patient: manifest_lib.Patient, store_dir: Path, encoder: encoder
 
 
 def _check_existing(store_dir: Path, wsi_sha: str, mri_sha: str, overwrite: bool) -> None:
-    """Refuses a store made with other fingerprints (or, with overwrite, deletes its units)."""
-    stale = []
+    """Refuses a store made with other fingerprints or holding unreadable (corrupt, truncated)
+    unit files; with overwrite, deletes those so that they are extracted again."""
+    stale, corrupt = [], []
     info_path = store_dir / store.STORE_JSON
     if info_path.exists():
         info = store.read_store_json(store_dir)
         if (info.get("wsi", {}).get("fingerprint_sha256") != wsi_sha
                 or info.get("mri", {}).get("fingerprint_sha256") != mri_sha):
             stale.append(info_path)
-    for path in store.slide_files(store_dir):
-        if (_part_meta(path) or {}).get("fingerprint_sha256") != wsi_sha:
-            stale.append(path)
-    for path in sorted((store_dir / MRI_DIR).glob("*.parquet")):
-        if (_part_meta(path) or {}).get("fingerprint_sha256") != mri_sha:
-            stale.append(path)
-    if not stale:
+    units = [(p, wsi_sha) for p in store.slide_files(store_dir)]
+    units += [(p, mri_sha) for p in sorted((store_dir / MRI_DIR).glob("*.parquet"))]
+    for path, sha in units:
+        try:
+            if (_part_meta(path) or {}).get("fingerprint_sha256") != sha:
+                stale.append(path)
+        except store.StoreError as e:
+            logging.error("%s", e)
+            corrupt.append(path)
+    if not stale and not corrupt:
         return
     if not overwrite:
+        problems = []
+        if stale:
+            problems.append(f"{len(stale)} file(s) were made with another fingerprint (first: {stale[0]})")
+        if corrupt:
+            problems.append(f"{len(corrupt)} file(s) are unreadable, corrupt or truncated: "
+                            + ", ".join(map(str, corrupt[:5])))
         raise FingerprintMismatch(
-            f"{store_dir}: {len(stale)} file(s) were made with another fingerprint (first: {stale[0]}); "
-            "refusing to mix features; use another store or overwrite")
-    logging.warning("overwrite: removing %d file(s) made with another fingerprint", len(stale))
-    for path in stale:
+            f"{store_dir}: " + "; ".join(problems) + "; refusing to mix features; use another store "
+            "or overwrite (--overwrite) to extract them again")
+    logging.warning("overwrite: removing %d file(s) made with another fingerprint and %d unreadable "
+                    "file(s); they are extracted again", len(stale), len(corrupt))
+    for path in stale + corrupt:
         path.unlink(missing_ok=True)
 
 

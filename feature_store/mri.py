@@ -69,6 +69,21 @@ def radiomics_fingerprint(params: Path | str | Mapping[str, Any] | None) -> dict
     return {"pyradiomics": radiomics.__version__, "params": load_params(params)}
 
 
+def check_finite(image: sitk.Image) -> None:
+    """Raises ValueError when a volume holds NaN or infinite voxels.
+
+    Refused rather than repaired: no fill value is neutral for both PyRadiomics
+    (first-order and texture features) and the CNN's percentile scaling, and a
+    volume with non-finite voxels usually means a broken conversion upstream.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"image has {bad} NaN or infinite voxels of {array.size}; "
+                             "fix the conversion that produced it")
+
+
 def radiomics_features(image_path: Path | str | sitk.Image, mask_path: Path | str | sitk.Image,
                        params: Path | str | Mapping[str, Any] | None = None) -> dict[str, float]:
     """PyRadiomics features (diagnostics dropped) as floats; params go to PyRadiomics unchanged."""
@@ -80,6 +95,7 @@ def radiomics_features(image_path: Path | str | sitk.Image, mask_path: Path | st
     std_logging.getLogger("pykwalify").setLevel(std_logging.WARNING)
     extractor = featureextractor.RadiomicsFeatureExtractor(arg)
     image, mask = _as_image(image_path), _as_image(mask_path)
+    check_finite(image)
     try:
         result = extractor.execute(image, mask)
     except (ValueError, RuntimeError) as e:
@@ -116,6 +132,7 @@ def roi_slices(image: Path | str | sitk.Image, mask: Path | str | sitk.Image, k:
         raise ValueError(f"expected a 3-D scalar volume, got {image.GetDimension()}-D "
                          f"with {image.GetNumberOfComponentsPerPixel()} components")
     check_geometry(image, mask)
+    check_finite(image)
     vol = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS")).astype(np.float32)  # (z, y, x)
     tumour = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) > 0
     area = tumour.sum((1, 2))

@@ -50,6 +50,10 @@ class TissueParams:
     min_hole_area: float = 0.25    # fill holes smaller than this (patch areas)
     min_patch_tissue: float = 0.5  # keep a patch when this fraction of it is tissue
     mask_px_per_patch: int = 16    # segmentation resolution: mask px along one patch side
+    pen_filter: bool = True        # drop marker ink (see `pen_mask`) from the tissue mask
+    pen_margin: int = 10           # blue/green ink: red weaker than both green and blue by this
+    pen_dark: int = 50             # black ink: every channel below this
+    pen_min_area: float = 0.25     # ignore ink specks smaller than this (patch areas)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +95,13 @@ def _to_rgb(region: np.ndarray) -> np.ndarray:
 
 def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int,
              size: tuple[int, int]) -> np.ndarray:
-    return _to_rgb(np.asarray(slide.read_region(location, level, size)))
+    """A region as RGB; a decode failure (truncated or corrupt file) becomes a SlideError."""
+    try:
+        region = slide.read_region(location, level, size)
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"cannot read region {location} at level {level} "
+                         f"(corrupt or truncated file? {e})") from e
+    return _to_rgb(np.asarray(region))
 
 
 def tissue_mask(rgb: np.ndarray, params: TissueParams, *, patch_area_px: float) -> np.ndarray:
@@ -107,6 +117,8 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams, *, patch_area_px: float) 
     else:
         thresh = float(params.sthresh)
     mask = sat > thresh
+    if params.pen_filter:
+        mask &= ~pen_mask(rgb, params, min_area_px=params.pen_min_area * patch_area_px)
     if params.close > 0:
         kernel = np.ones((params.close, params.close), np.uint8)
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
@@ -118,6 +130,26 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams, *, patch_area_px: float) 
         holes = ~mask & ~_drop_small_components(~mask, min_hole, keep_border=True)
         mask = mask | holes
     return mask
+
+
+def pen_mask(rgb: np.ndarray, params: TissueParams, *, min_area_px: float = 0.0) -> np.ndarray:
+    """Pixels of marker ink, which is saturated like stain but is not tissue.
+
+    Eosin and hematoxylin both leave red the strongest (or near-strongest) channel;
+    blue, green and cyan markers absorb red, so red is the weakest channel by a
+    margin. Black marker is dark in every channel. Marker strokes are large, so
+    ink specks under `min_area_px` (mask px) are ignored; what remains is dilated
+    by the closing kernel so the strokes' anti-aliased rims do not survive as tissue.
+    """
+    rgb = np.asarray(rgb).astype(np.int16)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    ink = ((r + params.pen_margin < g) & (r + params.pen_margin < b)) | (rgb.max(-1) < params.pen_dark)
+    if min_area_px > 1 and ink.any():
+        ink = _drop_small_components(ink, int(round(min_area_px)))
+    if params.close > 0 and ink.any():
+        kernel = np.ones((params.close, params.close), np.uint8)
+        ink = cv2.dilate(ink.astype(np.uint8), kernel).astype(bool)
+    return ink
 
 
 def _drop_small_components(mask: np.ndarray, min_area: int, keep_border: bool = False) -> np.ndarray:

@@ -80,12 +80,18 @@ def load_store(store_dir: str | Path) -> Cohort:
   ids = clinical["patient_id"].astype(str).to_numpy()
   index = {pid: i for i, pid in enumerate(ids)}
   wsi_dim = int(info.get("encoder", {}).get("dim", store.WSI_DIM))
+  wsi_sha = info.get("wsi", {}).get("fingerprint_sha256")  # extracted stores; synthetic: none
 
   # WSI: all slides of a patient form one bag, in slide-id order.
   per_patient: list[list[np.ndarray]] = [[] for _ in ids]
   files = store.slide_files(root)
   for path in files:
     bag = store.read_slide(path, expected_dim=wsi_dim)
+    if wsi_sha and bag.metadata.get("fingerprint_sha256") != wsi_sha:
+      raise store.StoreError(
+          f"{path}: made with encoder fingerprint {bag.metadata.get('fingerprint_sha256')}, "
+          f"but the store's is {wsi_sha}: features from another extraction cannot be mixed; "
+          "re-extract this slide into the store")
     if bag.patient_id not in index:
       if len(bag.embeddings):
         raise store.StoreError(f"{path}: patient_id {bag.patient_id!r} not in clinical.parquet")
@@ -287,11 +293,27 @@ class DeviceData:
             if f.name != "radiomics_columns"}
 
 
+def _warn_degenerate_labels(cohort: Cohort, train: np.ndarray) -> None:
+  """Says when a training split cannot teach a task; training still runs (the loss is 0 or
+  one-sided) so that a multi-task model can learn the other task."""
+  events = int(cohort.os_event[train & ~np.isnan(cohort.os_months)].sum())
+  if events == 0:
+    logging.warning("training split: no OS events (%d patients, all censored or OS unknown); "
+                    "the survival loss is 0 and the risk head is untrained", int(train.sum()))
+  labels = cohort.response[train]
+  classes = np.unique(labels[~np.isnan(labels)]).astype(int).tolist()
+  if len(classes) < 2:
+    logging.warning("training split: IC response has %s (%d labelled patients); the response head "
+                    "cannot learn to separate classes", f"only class {classes}" if classes else
+                    "no labels", int((~np.isnan(labels)).sum()))
+
+
 def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None) -> DeviceData:
   """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device."""
   if cohort.split is None:
     raise ValueError("prepare() needs cohort.split; call assign_splits first")
   train = cohort.split == "train"
+  _warn_degenerate_labels(cohort, train)
   sel = fit_radiomics(cohort.radiomics, train, cohort.response,
                       corr_threshold=data_config.radiomics_corr_threshold,
                       lasso=data_config.radiomics_lasso, lasso_cs=data_config.radiomics_lasso_cs,
