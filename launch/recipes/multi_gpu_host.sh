@@ -9,5 +9,5 @@ NGPU=$(nvidia-smi -L | wc -l)
 # finish assembles STORE.json, clinical, radiomics and deep-MRI tables.
 OMP_NUM_THREADS=4 torchrun --standalone --nproc_per_node="$NGPU" -m launch.extract \
   --manifest="$MANIFEST" --store="$STORE" --device=cuda --batch_size=256 --workers=4
-python -m launch.train --config=launch/recipes/data_parallel.py:moemil --store="$STORE" \
+python -m launch.train --config=moemil_jax/configs/moemil.py --store="$STORE" \
   --workdir="$WORKDIR/moemil" --config.mesh.data=-1 --config.train.batch_size=$((16 * NGPU))

@@ -6,7 +6,7 @@ set -euo pipefail
 STORE=$1 WORKDIR=$2
 pip install -e '.[tpu]'
 python -c "import jax; print(jax.device_count(), jax.devices())"
-python -m launch.train --config=launch/recipes/data_parallel.py:moemil --store="$STORE" \
+python -m launch.train --config=moemil_jax/configs/moemil.py --store="$STORE" \
   --workdir="$WORKDIR/moemil" --config.mesh.data=-1 --config.train.batch_size=32
 # bf16 matmuls suit the MXU; parameters stay float32.
 python -m launch.sweep --config=moemil_jax/configs/moemil.py --store="$STORE" --workdir="$WORKDIR/sweep" \

@@ -5,6 +5,8 @@ python -m launch.train --config=moemil_jax/configs/moemil.py --workdir=DIR --sto
 
 import ml_collections
 
+from moemil_jax import parallel
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -60,4 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.patience = 15             # epochs without improvement before stopping; 0 = off
   c.train.val_metric = "auc+cindex"  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10            # steps
+
+  # Data parallelism: data = -1 uses every device (0 = single device); distributed = True
+  # calls jax.distributed.initialize() for multi-host GPU clusters and TPU pods.
+  c.mesh = parallel.mesh_config()
   return c
