@@ -40,6 +40,7 @@ _CLOSE = flags.DEFINE_integer("tissue_close", 4, "Morphological closing kernel (
 _MIN_AREA = flags.DEFINE_float("tissue_min_area", 1.0, "Smallest tissue piece kept, in patch areas.")
 _MIN_HOLE = flags.DEFINE_float("tissue_min_hole", 0.25, "Holes smaller than this are filled, in patch areas.")
 _MIN_PATCH = flags.DEFINE_float("tissue_fraction", 0.5, "Keep a patch with at least this tissue fraction.")
+_PEN = flags.DEFINE_bool("tissue_pen_filter", True, "Drop blue, green and black marker ink from tissue.")
 
 
 def _device(name: str) -> str:
@@ -71,7 +72,8 @@ def main(argv):
         fallback_mpp=_FALLBACK_MPP.value, overwrite=_OVERWRITE.value,
         tissue=slides.TissueParams(sthresh=_SATURATION.value, mthresh=_MEDIAN.value, close=_CLOSE.value,
                                    use_otsu=_OTSU.value, min_tissue_area=_MIN_AREA.value,
-                                   min_hole_area=_MIN_HOLE.value, min_patch_tissue=_MIN_PATCH.value))
+                                   min_hole_area=_MIN_HOLE.value, min_patch_tissue=_MIN_PATCH.value,
+                                   pen_filter=_PEN.value))
     logging.info("extracting on %s, shard %d of %d", device, shard_index + 1, shard_count)
     try:
         summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
