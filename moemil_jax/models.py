@@ -28,12 +28,16 @@ def masked_softmax(scores: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 class GatedAttention(nnx.Module):
-  """score = w^T (tanh(V h) * sigmoid(U h)) (Ilse et al. 2018; CLAM's Attn_Net_Gated)."""
+  """score = w^T (tanh(V h) * sigmoid(U h)) (Ilse et al. 2018; CLAM's Attn_Net_Gated).
+
+  w has no bias (CLAM's has one): softmax and top-k are shift invariant, so a bias would get
+  an exactly-zero gradient that Adam turns into round-off-driven steps.
+  """
 
   def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
     self.a = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.b = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
-    self.c = nnx.Linear(hidden, 1, dtype=dtype, rngs=rngs)
+    self.c = nnx.Linear(hidden, 1, use_bias=False, dtype=dtype, rngs=rngs)
 
   def __call__(self, h: jax.Array) -> jax.Array:
     return self.c(jnp.tanh(self.a(h)) * jax.nn.sigmoid(self.b(h)))[..., 0]
@@ -67,8 +71,9 @@ class WSIBranch(nnx.Module):
 class MLP(nnx.Module):
   """Linear+ReLU+dropout layers."""
 
-  def __init__(self, dims: Sequence[int], dropout: float, *, dtype, rngs: nnx.Rngs):
-    self.layers = nnx.List([nnx.Linear(i, o, dtype=dtype, rngs=rngs)
+  def __init__(self, dims: Sequence[int], dropout: float, *, dtype, rngs: nnx.Rngs,
+               use_bias: bool = True):
+    self.layers = nnx.List([nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, rngs=rngs)
                             for i, o in zip(dims[:-1], dims[1:])])
     self.dropout = nnx.Dropout(dropout)
 
@@ -106,9 +111,15 @@ class MMoE(nnx.Module):
                num_tasks: int, dropout: float, *, dtype, rngs: nnx.Rngs):
     self.experts = nnx.Linear(in_dim, num_experts * expert_dim, dtype=dtype, rngs=rngs)
     self.gates = nnx.Linear(in_dim, num_tasks * num_experts, dtype=dtype, rngs=rngs)
-    self.towers = nnx.List([MLP((expert_dim, tower_dim), dropout, dtype=dtype, rngs=rngs)
-                            for _ in range(num_tasks)])
-    self.heads = nnx.List([nnx.Linear(tower_dim, 1, rngs=rngs) for _ in range(num_tasks)])
+    # The survival tower and head have no biases: the Cox partial likelihood ignores a
+    # constant shift of log-risk, so a head bias (or the bias of a tower unit active for
+    # every patient) would get an exactly-zero gradient, and Adam would turn its round-off
+    # into learning-rate-sized steps that change nothing but make equal programs disagree.
+    survival = [TASKS[t] == "survival" for t in range(num_tasks)]
+    self.towers = nnx.List([MLP((expert_dim, tower_dim), dropout, dtype=dtype, rngs=rngs,
+                                use_bias=not survival[t]) for t in range(num_tasks)])
+    self.heads = nnx.List([nnx.Linear(tower_dim, 1, use_bias=not survival[t], rngs=rngs)
+                           for t in range(num_tasks)])
     self.dropout = nnx.Dropout(dropout)
     self.num_experts, self.expert_dim, self.num_tasks = num_experts, expert_dim, num_tasks
 

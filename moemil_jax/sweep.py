@@ -76,7 +76,8 @@ def grid(*, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
 def load(config) -> data_lib.Cohort:
   if not config.store:
     raise ValueError("config.store is empty: pass --store or --config.store")
-  return data_lib.load_store(config.store)
+  cohort = data_lib.load_store(config.store)
+  return data_lib.harmonise_centers(cohort) if config.data.harmonise_centers else cohort
 
 
 @dataclasses.dataclass
@@ -188,26 +189,6 @@ def _epoch_plan(config, cohort, members, splits, epoch, pad_row, patch_counts):
 # --------------------------------------------------------------------------- steps
 
 
-def freeze_cox_offset(grads):
-  """Zeroes the gradient of the survival head's bias.
-
-  The Cox partial likelihood is invariant to a constant shift of log-risk, so this bias
-  has an exactly-zero gradient in exact arithmetic; in floating point it is round-off, which
-  Adam divides by its own RMS and turns into learning-rate-sized random steps. Those steps
-  change nothing but a constant in log-risk, yet they would make two numerically different
-  but equivalent programs (vmapped vs sequential) disagree on that parameter. With a zero
-  gradient the bias stays at its initial 0 (weight decay keeps 0 at 0).
-  """
-  survival = models.TASKS.index("survival")
-
-  def zero(path, g):
-    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    return jnp.zeros_like(g) if keys[-3:] == ["heads", survival, "bias"] or \
-        keys[-4:-1] == ["heads", survival, "bias"] else g
-
-  return jax.tree_util.tree_map_with_path(zero, grads)
-
-
 def _steps(config, graphdef, steps_per_epoch: int, vectorize: bool):
   tc = config.train.copy_and_resolve_references()
   tc.learning_rate = 1.0  # members scale the updates by their own rate
@@ -229,7 +210,6 @@ def _steps(config, graphdef, steps_per_epoch: int, vectorize: bool):
     data = _member_data(shared, per_fold, fold_index)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data,
                                                                      batch, key)
-    grads = freeze_cox_offset(grads)
     updates, new_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     new_params = optax.apply_updates(params, updates)

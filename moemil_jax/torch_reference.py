@@ -31,7 +31,7 @@ class GatedAttention(nn.Module):
     super().__init__()
     self.a = nn.Linear(dim, hidden)
     self.b = nn.Linear(dim, hidden)
-    self.c = nn.Linear(hidden, 1)
+    self.c = nn.Linear(hidden, 1, bias=False)
 
   def forward(self, h: torch.Tensor) -> torch.Tensor:
     return self.c(torch.tanh(self.a(h)) * torch.sigmoid(self.b(h)))[..., 0]
@@ -58,9 +58,9 @@ class WSIBranch(nn.Module):
 
 
 class MLP(nn.Module):
-  def __init__(self, dims: Sequence[int], dropout: float):
+  def __init__(self, dims: Sequence[int], dropout: float, bias: bool = True):
     super().__init__()
-    self.layers = nn.ModuleList([nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:])])
+    self.layers = nn.ModuleList([nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:])])
     self.dropout = nn.Dropout(dropout)
 
   def forward(self, x):
@@ -90,8 +90,10 @@ class MMoE(nn.Module):
     super().__init__()
     self.experts = nn.Linear(in_dim, num_experts * expert_dim)
     self.gates = nn.Linear(in_dim, num_tasks * num_experts)
-    self.towers = nn.ModuleList([MLP((expert_dim, tower_dim), dropout) for _ in range(num_tasks)])
-    self.heads = nn.ModuleList([nn.Linear(tower_dim, 1) for _ in range(num_tasks)])
+    self.towers = nn.ModuleList([MLP((expert_dim, tower_dim), dropout, bias=TASKS[t] != "survival")
+                                 for t in range(num_tasks)])
+    self.heads = nn.ModuleList([nn.Linear(tower_dim, 1, bias=TASKS[t] != "survival")
+                                for t in range(num_tasks)])
     self.dropout = nn.Dropout(dropout)
     self.num_experts, self.expert_dim, self.num_tasks = num_experts, expert_dim, num_tasks
 

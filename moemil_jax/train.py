@@ -188,6 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   parallel.check_batch_size(tc.batch_size, mesh)
 
   cohort = data_lib.load_store(store_dir)
+  if dc.harmonise_centers:
+    data_lib.harmonise_centers(cohort)
   cohort.split = data_lib.assign_splits(
       cohort, test_center=config.split.test_center, val_fraction=config.split.val_fraction,
       seed=config.split.seed, folds=config.split.folds, fold=config.split.fold)

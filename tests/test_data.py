@@ -134,3 +134,23 @@ def test_bad_clinical_names_the_file(store, tmp_path):
   table.to_parquet(bad / "clinical.parquet")
   with pytest.raises(store_lib.StoreError, match="clinical.parquet: row 2"):
     data.load_store(bad)
+
+
+def test_harmonise_centers_standardises_within_each_center(store):
+  cohort = data.harmonise_centers(data.load_store(store))
+  raw = data.load_store(store)
+  assert set(cohort.center) == {"A", "B"}
+  for center in ("A", "B"):
+    rows = cohort.center == center
+    patch_rows = np.concatenate([np.arange(o, o + c) for o, c in
+                                 zip(cohort.patch_offset[rows], cohort.patch_count[rows])])
+    p = cohort.patches[patch_rows].astype(np.float64)
+    live = raw.patches[patch_rows].astype(np.float64).std(0) > 1e-3  # non-constant features
+    np.testing.assert_allclose(p.mean(0), 0.0, atol=2e-3)
+    np.testing.assert_allclose(p.std(0)[live], 1.0, atol=2e-3)
+    rad = cohort.radiomics.loc[rows].dropna(how="all")
+    np.testing.assert_allclose(rad.mean(), 0.0, atol=1e-9)
+    deep = np.concatenate([cohort.mri_deep[i, :cohort.mri_deep_count[i]] for i in np.flatnonzero(rows)])
+    np.testing.assert_allclose(deep.mean(0), 0.0, atol=1e-4)
+  # Padded MRI slots stay zero.
+  assert not cohort.mri_deep[np.arange(cohort.mri_deep.shape[1])[None] >= cohort.mri_deep_count[:, None]].any()

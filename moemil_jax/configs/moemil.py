@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.bag_buckets = (256, 1024, 4096, 16384)  # padded bag sizes (patches per patient)
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
   c.data.max_eval_patches = 0      # 0 = whole bag (rounded up to a bucket)
+  c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
 
   c.model = ml_collections.ConfigDict()
   c.model.modalities = ("wsi", "radiomics", "mri_deep")
