@@ -106,6 +106,35 @@ def _delong_components(y: np.ndarray, scores: np.ndarray):
     return aucs, s10 / m + s01 / n
 
 
+def roc_auc(y, score) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count one half); needs both classes."""
+    y = _binary(y)
+    score = _finite(score, "score")
+    _same_length(y=y, score=score)
+    _two_classes(y)
+    return float(_auc(y, score))
+
+
+def labelled_auc_or_nan(y, score) -> float:
+    """AUC over the rows with a label (y not NaN); NaN when undefined, for training curves."""
+    y, score = np.asarray(y, float), np.asarray(score, float)
+    ok = ~np.isnan(y)
+    try:
+        return roc_auc(y[ok].astype(int), score[ok])
+    except UndefinedMetric:
+        return float("nan")
+
+
+def cindex_or_nan(time, event, risk) -> float:
+    """Harrell's C over the rows with a follow-up time; NaN when undefined, for training curves."""
+    time = np.asarray(time, float)
+    ok = ~np.isnan(time)
+    try:
+        return concordance_index(time[ok], np.asarray(event)[ok], np.asarray(risk)[ok])
+    except UndefinedMetric:
+        return float("nan")
+
+
 def delong_auc_variance(y, score) -> tuple[float, float]:
     """(AUC, DeLong variance of the AUC)."""
     y = _binary(y)

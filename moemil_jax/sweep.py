@@ -341,20 +341,6 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
 # --------------------------------------------------------------------------- reporting
 
 
-def _auc(y, score) -> float:
-  ok = ~np.isnan(y)
-  if ok.sum() < 2 or len(np.unique(y[ok])) < 2:
-    return float("nan")
-  return float(metrics.roc_auc_ci(y[ok].astype(int), score[ok])[0])
-
-
-def _cindex(time_, event, risk) -> float:
-  ok = ~np.isnan(time_)
-  if ok.sum() < 2 or event[ok].sum() == 0:
-    return float("nan")
-  return float(metrics.concordance_index(time_[ok], event[ok], risk[ok]))
-
-
 def _report(config, cohort, members, logits, risks, splits):
   y, t, e = cohort.response, cohort.os_months, cohort.os_event
   rows = []
@@ -362,8 +348,8 @@ def _report(config, cohort, members, logits, risks, splits):
     row = {"member": m.name, "fold": m.fold, "seed": m.seed, "learning_rate": m.learning_rate}
     for split in ("val", "test"):
       ids = splits[k] == split
-      row[f"{split}_auc"] = _auc(y[ids], logits[k, ids])
-      row[f"{split}_cindex"] = _cindex(t[ids], e[ids], risks[k, ids])
+      row[f"{split}_auc"] = metrics.labelled_auc_or_nan(y[ids], logits[k, ids])
+      row[f"{split}_cindex"] = metrics.cindex_or_nan(t[ids], e[ids], risks[k, ids])
     rows.append(row)
   table = pd.DataFrame(rows)
   by_fold = table.groupby("fold")[["val_auc", "val_cindex", "test_auc", "test_cindex"]].agg(
@@ -380,9 +366,10 @@ def _report(config, cohort, members, logits, risks, splits):
   val = splits == "val"
   oof = np.where(val.any(0), np.where(val, logits, 0).sum(0) / np.maximum(val.sum(0), 1), np.nan)
   has_oof = ~np.isnan(oof)
-  ensemble = {"members": len(members), "test_auc": _auc(y[test], ens_logit[test]),
-              "test_cindex": _cindex(t[test], e[test], ens_risk[test]),
-              "oof_val_auc": _auc(y[has_oof], oof[has_oof])}
+  ensemble = {"members": len(members),
+              "test_auc": metrics.labelled_auc_or_nan(y[test], ens_logit[test]),
+              "test_cindex": metrics.cindex_or_nan(t[test], e[test], ens_risk[test]),
+              "oof_val_auc": metrics.labelled_auc_or_nan(y[has_oof], oof[has_oof])}
 
   frames = []
   for k, m in enumerate(members):

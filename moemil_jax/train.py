@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from moemil_jax import data as data_lib
-from moemil_jax import losses, models, parallel
+from moemil_jax import losses, metrics, models, parallel
 
 PREDICTIONS = "predictions.parquet"
 RUN_JSON = "run.json"
@@ -92,22 +92,6 @@ def _compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def response_auc(prob, label) -> float:
-  from sklearn.metrics import roc_auc_score
-  ok = ~np.isnan(label)
-  if ok.sum() < 2 or len(np.unique(label[ok])) < 2:
-    return float("nan")
-  return float(roc_auc_score(label[ok].astype(int), prob[ok]))
-
-
-def harrell_cindex(log_risk, time, event) -> float:
-  from lifelines.utils import concordance_index
-  ok = ~np.isnan(time)
-  if ok.sum() < 2 or event[ok].sum() == 0:
-    return float("nan")
-  return float(concordance_index(time[ok], -log_risk[ok], event[ok]))
 
 
 def validation_metric(name: str, auc: float, cindex: float) -> float:
@@ -258,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                    for k in step_metrics[0]}
     logit, risk, _ = _predict(eval_step, params, rest, device_data, val_batches,
                               cohort.num_patients, config.model.num_experts, mesh)
-    auc = response_auc(1 / (1 + np.exp(-logit[val_ids])), cohort.response[val_ids])
-    cidx = harrell_cindex(risk[val_ids], cohort.os_months[val_ids], cohort.os_event[val_ids])
+    auc = metrics.labelled_auc_or_nan(cohort.response[val_ids], logit[val_ids])
+    cidx = metrics.cindex_or_nan(cohort.os_months[val_ids], cohort.os_event[val_ids], risk[val_ids])
     metric = validation_metric(tc.val_metric, auc, cidx)
     for k, v in train_means.items():
       writer.add_scalar(f"epoch/train_{k}", v, epoch + 1)
@@ -316,8 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + "\n")
   for split in data_lib.SPLITS:
     ids = np.flatnonzero(cohort.split == split)
-    writer.add_scalar(f"final/{split}_auc", response_auc(
-        frame.response_prob.to_numpy()[ids], cohort.response[ids]), meta["epoch"])
+    writer.add_scalar(f"final/{split}_auc", metrics.labelled_auc_or_nan(
+        cohort.response[ids], frame.response_prob.to_numpy()[ids]), meta["epoch"])
   writer.close()
   logging.info("wrote %s and %s (best epoch %d, val %s %s)", workdir / PREDICTIONS,
                workdir / RUN_JSON, best_meta["epoch"], tc.val_metric, best_meta["best_metric"])

@@ -60,6 +60,23 @@ def test_roc_auc_matches_sklearn_on_rossi(rossi):
         auc, lo, hi = metrics.roc_auc_ci(y, score)
         assert auc == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
         assert lo < auc < hi
+        assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+
+
+def test_training_curve_metrics_skip_unlabelled_rows_and_say_nan_when_undefined(rossi):
+    df, risk = rossi
+    y = df["arrest"].to_numpy(float)
+    y[::7] = np.nan
+    ok = ~np.isnan(y)
+    assert metrics.labelled_auc_or_nan(y, risk) == pytest.approx(skm.roc_auc_score(y[ok], risk[ok]))
+    # One positive only: the point AUC exists (DeLong's variance would not).
+    one = np.r_[1.0, np.zeros(9)]
+    assert metrics.labelled_auc_or_nan(one, np.arange(10.0)) == pytest.approx(0.0)
+    assert np.isnan(metrics.labelled_auc_or_nan(np.zeros(5), np.arange(5.0)))
+    t = df["week"].to_numpy(float)
+    assert metrics.cindex_or_nan(t, df["arrest"], risk) == pytest.approx(
+        metrics.concordance_index(t, df["arrest"], risk))
+    assert np.isnan(metrics.cindex_or_nan(t, np.zeros(len(t)), risk))
 
 
 def test_bootstrap_ci_agrees_with_delong(rossi):
