@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.radiomics_corr_threshold = 0.9  # drop one of each pair with |r| above; 0 = off
   c.data.radiomics_lasso = True          # L1 logistic regression (CV) on response
   c.data.radiomics_lasso_cs = 10
-  c.data.bag_buckets = (256, 1024, 4096, 16384)  # padded bag sizes (patches per patient)
+  # Padded bag sizes (patches per patient): powers of two keep padding near a third while
+  # compiling one step per size in use.
+  c.data.bag_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
   c.data.max_eval_patches = 0      # 0 = whole bag (rounded up to a bucket)
   c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
