@@ -27,8 +27,8 @@ class Knobs:
     median_os_months: float = 60.0   # baseline median overall survival
     censoring_rate: float = 0.6      # target fraction censored
     max_follow_up_months: float = 120.0
-    wsi_signal: float = 0.8          # correlation-like strength of the latent in slides
-    mri_signal: float = 0.7          # ... in MRI
+    wsi_signal: float = 0.85         # correlation of the slides' view with the latent
+    mri_signal: float = 0.85         # ... of the MRI view
     tnm_signal: float = 0.35         # ... in T and N stage (weak, as in the paper)
     center_b_fraction: float = 0.3   # external test hospital
     missing_wsi_rate: float = 0.05

@@ -165,8 +165,8 @@ def trained(tmp_path_factory):
   c = test_config.get_config()
   c.store = str(store)
   c.model.modalities = ("wsi",)
-  c.train.epochs = 7
-  c.train.learning_rate = 5e-3
+  c.train.epochs = 12
+  c.train.learning_rate = 2e-3
   c.model.dropout = 0.0
   c.split.val_fraction = 0.4
   c.data.bag_buckets = (128,)
