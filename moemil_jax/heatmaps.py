@@ -418,11 +418,11 @@ def load_run(workdir: str | Path) -> TrainedRun:
   model = train.build_model(config, radiomics_dim)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   tx = train.make_optimizer(config.train, 1)
-  _, best = train._managers(workdir)
+  _, best = train.checkpoint_managers(workdir)
   step = best.latest_step()
   if step is None:
     raise FileNotFoundError(f"{workdir}/checkpoints/best holds no checkpoint")
-  train._restore(best, step, params, tx.init(params))
+  train.restore_checkpoint(best, step, params, tx.init(params))
   nnx.update(model, params)
   mri_mean, mri_std = data_lib.masked_mean_std(cohort.mri_deep, cohort.split == "train",
                                                cohort.mri_deep_count)

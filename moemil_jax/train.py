@@ -51,7 +51,7 @@ def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
+def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
   """Jitted train/eval steps, cached so runs with the same config share compilations."""
   config = ml_collections.ConfigDict(json.loads(config_json))
   graphdef, _, _ = nnx.split(build_model(config, radiomics_dim), nnx.Param, ...)
@@ -108,20 +108,23 @@ def validation_metric(name: str, auc: float, cindex: float) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _managers(workdir: Path):
+def checkpoint_managers(workdir: Path):
+  """(latest, best) orbax managers under <workdir>/checkpoints, one checkpoint each."""
   opts = lambda: ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
   root = workdir / "checkpoints"
   return (ocp.CheckpointManager((root / "latest").resolve(), options=opts()),
           ocp.CheckpointManager((root / "best").resolve(), options=opts()))
 
 
-def _save(mgr, step, params, opt_state, meta):
+def save_checkpoint(mgr, step, params, opt_state, meta):
+  """Async save of parameters, optimiser state and the JSON run state (epoch, best, history)."""
   tree = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                          meta=ocp.args.JsonSave(meta)))
 
 
-def _restore(mgr, step, params, opt_state):
+def restore_checkpoint(mgr, step, params, opt_state):
+  """Restores into the given structures; returns (params, opt_state, run state)."""
   target = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
@@ -192,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
 
   config_json = json.dumps(config.to_dict(), sort_keys=True)
-  tx, train_step, eval_step = _compiled_steps(config_json, radiomics_dim, steps_per_epoch)
+  tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch)
   model = build_model(config, radiomics_dim)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(params)
@@ -201,11 +204,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   logging.info("model %s: %d parameters, modalities %s", config.name, n_params,
                tuple(config.model.modalities))
 
-  latest_mgr, best_mgr = _managers(workdir)
+  latest_mgr, best_mgr = checkpoint_managers(workdir)
   meta = {"epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0,
           "done": False, "history": []}
   if resume and latest_mgr.latest_step() is not None:
-    params, opt_state, meta = _restore(latest_mgr, latest_mgr.latest_step(), params, opt_state)
+    params, opt_state, meta = restore_checkpoint(latest_mgr, latest_mgr.latest_step(), params, opt_state)
     logging.info("resumed from epoch %d (step %d)", meta["epoch"], meta["step"])
   elif not resume and latest_mgr.latest_step() is not None:
     raise FileExistsError(f"{workdir}/checkpoints already holds a run: pass --resume or use "
@@ -257,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if improved:
       meta.update(best_metric=None if math.isnan(metric) else metric,
                   best_epoch=meta["epoch"], bad_epochs=0)
-      _save(best_mgr, meta["epoch"], params, opt_state, meta)
+      save_checkpoint(best_mgr, meta["epoch"], params, opt_state, meta)
     else:
       meta["bad_epochs"] += 1
       if tc.patience and meta["bad_epochs"] >= tc.patience:
@@ -267,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                  "[%.1fs]", meta["epoch"], tc.epochs, train_means["loss"],
                  train_means["response"], train_means["survival"], auc, cidx,
                  " *" if improved else "", time.time() - t0)
-    _save(latest_mgr, meta["epoch"], params, opt_state, meta)
+    save_checkpoint(latest_mgr, meta["epoch"], params, opt_state, meta)
     epochs_this_call += 1
     if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
       latest_mgr.wait_until_finished()
@@ -281,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                sorted(shapes), train_step._cache_size())
 
   # Predictions with the best checkpoint, for every patient.
-  params, _, best_meta = _restore(best_mgr, best_mgr.latest_step(), params, opt_state)
+  params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
   all_batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts,
                                       cohort.patch_offset, pad_row, batch_size=tc.batch_size,
                                       buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,

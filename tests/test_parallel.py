@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(r"""
         host_data = data_lib.prepare(cohort, c.data, seed=0)
         data = parallel.replicate(host_data.tree(), mesh)
         rdim = int(host_data.radiomics.shape[1])
-        tx, train_step, _ = train._compiled_steps(
+        tx, train_step, _ = train.compiled_steps(
             json.dumps(c.to_dict(), sort_keys=True), rdim, 4)
         graphdef, params, rest = nnx.split(train.build_model(c, rdim), nnx.Param, ...)
         opt_state = tx.init(params)
@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(r"""
 
         weights = {k: float(c.loss[k]) for k in ("response", "survival", "instance",
                                                   "gate_balance")}
-        def loss_fn(p):  # the training loss, as train._compiled_steps builds it
+        def loss_fn(p):  # the training loss, as train.compiled_steps builds it
             model = nnx.merge(graphdef, p, rest)
             inputs, targets = data_lib.gather_inputs(data, b, jnp.float32)
             out = model(inputs, rngs=nnx.Rngs(dropout=key))

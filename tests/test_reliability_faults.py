@@ -86,13 +86,13 @@ _CHECKPOINT_WRITER = textwrap.dedent("""
       def __init__(self, value, n):
         self.w = nnx.Param(jnp.asarray(np.random.default_rng(value).random(n, np.float32)))
     workdir = Path(sys.argv[1])
-    latest, _ = train._managers(workdir)
+    latest, _ = train.checkpoint_managers(workdir)
     small = nnx.state(Big(1, 1000), nnx.Param)
-    train._save(latest, 1, small, {"count": jnp.int32(1)}, {"epoch": 1})
+    train.save_checkpoint(latest, 1, small, {"count": jnp.int32(1)}, {"epoch": 1})
     latest.wait_until_finished()
     print("saved 1", flush=True)
     big = nnx.state(Big(2, 150_000_000), nnx.Param)   # 600 MB: the save takes a while
-    train._save(latest, 2, big, {"count": jnp.int32(2)}, {"epoch": 2})
+    train.save_checkpoint(latest, 2, big, {"count": jnp.int32(2)}, {"epoch": 2})
     latest.wait_until_finished()
     print("saved 2", flush=True)
 """)
@@ -117,13 +117,13 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
   assert proc.returncode == -signal.SIGKILL, "the checkpoint write finished before the kill"
   assert not (latest / "2").exists() or not (latest / "2" / "_CHECKPOINT_METADATA").exists()
 
-  manager, _ = train._managers(tmp_path)
+  manager, _ = train.checkpoint_managers(tmp_path)
   assert manager.latest_step() == 1
   class Small(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.zeros(1000, jnp.float32))
   params = nnx.state(Small(), nnx.Param)
-  params, opt_state, meta = train._restore(manager, 1, params, {"count": jnp.int32(0)})
+  params, opt_state, meta = train.restore_checkpoint(manager, 1, params, {"count": jnp.int32(0)})
   np.testing.assert_array_equal(np.asarray(params["w"][...]),
                                 np.random.default_rng(1).random(1000, np.float32))
   assert meta == {"epoch": 1} and int(opt_state["count"]) == 1

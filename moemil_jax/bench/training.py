@@ -105,7 +105,7 @@ class JaxTrainer:
         self.s = s
         radiomics_dim = int(s.device_data.radiomics.shape[1])
         config_json = json.dumps(s.config.to_dict(), sort_keys=True)
-        tx, self.step, _ = train_lib._compiled_steps(config_json, radiomics_dim, s.steps_per_epoch)
+        tx, self.step, _ = train_lib.compiled_steps(config_json, radiomics_dim, s.steps_per_epoch)
         _, self.params, self.rest = nnx.split(train_lib.build_model(s.config, radiomics_dim),
                                               nnx.Param, ...)
         self.opt_state = tx.init(self.params)
