@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_experts = 4
   c.model.expert_dim = 128
   c.model.tower_dim = 64
-  c.model.dropout = 0.25
+  c.model.dropout = 0.4
   c.model.modality_dropout = 0.2
   c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, f32 parameters
 
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 16
   c.train.epochs = 60
   c.train.learning_rate = 3e-4
-  c.train.weight_decay = 1e-4
+  c.train.weight_decay = 0.01
   c.train.warmup_epochs = 3
   c.train.grad_clip = 1.0
   c.train.patience = 15             # epochs without improvement before stopping; 0 = off
