@@ -122,8 +122,6 @@ def sample_patients(patients: int, seed: int, knobs: Knobs = Knobs()) -> pd.Data
     })
 
 
-MANIFEST_CLINICAL = ("patient_id", "center", "age", "sex", "ebv_dna", "t_stage", "n_stage",
-                     "overall_stage", "ic_response", "os_months", "os_event")
 TRUTH_COLUMNS = ("patient_id", "latent", "response_prob", "log_hazard")
 
 

@@ -21,7 +21,7 @@ import tifffile
 from absl import logging
 from tqdm import tqdm
 
-from feature_store import synthetic
+from feature_store import store, synthetic
 
 MANIFEST = "manifest.csv"
 
@@ -185,7 +185,7 @@ def make_cohort(out_dir: str | Path, *, patients: int = 40, seed: int = 0,
             rel = Path("mri") / f"{row.patient_id}_mask.nii.gz"
             _write_nifti(out / rel, mask, shape.mri_spacing)
             mri_paths["mri_mask"] = rel.as_posix()
-        record = {c: getattr(row, c) for c in synthetic.MANIFEST_CLINICAL}
+        record = {c: getattr(row, c) for c in store.CLINICAL_COLUMNS}
         record["ic_response"] = "" if np.isnan(row.ic_response) else int(row.ic_response)
         rows.append(record | {"slides": ";".join(slides)} | mri_paths)
     manifest = out / MANIFEST

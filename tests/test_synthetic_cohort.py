@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
-from feature_store import synthetic, synthetic_cohort
+from feature_store import store, synthetic, synthetic_cohort
 
 
 def _manifest(path: Path) -> pd.DataFrame:
@@ -48,7 +48,7 @@ def test_simpleitk_reads_every_mri_and_masks_are_inside(tiny_cohort):
 
 def test_manifest_matches_files(tiny_cohort):
     frame = _manifest(tiny_cohort)
-    assert list(frame.columns[:11]) == list(synthetic.MANIFEST_CLINICAL)
+    assert list(frame.columns[:11]) == list(store.CLINICAL_COLUMNS)
     referenced = {s for cell in frame.slides for s in cell.split(";") if s}
     for col in ("mri_t1", "mri_t2", "mri_t1c", "mri_mask"):
         referenced |= {p for p in frame[col] if p}
