@@ -158,6 +158,19 @@ class SlideBag:
     metadata: dict[str, Any]
 
 
+def slide_patient_and_rows(path: Path) -> tuple[str, int]:
+    """(patient_id, patches) of a slide file from its footer and patient column only.
+
+    Lets a process plan which bags it will hold without decoding any embedding.
+    """
+    path = Path(path)
+    try:
+        table = pq.read_table(path, columns=["patient_id"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise StoreError(f"{path}: unreadable Parquet file or no patient_id column ({e})") from e
+    return (table.column("patient_id")[0].as_py() if len(table) else "", len(table))
+
+
 def read_slide(path: Path, *, expected_dim: int | None = None) -> SlideBag:
     path = Path(path)
     try:

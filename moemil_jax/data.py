@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from feature_store import store
+from moemil_jax import parallel
 
 SPLITS = ("train", "val", "test")
 
@@ -35,12 +36,13 @@ class Cohort:
   os_months: np.ndarray       # (P,) float, NaN when unknown
   os_event: np.ndarray        # (P,) int
   patches: np.ndarray         # (total, 1024) float16, bags back to back
-  patch_offset: np.ndarray    # (P,) int64
+  patch_offset: np.ndarray    # (P,) int64 into patches; -1 for bags not read (see load_store)
   patch_count: np.ndarray     # (P,) int64
   radiomics: pd.DataFrame     # (P, F) float64 wide: "<sequence>:<feature>"; NaN rows w/o MRI
   mri_deep: np.ndarray        # (P, S, 2048) float32, zero padded
   mri_deep_count: np.ndarray  # (P,) int64
   split: np.ndarray | None = None  # (P,) str in SPLITS
+  bags_partitioned: bool = False   # each process read only some bags (statistics span processes)
 
   @property
   def num_patients(self) -> int:
@@ -72,8 +74,16 @@ def _read_clinical(path: Path) -> pd.DataFrame:
   return df.reset_index(drop=True)
 
 
-def load_store(store_dir: str | Path) -> Cohort:
-  """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays."""
+def load_store(store_dir: str | Path, *,
+               bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None) -> Cohort:
+  """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays.
+
+  bags_to_read: given every patient's patch count (read from the slide files' footers and
+  patient column only), returns the (P,) mask of patients whose patch embeddings to read.
+  A data-parallel process passes the patients its own devices hold, so that the slides
+  (the bulk of a store) are read once across processes; unread bags keep their
+  `patch_count` and get `patch_offset` -1. The per-patient tables are read whole.
+  """
   root = Path(store_dir)
   info = store.read_store_json(root)
   clinical = _read_clinical(root / store.CLINICAL)
@@ -82,9 +92,22 @@ def load_store(store_dir: str | Path) -> Cohort:
   wsi_dim = int(info.get("encoder", {}).get("dim", store.WSI_DIM))
   wsi_sha = info.get("wsi", {}).get("fingerprint_sha256")  # extracted stores; synthetic: none
 
+  files = store.slide_files(root)
+  wanted = None
+  if bags_to_read is not None:
+    slide_patients = [store.slide_patient_and_rows(path) for path in files]
+    all_counts = np.zeros(len(ids), np.int64)
+    for path, (pid, rows) in zip(files, slide_patients):
+      if rows and pid not in index:
+        raise store.StoreError(f"{path}: patient_id {pid!r} not in clinical.parquet")
+      if pid in index:
+        all_counts[index[pid]] += rows
+    wanted = np.asarray(bags_to_read(all_counts), bool)
+    files = [path for path, (pid, _) in zip(files, slide_patients)
+             if pid in index and wanted[index[pid]]]
+
   # WSI: all slides of a patient form one bag, in slide-id order.
   per_patient: list[list[np.ndarray]] = [[] for _ in ids]
-  files = store.slide_files(root)
   for path in files:
     bag = store.read_slide(path, expected_dim=wsi_dim)
     if wsi_sha and bag.metadata.get("fingerprint_sha256") != wsi_sha:
@@ -103,7 +126,11 @@ def load_store(store_dir: str | Path) -> Cohort:
   for i, bags in enumerate(per_patient):
     if bags:
       patches[offsets[i]:offsets[i] + counts[i]] = np.concatenate(bags)
-  logging.info("store %s: %d patients, %d slides, %d patches", root, len(ids), len(files),
+  if wanted is not None:
+    if not np.array_equal(counts[wanted], all_counts[wanted]):
+      raise store.StoreError(f"{root}/{store.WSI_DIR}: slide files changed while being read")
+    counts, offsets = all_counts, np.where(wanted, offsets, -1)
+  logging.info("store %s: %d patients, %d slides read, %d patches", root, len(ids), len(files),
                len(patches))
 
   radiomics = _read_radiomics(root / store.RADIOMICS, ids)
@@ -117,7 +144,8 @@ def load_store(store_dir: str | Path) -> Cohort:
           np.float64, na_value=np.nan), np.nan),
       os_event=clinical["os_event"].fillna(0).astype(np.int64).to_numpy(),
       patches=patches, patch_offset=offsets, patch_count=counts,
-      radiomics=radiomics, mri_deep=mri_deep, mri_deep_count=mri_count)
+      radiomics=radiomics, mri_deep=mri_deep, mri_deep_count=mri_count,
+      bags_partitioned=wanted is not None)
 
 
 def _read_radiomics(path: Path, ids: np.ndarray) -> pd.DataFrame:
@@ -257,14 +285,28 @@ def masked_mean_std(x: np.ndarray, rows: np.ndarray, counts: np.ndarray,
   return _mean_std(np.concatenate(sel), chunk)
 
 
-def _mean_std(x: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def _mean_std(x: np.ndarray, chunk: int = 65536, *, all_processes: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean/std (float64 sums); all_processes: over every process's rows."""
   s = np.zeros(x.shape[1]); ss = np.zeros(x.shape[1])
   for start in range(0, len(x), chunk):
     block = x[start:start + chunk].astype(np.float64)
     s += block.sum(0); ss += (block * block).sum(0)
-  mean = s / max(len(x), 1)
-  std = np.sqrt(np.maximum(ss / max(len(x), 1) - mean * mean, 0.0))
+  n = float(len(x))
+  if all_processes:
+    s, ss, n = parallel.sum_over_processes((s, ss, n))
+    n = float(n)
+  mean = s / max(n, 1)
+  std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
   return mean, np.where(std > 1e-6, std, 1.0)
+
+
+def _read_patch_rows(cohort: Cohort, rows: np.ndarray) -> np.ndarray:
+  """Indices into cohort.patches of the selected patients' bags that this process read."""
+  rows = rows & (cohort.patch_offset >= 0)
+  return np.concatenate(
+      [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[rows], cohort.patch_count[rows])]
+      + [np.zeros(0, np.int64)])
 
 
 def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
@@ -278,11 +320,10 @@ def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
   """
   for center in np.unique(cohort.center):
     rows = cohort.center == center
-    patch_rows = np.concatenate(
-        [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[rows], cohort.patch_count[rows])]
-        + [np.zeros(0, np.int64)])
-    if len(patch_rows):
-      mean, std = _mean_std(cohort.patches[patch_rows], chunk)
+    patch_rows = _read_patch_rows(cohort, rows)
+    if cohort.bags_partitioned or len(patch_rows):  # every process joins the sums
+      mean, std = _mean_std(cohort.patches[patch_rows], chunk,
+                            all_processes=cohort.bags_partitioned)
       for start in range(0, len(patch_rows), chunk):
         block = patch_rows[start:start + chunk]
         cohort.patches[block] = ((cohort.patches[block] - mean) / std).astype(np.float16)
@@ -336,8 +377,16 @@ def _warn_degenerate_labels(cohort: Cohort, train: np.ndarray) -> None:
                     "no labels", int((~np.isnan(labels)).sum()))
 
 
-def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None) -> DeviceData:
-  """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device."""
+def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None,
+            layout: BagLayout | None = None, mesh: jax.sharding.Mesh | None = None
+            ) -> DeviceData:
+  """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device.
+
+  Without a mesh everything goes to `device`. With one, the per-patient arrays are
+  replicated and the patches are split in `layout.groups` blocks along the data axis, each
+  built by the process that owns its device from the bags that process read.
+  """
+  layout = layout or bag_layout(cohort.patch_count)
   if cohort.split is None:
     raise ValueError("prepare() needs cohort.split; call assign_splits first")
   train = cohort.split == "train"
@@ -355,17 +404,16 @@ def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None) -> Devic
   deep = ((cohort.mri_deep - d_mean) / d_std).astype(np.float32)
   deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
 
-  train_patch_rows = np.concatenate(
-      [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[train], cohort.patch_count[train])]
-      + [np.zeros(0, np.int64)])
-  p_mean, p_std = _mean_std(cohort.patches[train_patch_rows]) if len(train_patch_rows) else \
-      (np.zeros(cohort.patches.shape[1]), np.ones(cohort.patches.shape[1]))
-  patches = np.concatenate([cohort.patches, np.zeros((1, cohort.patches.shape[1]), np.float16)])
+  p_mean, p_std = _mean_std(cohort.patches[_read_patch_rows(cohort, train)],
+                            all_processes=cohort.bags_partitioned)
 
   surv = ~np.isnan(cohort.os_months)
+  if mesh is not None:
+    device = parallel.replicated(mesh)
   put = lambda x: jax.device_put(x, device)
   return DeviceData(
-      patches=put(patches), patch_mean=put(p_mean.astype(np.float32)),
+      patches=_device_patches(cohort, layout, device, mesh),
+      patch_mean=put(p_mean.astype(np.float32)),
       patch_inv_std=put((1.0 / p_std).astype(np.float32)),
       radiomics=put(rad), has_radiomics=put(has_rad),
       mri_deep=put(deep), mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
@@ -374,6 +422,73 @@ def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None) -> Devic
       os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
       os_event=put(cohort.os_event.astype(np.int32)),
       has_survival=put(surv), radiomics_columns=sel.columns)
+
+
+# --------------------------------------------------------------------------- bag layout
+
+
+@dataclasses.dataclass(frozen=True)
+class BagLayout:
+  """Where every bag lives in `DeviceData.patches`.
+
+  The patches array is `groups` blocks of `rows` rows, one block per device of the data
+  axis; each block ends in a zero row that padding points at. Patient p's bag is in block
+  `group[p]`, from the global row `offset[p]`. Batches put a group's patients in that
+  group's rows, so with a mesh each device gathers only from its own block. One group is
+  the single-device layout: bags back to back in patient order, then one zero row.
+  """
+
+  group: np.ndarray   # (P,) int32
+  offset: np.ndarray  # (P,) int64, global row of the bag's first patch
+  rows: int           # rows per block, zero pad row included
+  groups: int
+
+  def pad_row(self, g: int) -> int:
+    return (g + 1) * self.rows - 1
+
+
+def bag_layout(counts: np.ndarray, groups: int = 1) -> BagLayout:
+  """Deals patients to groups (snake order by bag size: equal patient numbers, similar
+  patch totals), then places each group's bags in patient order."""
+  counts = np.asarray(counts, np.int64)
+  if groups < 1:
+    raise ValueError(f"bag groups must be >= 1, got {groups}")
+  by_size = np.argsort(-counts, kind="stable")
+  lap, pos = np.divmod(np.arange(len(counts)), groups)
+  group = np.empty(len(counts), np.int32)
+  group[by_size] = np.where(lap % 2 == 0, pos, groups - 1 - pos)
+  totals = np.bincount(group, weights=counts, minlength=groups).astype(np.int64)
+  rows = int(totals.max(initial=0)) + 1
+  offset = np.zeros(len(counts), np.int64)
+  for g in range(groups):
+    members = np.flatnonzero(group == g)
+    offset[members] = g * rows + np.concatenate([[0], np.cumsum(counts[members])[:-1]])
+  return BagLayout(group, offset, rows, groups)
+
+
+def _bag_block(cohort: Cohort, layout: BagLayout, g: int) -> np.ndarray:
+  block = np.zeros((layout.rows, cohort.patches.shape[1]), np.float16)
+  for p in np.flatnonzero((layout.group == g) & (cohort.patch_count > 0)):
+    o, c = cohort.patch_offset[p], cohort.patch_count[p]
+    if o < 0:
+      raise ValueError(f"patient {cohort.patient_id[p]}: bag not read by process "
+                       f"{jax.process_index()}, whose device holds group {g}")
+    start = layout.offset[p] - g * layout.rows
+    block[start:start + c] = cohort.patches[o:o + c]
+  return block
+
+
+def _device_patches(cohort: Cohort, layout: BagLayout, device, mesh) -> jax.Array:
+  if mesh is None:
+    return jax.device_put(np.concatenate([_bag_block(cohort, layout, g)
+                                          for g in range(layout.groups)]), device)
+  if mesh.shape[parallel.DATA] != layout.groups:
+    raise ValueError(f"bag layout has {layout.groups} groups, the mesh's data axis "
+                     f"{mesh.shape[parallel.DATA]} devices")
+  shape = (layout.groups * layout.rows, cohort.patches.shape[1])
+  return jax.make_array_from_callback(
+      shape, parallel.batch_sharded(mesh),
+      lambda index: _bag_block(cohort, layout, (index[0].start or 0) // layout.rows))
 
 
 # --------------------------------------------------------------------------- batches
@@ -390,7 +505,8 @@ def bucket_size(n: int, buckets: Sequence[int]) -> int:
 
 @dataclasses.dataclass
 class Batch:
-  """Host index arrays for one step (B patients, N patch slots)."""
+  """Host index arrays for one step (B patients, N patch slots). With G bag groups, rows
+  [g B/G, (g+1) B/G) hold group g's patients; unused rows are masked."""
 
   patient: np.ndarray       # (B,) int32, 0 for padding rows
   patient_mask: np.ndarray  # (B,) bool
@@ -401,26 +517,50 @@ class Batch:
     return dataclasses.asdict(self)
 
 
-def _make_batch(members, counts, offsets, pad_row, batch_size, buckets, cap, rng):
-  take = np.array([min(counts[p], cap) if cap else counts[p] for p in members], np.int64)
-  n = bucket_size(max(int(take.max(initial=0)), 1), buckets)
-  index = np.full((batch_size, n), pad_row, np.int32)
+def _rows_per_group(batch_size: int, layout: BagLayout) -> int:
+  if batch_size % layout.groups:
+    raise ValueError(f"batch size {batch_size} is not divisible by {layout.groups} bag groups "
+                     "(devices on the data axis); pick a multiple")
+  return batch_size // layout.groups
+
+
+def _make_batch(parts, counts, layout, batch_size, buckets, cap, rng):
+  """parts[g]: the patients of group g in this batch."""
+  b = _rows_per_group(batch_size, layout)
+  takes = [np.array([min(counts[p], cap) if cap else counts[p] for p in members], np.int64)
+           for members in parts]
+  n = bucket_size(max([int(t.max(initial=0)) for t in takes] + [1]), buckets)
+  index = np.empty((batch_size, n), np.int32)
   valid = np.zeros((batch_size, n), bool)
-  for row, (p, t) in enumerate(zip(members, take)):
-    if t < counts[p]:
-      chosen = np.sort(rng.choice(counts[p], size=t, replace=False))
-    else:
-      chosen = np.arange(t)
-    index[row, :t] = offsets[p] + chosen
-    valid[row, :t] = True
   patient = np.zeros(batch_size, np.int32)
-  patient[:len(members)] = members
-  mask = np.arange(batch_size) < len(members)
+  mask = np.zeros(batch_size, bool)
+  for g, (members, take) in enumerate(zip(parts, takes)):
+    index[g * b:(g + 1) * b] = layout.pad_row(g)
+    for j, (p, t) in enumerate(zip(members, take)):
+      row = g * b + j
+      if t < counts[p]:
+        chosen = np.sort(rng.choice(counts[p], size=t, replace=False))
+      else:
+        chosen = np.arange(t)
+      index[row, :t] = layout.offset[p] + chosen
+      valid[row, :t] = True
+      patient[row], mask[row] = p, True
   return Batch(patient, mask, index, valid)
 
 
-def train_batches(patients: np.ndarray, counts: np.ndarray, offsets: np.ndarray, pad_row: int,
-                  *, batch_size: int, buckets: Sequence[int], max_patches: int,
+def _group_chunks(order: np.ndarray, layout: BagLayout, b: int) -> list[list[np.ndarray]]:
+  """Per group, its patients (in `order`) cut into chunks of b."""
+  per_group = [order[layout.group[order] == g] for g in range(layout.groups)]
+  return [[m[i:i + b] for i in range(0, len(m), b)] for m in per_group]
+
+
+def _zip_chunks(chunks: list[list[np.ndarray]], steps: Sequence[int]) -> list[list[np.ndarray]]:
+  empty = np.zeros(0, np.int64)
+  return [[c[k] if k < len(c) else empty for c in chunks] for k in steps]
+
+
+def train_batches(patients: np.ndarray, counts: np.ndarray, layout: BagLayout, *,
+                  batch_size: int, buckets: Sequence[int], max_patches: int,
                   rng: np.random.Generator) -> list[Batch]:
   """One epoch: patients of similar bag size share a batch (sizes jittered so batches
   change between epochs), batches shuffled; bags above `max_patches` randomly subsampled."""
@@ -428,31 +568,34 @@ def train_batches(patients: np.ndarray, counts: np.ndarray, offsets: np.ndarray,
   size = np.minimum(counts[patients], max_patches) if max_patches else counts[patients]
   jitter = np.exp(rng.normal(0.0, 0.15, len(patients)))  # ~15%: batches vary, padding stays low
   order = patients[np.argsort((size + 1) * jitter, kind="stable")]
-  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-  chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-  return [_make_batch(c, counts, offsets, pad_row, batch_size, buckets, max_patches, rng)
-          for c in chunks]
+  chunks = _group_chunks(order, layout, _rows_per_group(batch_size, layout))
+  steps = max(len(c) for c in chunks)
+  return [_make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
+          for parts in _zip_chunks(chunks, rng.permutation(steps))]
 
 
-def eval_batches(patients: np.ndarray, counts: np.ndarray, offsets: np.ndarray, pad_row: int,
-                 *, batch_size: int, buckets: Sequence[int], max_patches: int = 0,
+def eval_batches(patients: np.ndarray, counts: np.ndarray, layout: BagLayout, *,
+                 batch_size: int, buckets: Sequence[int], max_patches: int = 0,
                  seed: int = 0) -> list[Batch]:
   """Deterministic batches sorted by bag size (whole bags unless `max_patches`)."""
   patients = np.asarray(patients)
   order = patients[np.argsort(counts[patients], kind="stable")]
+  chunks = _group_chunks(order, layout, _rows_per_group(batch_size, layout))
   rng = np.random.default_rng(seed)
-  return [_make_batch(order[i:i + batch_size], counts, offsets, pad_row, batch_size, buckets,
-                      max_patches, rng) for i in range(0, len(order), batch_size)]
+  return [_make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
+          for parts in _zip_chunks(chunks, range(max(len(c) for c in chunks)))]
 
 
 def batch_shapes(batches: Sequence[Batch]) -> set[tuple[int, int]]:
   return {b.patch_index.shape for b in batches}
 
 
-def gather_inputs(data: dict[str, jax.Array], batch: dict[str, jax.Array], compute_dtype):
+def gather_inputs(data: dict[str, jax.Array], batch: dict[str, jax.Array], compute_dtype,
+                  mesh: jax.sharding.Mesh | None = None):
   """Inside jit: model inputs and targets of one batch from the resident arrays."""
   p = batch["patient"]
-  wsi = data["patches"][batch["patch_index"]].astype(jnp.float32)
+  wsi = parallel.gather_local_rows(data["patches"], batch["patch_index"], mesh)
+  wsi = wsi.astype(jnp.float32)
   wsi = ((wsi - data["patch_mean"]) * data["patch_inv_std"]).astype(compute_dtype)
   s = data["mri_deep"].shape[1]
   deep_count = data["mri_deep_count"][p]

@@ -342,8 +342,8 @@ class TrainedRun:
     i = self.patient_index(patient_id)
     counts = self.cohort.patch_count if "wsi" in self.config.model.modalities else \
         np.zeros_like(self.cohort.patch_count)
-    batch = data_lib.eval_batches(np.array([i]), counts, self.cohort.patch_offset,
-                                  int(self.cohort.patches.shape[0]), batch_size=1,
+    batch = data_lib.eval_batches(np.array([i]), counts,
+                                  data_lib.bag_layout(self.cohort.patch_count), batch_size=1,
                                   buckets=self.config.data.bag_buckets, max_patches=0)[0]
     inputs, _ = data_lib.gather_inputs(self.device_data.tree(), batch.tree(),
                                        jnp.dtype(self.config.model.compute_dtype))

@@ -28,7 +28,7 @@ its rows, so a process transfers just its own part of every batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -139,6 +139,67 @@ def constrain_replicated(tree, mesh: jax.sharding.Mesh | None):
   if mesh is None:
     return tree
   return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+def bag_groups(config, mesh: jax.sharding.Mesh | None) -> int:
+  """Groups of the bag layout (`data.bag_layout`): one per device on the data axis.
+
+  config.data.bag_groups > 0 asks for that many on a single device too, which reproduces
+  the batches (and so the training) of a data-parallel run with that many devices.
+  """
+  asked = int(config.data.get("bag_groups", 0) or 0)
+  if mesh is None:
+    return asked or 1
+  if asked and asked != mesh.shape[DATA]:
+    raise ValueError(f"data.bag_groups={asked} but the data axis has {mesh.shape[DATA]} "
+                     "devices; use 0 (one group per device)")
+  return mesh.shape[DATA]
+
+
+def local_groups(mesh: jax.sharding.Mesh | None, groups: int) -> np.ndarray:
+  """Positions on the data axis whose devices belong to this process (all without a mesh)."""
+  if mesh is None:
+    return np.arange(groups)
+  return np.array([i for i, d in enumerate(mesh.devices.flat)
+                   if d.process_index == jax.process_index()])
+
+
+def gather_local_rows(table: jax.Array, index: jax.Array, mesh: jax.sharding.Mesh | None):
+  """Inside jit: table[index], where table and index are split alike along "data".
+
+  Each device holds one block of the table (its patients' bags) and the batch rows that
+  point into that block, so the gather runs device by device without moving any table row
+  (a plain gather on a sharded table would all-gather it first). Indices are global rows.
+  """
+  if mesh is None:
+    return table[index]
+
+  def local(block, idx):
+    return block[idx - jax.lax.axis_index(DATA) * block.shape[0]]
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(
+      table, index)
+
+
+def sum_over_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """float64 host arrays summed over every process (unchanged with one process).
+
+  Sent as int32 bit patterns: JAX without x64 would round float64 to float32 on the way.
+  """
+  arrays = [np.asarray(a, np.float64) for a in arrays]
+  if jax.process_count() == 1:
+    return arrays
+  from jax.experimental import multihost_utils
+  flat = np.concatenate([a.ravel() for a in arrays])
+  gathered = np.asarray(multihost_utils.process_allgather(flat.view(np.int32)))
+  total = gathered.view(np.float64).reshape(jax.process_count(), -1).sum(0)
+  cuts = np.cumsum([a.size for a in arrays])[:-1]
+  return [t.reshape(a.shape) for t, a in zip(np.split(total, cuts), arrays)]
+
+
+def is_writer() -> bool:
+  """Process 0 writes predictions, run.json and TensorBoard events; the others only compute."""
+  return jax.process_index() == 0
 
 
 # Per-patient model outputs the losses combine across the whole batch.

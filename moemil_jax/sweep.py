@@ -162,17 +162,18 @@ def _pad_batch(b: data_lib.Batch, n: int, pad_row: int) -> dict[str, np.ndarray]
   return t
 
 
-def _epoch_plan(config, cohort, members, splits, epoch, pad_row, patch_counts):
+def _epoch_plan(config, members, splits, epoch, layout, patch_counts):
   """Per step: stacked (K, ...) batches and the (K,) mask of members with a real batch."""
   tc, dc = config.train, config.data
   per_member = []
   for m in members:
     ids = np.flatnonzero(splits[m.fold] == "train")
     per_member.append(data_lib.train_batches(
-        ids, patch_counts, cohort.patch_offset, pad_row, batch_size=tc.batch_size,
+        ids, patch_counts, layout, batch_size=tc.batch_size,
         buckets=dc.bag_buckets, max_patches=dc.max_train_patches,
         rng=np.random.default_rng([m.seed, epoch])))
   steps = max(len(b) for b in per_member)
+  pad_row = layout.pad_row(0)  # the sweep runs on one device: one bag group
   plan = []
   for i in range(steps):
     here = [b[i] if i < len(b) else None for b in per_member]
@@ -262,7 +263,7 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
       raise ValueError(f"{config.store}: fold {f} has no training patients")
   fold_index = np.array([folds.index(m.fold) for m in members], np.int32)
   shared, per_fold, radiomics_dim = _fold_data(config, cohort, splits)
-  pad_row = int(cohort.patches.shape[0])
+  layout = data_lib.bag_layout(cohort.patch_count)
   patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
       np.zeros_like(cohort.patch_count)
   steps_per_epoch = max(math.ceil((s == "train").sum() / tc.batch_size) for s in splits.values())
@@ -287,7 +288,7 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
   base_keys = [jax.random.key(m.seed) for m in members]
   train_loss = np.zeros((len(members), tc.epochs))
   for epoch in range(tc.epochs):
-    plan = _epoch_plan(config, cohort, members, splits, epoch, pad_row, patch_counts)
+    plan = _epoch_plan(config, members, splits, epoch, layout, patch_counts)
     keys = [[jax.random.fold_in(jax.random.fold_in(k, epoch), i) for k in base_keys]
             for i in range(len(plan))]
     sums = np.zeros(len(members)); counts = np.zeros(len(members))
@@ -312,8 +313,8 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
                  train_loss[:, epoch].mean(), time.time() - t0)
 
   # Predictions for every patient from every member.
-  batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts,
-                                  cohort.patch_offset, pad_row, batch_size=tc.batch_size,
+  batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts, layout,
+                                  batch_size=tc.batch_size,
                                   buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
                                   seed=config.seed)
   logits = np.full((len(members), cohort.num_patients), np.nan)
@@ -326,8 +327,8 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
       got = jax.device_get([evaluate(params[k], rests[k], fold_index[k], shared, per_fold,
                                      b.tree()) for k in range(len(members))])
       lg, rk = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
-    logits[:, rows] = lg[:, :len(rows)]
-    risks[:, rows] = rk[:, :len(rows)]
+    logits[:, rows] = lg[:, b.patient_mask]
+    risks[:, rows] = rk[:, b.patient_mask]
   if not vectorize:
     params = _stack(params)
   split_rows = np.stack([splits[m.fold] for m in members])

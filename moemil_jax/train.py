@@ -65,7 +65,7 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
 
   def loss_fn(params, rest, data, batch, key):
     model = nnx.merge(graphdef, params, rest)
-    inputs, targets = data_lib.gather_inputs(data, batch, dtype)
+    inputs, targets = data_lib.gather_inputs(data, batch, dtype, mesh)
     out = model(inputs, rngs=nnx.Rngs(dropout=key))
     out, targets = parallel.gather_for_loss(out, targets, mesh)  # Cox sorts the global batch
     loss, terms = losses.total_loss(out, targets, weights, **loss_kw)
@@ -83,7 +83,7 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
   @jax.jit
   def eval_step(params, rest, data, batch):
     model = nnx.merge(graphdef, params, rest)
-    inputs, _ = data_lib.gather_inputs(data, batch, dtype)
+    inputs, _ = data_lib.gather_inputs(data, batch, dtype, mesh)
     out = model(inputs, rngs=None)
     return parallel.constrain_replicated(
         {k: out[k] for k in ("response_logit", "log_risk", "gates")}, mesh)
@@ -146,11 +146,10 @@ def _predict(eval_step, params, rest, device_data, batches, num_patients, num_ex
           for b in batches]
   for b, out in outs:
     out = jax.device_get(out)
-    rows = b.patient[b.patient_mask]
-    n = len(rows)
-    logit[rows] = out["response_logit"][:n]
-    risk[rows] = out["log_risk"][:n]
-    gates[rows] = out["gates"][:n]
+    rows, mask = b.patient[b.patient_mask], b.patient_mask
+    logit[rows] = out["response_logit"][mask]
+    risk[rows] = out["log_risk"][mask]
+    gates[rows] = out["gates"][mask]
   return logit, risk, gates
 
 
@@ -174,7 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(tc.batch_size, mesh)
 
-  cohort = data_lib.load_store(store_dir)
+  groups = parallel.bag_groups(config, mesh)
+  own_groups = parallel.local_groups(mesh, groups)
+  cohort = data_lib.load_store(  # with several processes, each reads its own devices' bags
+      store_dir, bags_to_read=None if jax.process_count() == 1 else
+      lambda counts: np.isin(data_lib.bag_layout(counts, groups).group, own_groups))
+  layout = data_lib.bag_layout(cohort.patch_count, groups)
   if dc.harmonise_centers:
     data_lib.harmonise_centers(cohort)
   cohort.split = data_lib.assign_splits(
@@ -184,10 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   logging.info("split: %s", counts)
   if counts["train"] == 0:
     raise ValueError(f"{store_dir}: no training patients (center != {config.split.test_center})")
-  device_data = data_lib.prepare(cohort, dc, seed=config.seed,
-                                 device=None if mesh is None else parallel.replicated(mesh))
+  device_data = data_lib.prepare(cohort, dc, seed=config.seed, layout=layout, mesh=mesh)
   radiomics_dim = int(device_data.radiomics.shape[1])
-  pad_row = int(cohort.patches.shape[0])
   patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
       np.zeros_like(cohort.patch_count)
   train_ids = np.flatnonzero(cohort.split == "train")
@@ -214,9 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     raise FileExistsError(f"{workdir}/checkpoints already holds a run: pass --resume or use "
                           "a fresh --workdir")
 
-  writer = SummaryWriter(str(workdir / "tensorboard"))
+  writer = SummaryWriter(str(workdir / "tensorboard")) if parallel.is_writer() else _NoWriter()
   data_tree = device_data.tree()
-  val_batches = data_lib.eval_batches(val_ids, patch_counts, cohort.patch_offset, pad_row,
+  val_batches = data_lib.eval_batches(val_ids, patch_counts, layout,
                                       batch_size=tc.batch_size, buckets=dc.bag_buckets,
                                       max_patches=dc.max_eval_patches, seed=config.seed)
   shapes = data_lib.batch_shapes(val_batches)
@@ -226,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   while not meta["done"] and meta["epoch"] < tc.epochs:
     epoch = meta["epoch"]
     rng = np.random.default_rng([config.seed, epoch])
-    batches = data_lib.train_batches(train_ids, patch_counts, cohort.patch_offset, pad_row,
+    batches = data_lib.train_batches(train_ids, patch_counts, layout,
                                      batch_size=tc.batch_size, buckets=dc.bag_buckets,
                                      max_patches=dc.max_train_patches, rng=rng)
     shapes |= data_lib.batch_shapes(batches)
@@ -285,30 +287,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
   # Predictions with the best checkpoint, for every patient.
   params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
-  all_batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts,
-                                      cohort.patch_offset, pad_row, batch_size=tc.batch_size,
+  all_batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts, layout,
+                                      batch_size=tc.batch_size,
                                       buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
                                       seed=config.seed)
   logit, risk, gates = _predict(eval_step, params, rest, device_data, all_batches,
                                 cohort.num_patients, config.model.num_experts, mesh)
   frame = predictions_frame(config.name, cohort, logit, risk, gates)
-  frame.to_parquet(workdir / PREDICTIONS, index=False)
   run_info = {"model": config.name, "store": str(store_dir), "seed": int(config.seed),
               "config": config.to_dict(), "best_step": int(best_meta["epoch"]),
               "best_train_step": int(best_meta["step"]), "val_metric": best_meta["best_metric"],
               "val_metric_name": tc.val_metric, "epochs_run": int(meta["epoch"]),
               "split_counts": counts, "batch_shapes": len(shapes),
               "history": meta["history"],
-              "radiomics_columns": device_data.radiomics_columns}
-  (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + "\n")
+              "radiomics_columns": device_data.radiomics_columns,
+              "processes": jax.process_count(), "bag_groups": groups}
+  if parallel.is_writer():
+    frame.to_parquet(workdir / PREDICTIONS, index=False)
+    (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + "\n")
   for split in data_lib.SPLITS:
     ids = np.flatnonzero(cohort.split == split)
     writer.add_scalar(f"final/{split}_auc", metrics.labelled_auc_or_nan(
         cohort.response[ids], frame.response_prob.to_numpy()[ids]), meta["epoch"])
   writer.close()
-  logging.info("wrote %s and %s (best epoch %d, val %s %s)", workdir / PREDICTIONS,
+  logging.info("%s %s and %s (best epoch %d, val %s %s)",
+               "wrote" if parallel.is_writer() else "process 0 writes", workdir / PREDICTIONS,
                workdir / RUN_JSON, best_meta["epoch"], tc.val_metric, best_meta["best_metric"])
-  return run_info
+  return {**run_info, "process_index": jax.process_index(),
+          "patches_read": int(len(cohort.patches))}
+
+
+class _NoWriter:
+  """Stands in for the TensorBoard writer on processes other than 0."""
+
+  def add_scalar(self, *args, **kwargs):
+    pass
+
+  def close(self):
+    pass
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -100,8 +100,11 @@ def test_bucketed_batches(cohort):
   buckets = (32, 64, 128)
   assert data.bucket_size(1, buckets) == 32 and data.bucket_size(129, buckets) == 256
   pad = len(cohort.patches)
+  layout = data.bag_layout(cohort.patch_count)
+  assert layout.pad_row(0) == pad
+  np.testing.assert_array_equal(layout.offset, cohort.patch_offset)  # one group: store order
   train_ids = np.flatnonzero(cohort.split == "train")
-  batches = data.train_batches(train_ids, cohort.patch_count, cohort.patch_offset, pad,
+  batches = data.train_batches(train_ids, cohort.patch_count, layout,
                                batch_size=4, buckets=buckets, max_patches=64,
                                rng=np.random.default_rng(0))
   seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
@@ -118,11 +121,63 @@ def test_bucketed_batches(cohort):
       lo, hi = cohort.patch_offset[p], cohort.patch_offset[p] + cohort.patch_count[p]
       assert ((idx >= lo) & (idx < hi)).all()
       assert (b.patch_index[row][~b.patch_valid[row]] == pad).all()
-  full = data.eval_batches(np.arange(cohort.num_patients), cohort.patch_count,
-                           cohort.patch_offset, pad, batch_size=8, buckets=buckets)
+  full = data.eval_batches(np.arange(cohort.num_patients), cohort.patch_count, layout,
+                           batch_size=8, buckets=buckets)
   for b in full:
     np.testing.assert_array_equal(b.patch_valid.sum(1)[b.patient_mask],
                                   cohort.patch_count[b.patient[b.patient_mask]])
+
+
+def test_bag_groups_layout_batches_and_device_array(cohort):
+  """Four groups: patients dealt evenly, each batch row reads only its group's block."""
+  groups, buckets = 4, (32, 64, 128)
+  layout = data.bag_layout(cohort.patch_count, groups)
+  sizes = np.bincount(layout.group, minlength=groups)
+  assert sizes.max() - sizes.min() <= 1
+  totals = np.bincount(layout.group, weights=cohort.patch_count, minlength=groups)
+  assert totals.max() + 1 == layout.rows
+  assert totals.max() <= 1.5 * totals.mean()  # snake dealing keeps patch totals close
+  dev = np.asarray(data.prepare(cohort, test_config.get_config().data, layout=layout).patches)
+  assert dev.shape == (groups * layout.rows, cohort.patches.shape[1])
+  for p in range(cohort.num_patients):  # every bag where the layout says, pad rows zero
+    o, c = cohort.patch_offset[p], cohort.patch_count[p]
+    np.testing.assert_array_equal(dev[layout.offset[p]:layout.offset[p] + c], cohort.patches[o:o + c])
+  for g in range(groups):
+    assert not dev[layout.pad_row(g)].any()
+  train_ids = np.flatnonzero(cohort.split == "train")
+  batches = data.train_batches(train_ids, cohort.patch_count, layout, batch_size=8,
+                               buckets=buckets, max_patches=64, rng=np.random.default_rng(0))
+  seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
+  assert sorted(seen) == sorted(train_ids)
+  per_group_train = np.bincount(layout.group[train_ids], minlength=groups)
+  assert len(batches) == int(np.ceil(per_group_train / 2).max())
+  for b in batches:
+    for row in range(8):
+      g = row // 2
+      block = (g * layout.rows, (g + 1) * layout.rows)
+      assert ((b.patch_index[row] >= block[0]) & (b.patch_index[row] < block[1])).all()
+      if b.patient_mask[row]:
+        assert layout.group[b.patient[row]] == g
+      assert (b.patch_index[row][~b.patch_valid[row]] == layout.pad_row(g)).all()
+  with pytest.raises(ValueError, match="not divisible by 4 bag groups"):
+    data.eval_batches(train_ids, cohort.patch_count, layout, batch_size=6, buckets=buckets)
+
+
+def test_load_store_reads_only_the_bags_asked_for(store, cohort):
+  want = np.arange(cohort.num_patients) % 3 == 0
+  part = data.load_store(store, bags_to_read=lambda counts: want)
+  assert part.bags_partitioned and not cohort.bags_partitioned
+  np.testing.assert_array_equal(part.patch_count, cohort.patch_count)
+  assert len(part.patches) == cohort.patch_count[want].sum()
+  assert (part.patch_offset[~want] == -1).all()
+  for p in np.flatnonzero(want):
+    o, c = part.patch_offset[p], part.patch_count[p]
+    np.testing.assert_array_equal(part.patches[o:o + c], cohort.patches[
+        cohort.patch_offset[p]:cohort.patch_offset[p] + c])
+  layout = data.bag_layout(part.patch_count, 3)
+  with pytest.raises(ValueError, match="bag not read"):
+    data.prepare(data.dataclasses.replace(part, split=cohort.split),
+                 test_config.get_config().data, layout=layout)
 
 
 def test_bad_clinical_names_the_file(store, tmp_path):

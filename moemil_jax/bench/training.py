@@ -75,8 +75,8 @@ class Setup:
     def batches(self, epoch: int = 0) -> list[data_lib.Batch]:
         dc = self.config.data
         return data_lib.train_batches(
-            self.train_ids, self.cohort.patch_count, self.cohort.patch_offset,
-            int(self.cohort.patches.shape[0]), batch_size=self.config.train.batch_size,
+            self.train_ids, self.cohort.patch_count, data_lib.bag_layout(self.cohort.patch_count),
+            batch_size=self.config.train.batch_size,
             buckets=dc.bag_buckets, max_patches=dc.max_train_patches,
             rng=np.random.default_rng([self.config.seed, epoch]))
 

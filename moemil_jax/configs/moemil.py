@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
   c.data.max_eval_patches = 0      # 0 = whole bag (rounded up to a bucket)
   c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
+  # Patients dealt to groups, one per device of the data axis (0 = as many as devices; on one
+  # device, N reproduces the batches of an N-device run).
+  c.data.bag_groups = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.modalities = ("wsi", "radiomics", "mri_deep")
