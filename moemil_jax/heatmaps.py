@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import cv2
 import numpy as np

@@ -47,7 +47,7 @@ from absl import logging
 from flax import nnx
 
 from moemil_jax import data as data_lib
-from moemil_jax import losses, metrics, models, train
+from moemil_jax import metrics, train
 
 SHARED = ("patches", "mri_deep", "mri_deep_count", "response", "has_response", "os_months",
           "os_event", "has_survival")
@@ -141,9 +141,9 @@ def _member_data(shared, per_fold, fold_index):
   return {**shared, **{k: v[fold_index] for k, v in per_fold.items()}}
 
 
-def _inputs(data, batch, dtype):
+def _inputs(data, batch, dtype, mesh=None):
   """data_lib.gather_inputs, with deep MRI features z-scored by the member's own fold."""
-  inputs, targets = data_lib.gather_inputs(data, batch, dtype)
+  inputs, targets = data_lib.gather_inputs(data, batch, dtype, mesh)
   raw = data["mri_deep"][batch["patient"]]
   z = (raw - data["deep_mean"]) * data["deep_inv_std"]
   inputs["mri_deep"] = (z * inputs["mri_deep_valid"][..., None]).astype(dtype)
@@ -195,16 +195,7 @@ def _steps(config, graphdef, steps_per_epoch: int, vectorize: bool):
   tc.learning_rate = 1.0  # members scale the updates by their own rate
   tx = train.make_optimizer(tc, steps_per_epoch)
   dtype = jnp.dtype(config.model.compute_dtype)
-  weights = {k: float(config.loss[k]) for k in ("response", "survival", "instance",
-                                                 "gate_balance")}
-  loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
-                 subtyping=config.loss.instance_subtyping)
-
-  def loss_fn(params, rest, data, batch, key):
-    model = nnx.merge(graphdef, params, rest)
-    inputs, targets = _inputs(data, batch, dtype)
-    out = model(inputs, rngs=nnx.Rngs(dropout=key))
-    return losses.total_loss(out, targets, weights, **loss_kw)
+  loss_fn = train.make_loss_fn(config, graphdef, gather_inputs=_inputs)
 
   def member_step(params, opt_state, rest, lr, fold_index, active, shared, per_fold, batch,
                   key):

@@ -50,6 +50,27 @@ def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=tc.weight_decay))
 
 
+def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=data_lib.gather_inputs):
+  """The training loss, (params, rest, data, batch, key) -> (loss, terms).
+
+  Shared by training and sweeps (which pass their own per-fold `gather_inputs`).
+  """
+  dtype = jnp.dtype(config.model.compute_dtype)
+  weights = {k: float(config.loss[k]) for k in ("response", "survival", "instance",
+                                                 "gate_balance")}
+  loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
+                 subtyping=config.loss.instance_subtyping)
+
+  def loss_fn(params, rest, data, batch, key):
+    model = nnx.merge(graphdef, params, rest)
+    inputs, targets = gather_inputs(data, batch, dtype, mesh)
+    out = model(inputs, rngs=nnx.Rngs(dropout=key))
+    out, targets = parallel.gather_for_loss(out, targets, mesh)  # Cox sorts the global batch
+    return losses.total_loss(out, targets, weights, **loss_kw)
+
+  return loss_fn
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
   """Jitted train/eval steps, cached so runs with the same config share compilations."""
@@ -57,19 +78,8 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
   graphdef, _, _ = nnx.split(build_model(config, radiomics_dim), nnx.Param, ...)
   tx = make_optimizer(config.train, steps_per_epoch)
   dtype = jnp.dtype(config.model.compute_dtype)
-  weights = {k: float(config.loss[k]) for k in ("response", "survival", "instance",
-                                                 "gate_balance")}
-  loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
-                 subtyping=config.loss.instance_subtyping)
   mesh = parallel.mesh_from_config(config)  # None: single device, as without config.mesh
-
-  def loss_fn(params, rest, data, batch, key):
-    model = nnx.merge(graphdef, params, rest)
-    inputs, targets = data_lib.gather_inputs(data, batch, dtype, mesh)
-    out = model(inputs, rngs=nnx.Rngs(dropout=key))
-    out, targets = parallel.gather_for_loss(out, targets, mesh)  # Cox sorts the global batch
-    loss, terms = losses.total_loss(out, targets, weights, **loss_kw)
-    return loss, terms
+  loss_fn = make_loss_fn(config, graphdef, mesh=mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, rest, data, batch, key):

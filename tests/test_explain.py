@@ -2,7 +2,6 @@
 
 import csv
 
-import numpy as np
 import openslide
 import pandas as pd
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from feature_store import extract, slides
 from feature_store.synthetic_cohort import make_cohort
 from launch import explain
-from moemil_jax import report, train
+from moemil_jax import train
 from moemil_jax.configs import test as test_config
 
 # Tiny on purpose: ResNet50 runs a few patches/s on this CPU (see tests/test_extract.py).

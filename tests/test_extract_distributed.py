@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--encoder_weights=random", "--device=cpu", "--workers=1", "--mri_slices=1",

@@ -1,6 +1,5 @@
 """Grad-CAM split between JAX (head) and PyTorch (ResNet50) equals PyTorch autograd end to end."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -70,16 +70,9 @@ CHILD = textwrap.dedent(r"""
             assert b["patch_index"].sharding.spec == jax.sharding.PartitionSpec("data")
             assert len(b["patch_index"].addressable_shards) == 8
 
-        weights = {k: float(c.loss[k]) for k in ("response", "survival", "instance",
-                                                  "gate_balance")}
-        def loss_fn(p):  # the training loss, as train.compiled_steps builds it
-            model = nnx.merge(graphdef, p, rest)
-            inputs, targets = data_lib.gather_inputs(data, b, jnp.float32, mesh)
-            out = model(inputs, rngs=nnx.Rngs(dropout=key))
-            out, targets = parallel.gather_for_loss(out, targets, mesh)
-            return losses.total_loss(out, targets, weights, ties=c.loss.ties,
-                                     k=c.loss.instance_k)[0]
-        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+        loss_fn = train.make_loss_fn(c, graphdef, mesh=mesh)  # the training loss
+        loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, rest, data, b, key)[0]))(
+            params)
         new_params, _, metrics = train_step(params, opt_state, rest, data, b, key)
         if mesh is not None:
             leaf = jax.tree.leaves(new_params)[0]

@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import openslide
 import pandas as pd
-import pytest
 
 from feature_store import encoders, extract, slides, store
 from moemil_jax import evaluation, pseudonym

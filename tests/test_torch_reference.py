@@ -1,7 +1,5 @@
 """The Flax model against the CLAM-style PyTorch reference with the same weights."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
