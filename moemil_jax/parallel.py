@@ -1,12 +1,14 @@
 """Data parallelism with `jax.sharding`: one mesh axis "data", batches split along it.
 
-Training stays a single SPMD program. Parameters, optimiser state and the device-resident
-store arrays are replicated on every device; the index arrays of a batch (patients, patch
-indices) are split by patient along the "data" axis, so each device gathers and encodes
-only its own bags. Per-patient outputs and targets are resharded to replicated before the
-loss: the Cox partial likelihood sorts the *global* batch by time, and a sort over a
-batch-sharded array would otherwise sort only within each shard (explicit axes refuse it,
-auto axes would hide the cross-device gather).
+Training stays a single SPMD program. Parameters, optimiser state and the small
+per-patient arrays are replicated on every device. Patients are dealt to one group per
+device (`data.bag_layout`); the patches array is split in blocks along "data" so each
+device holds only its group's bags, and each batch puts a group's patients in that
+device's rows, so the gather (`gather_local_rows`) never moves patches between devices.
+Per-patient outputs and targets are resharded to replicated before the loss: the Cox
+partial likelihood sorts the *global* batch by time, and a sort over a batch-sharded array
+would otherwise sort only within each shard (explicit axes refuse it, auto axes would hide
+the cross-device gather).
 
 The mesh uses `AxisType.Auto` axes so that XLA's sharding propagation places every
 intermediate; jax 0.10's `jax.make_mesh` default (Explicit) would demand annotations on
@@ -23,7 +25,8 @@ Config (all optional; a config without `mesh` trains on the default device as be
 On TPU pods, SLURM and Open MPI, `jax.distributed.initialize()` finds the coordinator and
 process ids by itself, so only `distributed = True` is needed. Every process runs the same
 program on the same host-side batch plan (same seeds); `shard_batch` hands each device only
-its rows, so a process transfers just its own part of every batch.
+its rows, so a process transfers just its own part of every batch, and each process reads
+from the store only the bags its own devices hold.
 """
 
 from __future__ import annotations
