@@ -209,7 +209,9 @@ def oracle_predictions(truth: pd.DataFrame, reference: pd.DataFrame) -> pd.DataF
     out = reference.copy()
     out["model"] = "oracle"
     out["response_prob"] = prob
-    out["response_logit"] = np.log(prob) - np.log1p(-prob)
+    # truth.csv keeps 6 decimals, so a strongly determined cohort has probabilities of 0 or 1.
+    clipped = np.clip(prob, 1e-7, 1 - 1e-7)
+    out["response_logit"] = np.log(clipped) - np.log1p(-clipped)
     out["log_risk"] = truth.loc[reference["patient_id"], "log_hazard"].to_numpy(float)
     return check_predictions(out, "truth.csv")
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from feature_store import synthetic, synthetic_store
-from moemil_jax import metrics, train
+from moemil_jax import evaluation, metrics, train
 from moemil_jax.configs import dlr, moemil, pathomics, test as test_config
 
 STORE_SEED = 0
@@ -75,6 +75,14 @@ def test_variants_follow_the_baseline_configs():
   assert _config(moemil, store).model.wsi_dim == test_config.get_config().model.wsi_dim
 
 
+def _external(pred):
+  """(AUC, C-index) of one model's predictions on the test center."""
+  test = pred[pred.split == "test"]
+  assert len(test) and (test.center == "B").all()
+  return (metrics.labelled_auc_or_nan(test.ic_response.astype(float), test.response_prob),
+          metrics.cindex_or_nan(test.os_months, test.os_event, test.log_risk))
+
+
 def external_figures(root, seed=STORE_SEED):
   """{model: (AUC, C-index)} on the test center, for the three models and the oracle."""
   store = synthetic_store.make_store(root / "store", patients=1000, seed=seed, knobs=KNOBS,
@@ -83,15 +91,9 @@ def external_figures(root, seed=STORE_SEED):
   for name, module in MODELS.items():
     train.train_and_evaluate(_config(module, store), root / name)
     pred = pd.read_parquet(root / name / "predictions.parquet")
-    test = pred[pred.split == "test"]
-    assert len(test) and (test.center == "B").all()
-    figures[name] = (
-        metrics.labelled_auc_or_nan(test.ic_response.astype(float), test.response_prob),
-        metrics.cindex_or_nan(test.os_months, test.os_event, test.log_risk))
-  truth = test.merge(synthetic_store.read_truth(store), on="patient_id", suffixes=("", "_true"))
-  figures["oracle"] = (
-      metrics.labelled_auc_or_nan(truth.ic_response.astype(float), truth.response_prob_true),
-      metrics.cindex_or_nan(truth.os_months, truth.os_event, truth.log_hazard))
+    figures[name] = _external(pred)
+  figures["oracle"] = _external(
+      evaluation.oracle_predictions(synthetic_store.read_truth(store), pred))
   return figures
 
 
