@@ -30,345 +30,462 @@ import pyarrow.parquet as pq
 from absl import logging
 from tqdm.auto import tqdm
 
-from feature_store import encoders, manifest as manifest_lib, mri, slides, store
+from feature_store import encoders, mri, slides, store
+from feature_store import manifest as manifest_lib
 
-MRI_DIR = "mri"
-SHARDS_DIR = "shards"
-_PART_KEY = b"moemil_part"
+MRI_DIR = 'mri'
+SHARDS_DIR = 'shards'
+_PART_KEY = b'moemil_part'
 MRI_CROP_MARGIN = 0.25
 MRI_PERCENTILES = (0.5, 99.5)
 READ_BLOCK = 8  # grid cells per side read with one read_region
 
 
 class FingerprintMismatch(store.StoreError):
-    """The store holds features made with other settings or weights, or unreadable unit files."""
+  """The store holds features made with other settings or weights, or unreadable unit files."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-    device: str = "cpu"
-    batch_size: int = 64
-    workers: int = 4
-    target_mpp: float = 0.5
-    patch_px: int = 256
-    encoder_weights: str = "imagenet"
-    radiomics_params: Any = None        # YAML path or dict; None = params/mr_default.yaml
-    mri_slices: int = 5
-    shard_index: int = 0
-    shard_count: int = 1
-    fallback_mpp: float | None = None
-    tissue: slides.TissueParams = slides.TissueParams()
-    overwrite: bool = False
+  device: str = 'cpu'
+  batch_size: int = 64
+  workers: int = 4
+  target_mpp: float = 0.5
+  patch_px: int = 256
+  encoder_weights: str = 'imagenet'
+  radiomics_params: Any = None  # YAML path or dict; None = params/mr_default.yaml
+  mri_slices: int = 5
+  shard_index: int = 0
+  shard_count: int = 1
+  fallback_mpp: float | None = None
+  tissue: slides.TissueParams = slides.TissueParams()
+  overwrite: bool = False
 
 
 @dataclasses.dataclass
 class Summary:
-    slides_done: int = 0
-    slides_skipped: int = 0
-    patches: int = 0
-    mri_done: int = 0
-    mri_skipped: int = 0
-    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    finalised: bool = False
+  slides_done: int = 0
+  slides_skipped: int = 0
+  patches: int = 0
+  mri_done: int = 0
+  mri_skipped: int = 0
+  failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
+  finalised: bool = False
 
-    @property
-    def failed(self) -> int:
-        return len(self.failures)
+  @property
+  def failed(self) -> int:
+    return len(self.failures)
 
 
 def fingerprint_sha(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
 
 
 def _failure(item: str, stage: str, reason: str) -> dict[str, str]:
-    logging.warning("FAILED %s [%s]: %s", item, stage, reason)
-    return {"item": item, "stage": stage, "reason": reason}
+  logging.warning('FAILED %s [%s]: %s', item, stage, reason)
+  return {'item': item, 'stage': stage, 'reason': reason}
 
 
 # --------------------------------------------------------------------------- part files
 
 
 def _write_part(table: pa.Table, path: Path, meta: dict) -> None:
-    table = table.replace_schema_metadata({_PART_KEY: json.dumps(meta, sort_keys=True).encode()})
-    store.atomic_write_table(table, path)
+  table = table.replace_schema_metadata({_PART_KEY: json.dumps(meta, sort_keys=True).encode()})
+  store.atomic_write_table(table, path)
 
 
 def _part_meta(path: Path) -> dict | None:
-    """A unit file's metadata, or None when absent; store-written (wsi) or part-written (mri)."""
-    if not path.exists():
-        return None
-    try:
-        md = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as e:
-        raise store.StoreError(f"{path}: unreadable Parquet file, corrupt or truncated ({e})") from e
-    if _PART_KEY in md:
-        return json.loads(md[_PART_KEY])
-    return store.table_metadata(path)
+  """A unit file's metadata, or None when absent; store-written (wsi) or part-written (mri)."""
+  if not path.exists():
+    return None
+  try:
+    md = pq.read_schema(path).metadata or {}
+  except (OSError, pa.ArrowInvalid) as e:
+    raise store.StoreError(f'{path}: unreadable Parquet file, corrupt or truncated ({e})') from e
+  if _PART_KEY in md:
+    return json.loads(md[_PART_KEY])
+  return store.table_metadata(path)
 
 
 def _mri_paths(store_dir: Path, patient_id: str) -> tuple[Path, Path]:
-    pid = store.validate_id(patient_id, what="patient_id")
-    d = Path(store_dir) / MRI_DIR
-    return d / f"{pid}.radiomics.parquet", d / f"{pid}.deep.parquet"
+  pid = store.validate_id(patient_id, what='patient_id')
+  d = Path(store_dir) / MRI_DIR
+  return d / f'{pid}.radiomics.parquet', d / f'{pid}.deep.parquet'
 
 
 # --------------------------------------------------------------------------- units
 
 
-def extract_slide(slide_path: Path, slide_id: str, patient_id: str, store_dir: Path,
-                  encoder: encoders.Encoder, cfg: ExtractConfig, fp: dict, fp_sha: str) -> int:
-    """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure."""
-    slide = slides.open_slide(slide_path)
-    try:
-        plan = slides.plan_patches(slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px,
-                                   tissue=cfg.tissue, fallback_mpp=cfg.fallback_mpp)
-        if len(plan.xy) == 0:
-            raise slides.SlideError(
-                f"no tissue: no patch has >= {cfg.tissue.min_patch_tissue:.0%} tissue "
-                f"(tissue covers {plan.tissue_fraction:.1%} of the slide)")
-        xys, embs = [], []
-        start = time.perf_counter()
-        with tqdm(total=len(plan.xy), desc=slide_id, unit="patch", leave=False) as bar:
-            for xy, patches in slides.iter_patch_batches(slide, plan, batch_size=cfg.batch_size,
-                                                         workers=cfg.workers, block=READ_BLOCK):
-                embs.append(encoder(patches))
-                xys.append(xy)
-                bar.update(len(xy))
-        emb = np.concatenate(embs)
-        if not np.isfinite(emb.astype(np.float16)).all():
-            raise slides.SlideError("embeddings overflow float16")
-        logging.info("%s: %d patches in %.1fs (%.1f patches/s)", slide_id, len(emb),
-                     time.perf_counter() - start, len(emb) / max(time.perf_counter() - start, 1e-9))
-        meta = {"slide_id": slide_id, "patient_id": patient_id, "source": Path(slide_path).name,
-                **plan.metadata(), "vendor": slide.properties.get(slides.openslide.PROPERTY_NAME_VENDOR),
-                "target_mpp": cfg.target_mpp, "tissue": cfg.tissue.as_dict(),
-                "encoder": encoder.fingerprint, "fingerprint_sha256": fp_sha}
-        store.write_slide(store_dir, slide_id, patient_id, np.concatenate(xys), emb, meta)
-        return len(emb)
-    finally:
-        slide.close()
+def extract_slide(
+  slide_path: Path,
+  slide_id: str,
+  patient_id: str,
+  store_dir: Path,
+  encoder: encoders.Encoder,
+  cfg: ExtractConfig,
+  fp: dict,
+  fp_sha: str,
+) -> int:
+  """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure."""
+  slide = slides.open_slide(slide_path)
+  try:
+    plan = slides.plan_patches(
+      slide,
+      target_mpp=cfg.target_mpp,
+      patch_px=cfg.patch_px,
+      tissue=cfg.tissue,
+      fallback_mpp=cfg.fallback_mpp,
+    )
+    if len(plan.xy) == 0:
+      raise slides.SlideError(
+        f'no tissue: no patch has >= {cfg.tissue.min_patch_tissue:.0%} tissue '
+        f'(tissue covers {plan.tissue_fraction:.1%} of the slide)'
+      )
+    xys, embs = [], []
+    start = time.perf_counter()
+    with tqdm(total=len(plan.xy), desc=slide_id, unit='patch', leave=False) as bar:
+      for xy, patches in slides.iter_patch_batches(
+        slide, plan, batch_size=cfg.batch_size, workers=cfg.workers, block=READ_BLOCK
+      ):
+        embs.append(encoder(patches))
+        xys.append(xy)
+        bar.update(len(xy))
+    emb = np.concatenate(embs)
+    if not np.isfinite(emb.astype(np.float16)).all():
+      raise slides.SlideError('embeddings overflow float16')
+    logging.info(
+      '%s: %d patches in %.1fs (%.1f patches/s)',
+      slide_id,
+      len(emb),
+      time.perf_counter() - start,
+      len(emb) / max(time.perf_counter() - start, 1e-9),
+    )
+    meta = {
+      'slide_id': slide_id,
+      'patient_id': patient_id,
+      'source': Path(slide_path).name,
+      **plan.metadata(),
+      'vendor': slide.properties.get(slides.openslide.PROPERTY_NAME_VENDOR),
+      'target_mpp': cfg.target_mpp,
+      'tissue': cfg.tissue.as_dict(),
+      'encoder': encoder.fingerprint,
+      'fingerprint_sha256': fp_sha,
+    }
+    store.write_slide(store_dir, slide_id, patient_id, np.concatenate(xys), emb, meta)
+    return len(emb)
+  finally:
+    slide.close()
 
 
-def extract_mri(patient: manifest_lib.Patient, store_dir: Path, encoder: encoders.Encoder,
-                cfg: ExtractConfig, fp_sha: str) -> list[dict[str, str]]:
-    """Writes the patient's MRI part files when anything succeeded; returns failures."""
-    pid = patient.patient_id
-    failures = []
-    radiomics_rows, deep_rows = [], []
+def extract_mri(
+  patient: manifest_lib.Patient,
+  store_dir: Path,
+  encoder: encoders.Encoder,
+  cfg: ExtractConfig,
+  fp_sha: str,
+) -> list[dict[str, str]]:
+  """Writes the patient's MRI part files when anything succeeded; returns failures."""
+  pid = patient.patient_id
+  failures = []
+  radiomics_rows, deep_rows = [], []
+  try:
+    mask = mri.read_image(patient.mri_mask)
+  except ValueError as e:
+    return [_failure(f'{pid}/mask', 'mri_read', str(e))]
+  params = cfg.radiomics_params if cfg.radiomics_params is not None else mri.DEFAULT_PARAMS
+  for seq, path in patient.mri.items():
+    item = f'{pid}/{seq}'
     try:
-        mask = mri.read_image(patient.mri_mask)
+      image = mri.read_image(path)
     except ValueError as e:
-        return [_failure(f"{pid}/mask", "mri_read", str(e))]
-    params = cfg.radiomics_params if cfg.radiomics_params is not None else mri.DEFAULT_PARAMS
-    for seq, path in patient.mri.items():
-        item = f"{pid}/{seq}"
-        try:
-            image = mri.read_image(path)
-        except ValueError as e:
-            failures.append(_failure(item, "mri_read", str(e)))
-            continue
-        try:
-            feats = mri.radiomics_features(image, mask, params)
-            radiomics_rows.append({"patient_id": pid, "sequence": seq, **feats})
-        except (mri.MaskError, ValueError) as e:
-            failures.append(_failure(item, "radiomics", str(e)))
-        try:
-            roi = mri.roi_slices(image, mask, cfg.mri_slices, margin=MRI_CROP_MARGIN,
-                                 percentiles=MRI_PERCENTILES)
-            emb = encoder(roi.images)
-            deep_rows += [(seq, int(z), e) for z, e in zip(roi.slice_index, emb)]
-        except (mri.MaskError, ValueError) as e:
-            failures.append(_failure(item, "mri_deep", str(e)))
-    if not radiomics_rows and not deep_rows:
-        return failures
-    rad_path, deep_path = _mri_paths(store_dir, pid)
-    features = sorted({k for r in radiomics_rows for k in r} - {"patient_id", "sequence"})
-    rad = pa.table({
-        "patient_id": pa.array([r["patient_id"] for r in radiomics_rows], pa.string()),
-        "sequence": pa.array([r["sequence"] for r in radiomics_rows], pa.string()),
-        **{f: pa.array([r.get(f, np.nan) for r in radiomics_rows], pa.float64()) for f in features},
-    })
-    emb = np.stack([e for _, _, e in deep_rows]) if deep_rows else np.zeros((0, encoder.dim), np.float32)
-    deep = pa.table({
-        "patient_id": pa.array([pid] * len(deep_rows), pa.string()),
-        "sequence": pa.array([s for s, _, _ in deep_rows], pa.string()),
-        "slice_index": pa.array(np.asarray([z for _, z, _ in deep_rows], np.int32), pa.int32()),
-        "embedding": store.embeddings_array(emb, pa.float32()),
-    })
-    meta = {"patient_id": pid, "fingerprint_sha256": fp_sha, "failures": failures}
-    _write_part(rad, rad_path, meta)
-    _write_part(deep, deep_path, meta)  # written last: its presence marks the patient complete
+      failures.append(_failure(item, 'mri_read', str(e)))
+      continue
+    try:
+      feats = mri.radiomics_features(image, mask, params)
+      radiomics_rows.append({'patient_id': pid, 'sequence': seq, **feats})
+    except (mri.MaskError, ValueError) as e:
+      failures.append(_failure(item, 'radiomics', str(e)))
+    try:
+      roi = mri.roi_slices(
+        image, mask, cfg.mri_slices, margin=MRI_CROP_MARGIN, percentiles=MRI_PERCENTILES
+      )
+      emb = encoder(roi.images)
+      deep_rows += [(seq, int(z), e) for z, e in zip(roi.slice_index, emb)]
+    except (mri.MaskError, ValueError) as e:
+      failures.append(_failure(item, 'mri_deep', str(e)))
+  if not radiomics_rows and not deep_rows:
     return failures
+  rad_path, deep_path = _mri_paths(store_dir, pid)
+  features = sorted({k for r in radiomics_rows for k in r} - {'patient_id', 'sequence'})
+  rad = pa.table(
+    {
+      'patient_id': pa.array([r['patient_id'] for r in radiomics_rows], pa.string()),
+      'sequence': pa.array([r['sequence'] for r in radiomics_rows], pa.string()),
+      **{f: pa.array([r.get(f, np.nan) for r in radiomics_rows], pa.float64()) for f in features},
+    }
+  )
+  emb = (
+    np.stack([e for _, _, e in deep_rows]) if deep_rows else np.zeros((0, encoder.dim), np.float32)
+  )
+  deep = pa.table(
+    {
+      'patient_id': pa.array([pid] * len(deep_rows), pa.string()),
+      'sequence': pa.array([s for s, _, _ in deep_rows], pa.string()),
+      'slice_index': pa.array(np.asarray([z for _, z, _ in deep_rows], np.int32), pa.int32()),
+      'embedding': store.embeddings_array(emb, pa.float32()),
+    }
+  )
+  meta = {'patient_id': pid, 'fingerprint_sha256': fp_sha, 'failures': failures}
+  _write_part(rad, rad_path, meta)
+  _write_part(deep, deep_path, meta)  # written last: its presence marks the patient complete
+  return failures
 
 
 # --------------------------------------------------------------------------- pipeline
 
 
 def _check_existing(store_dir: Path, wsi_sha: str, mri_sha: str, overwrite: bool) -> None:
-    """Refuses a store made with other fingerprints or holding unreadable (corrupt, truncated)
-    unit files; with overwrite, deletes those so that they are extracted again."""
-    stale, corrupt = [], []
-    info_path = store_dir / store.STORE_JSON
-    if info_path.exists():
-        info = store.read_store_json(store_dir)
-        if (info.get("wsi", {}).get("fingerprint_sha256") != wsi_sha
-                or info.get("mri", {}).get("fingerprint_sha256") != mri_sha):
-            stale.append(info_path)
-    units = [(p, wsi_sha) for p in store.slide_files(store_dir)]
-    units += [(p, mri_sha) for p in sorted((store_dir / MRI_DIR).glob("*.parquet"))]
-    for path, sha in units:
-        try:
-            if (_part_meta(path) or {}).get("fingerprint_sha256") != sha:
-                stale.append(path)
-        except store.StoreError as e:
-            logging.error("%s", e)
-            corrupt.append(path)
-    if not stale and not corrupt:
-        return
-    if not overwrite:
-        problems = []
-        if stale:
-            problems.append(f"{len(stale)} file(s) were made with another fingerprint (first: {stale[0]})")
-        if corrupt:
-            problems.append(f"{len(corrupt)} file(s) are unreadable, corrupt or truncated: "
-                            + ", ".join(map(str, corrupt[:5])))
-        raise FingerprintMismatch(
-            f"{store_dir}: " + "; ".join(problems) + "; refusing to mix features; use another store "
-            "or overwrite (--overwrite) to extract them again")
-    logging.warning("overwrite: removing %d file(s) made with another fingerprint and %d unreadable "
-                    "file(s); they are extracted again", len(stale), len(corrupt))
-    for path in stale + corrupt:
-        path.unlink(missing_ok=True)
+  """Refuses a store made with other fingerprints or holding unreadable (corrupt, truncated)
+  unit files; with overwrite, deletes those so that they are extracted again."""
+  stale, corrupt = [], []
+  info_path = store_dir / store.STORE_JSON
+  if info_path.exists():
+    info = store.read_store_json(store_dir)
+    if (
+      info.get('wsi', {}).get('fingerprint_sha256') != wsi_sha
+      or info.get('mri', {}).get('fingerprint_sha256') != mri_sha
+    ):
+      stale.append(info_path)
+  units = [(p, wsi_sha) for p in store.slide_files(store_dir)]
+  units += [(p, mri_sha) for p in sorted((store_dir / MRI_DIR).glob('*.parquet'))]
+  for path, sha in units:
+    try:
+      if (_part_meta(path) or {}).get('fingerprint_sha256') != sha:
+        stale.append(path)
+    except store.StoreError as e:
+      logging.error('%s', e)
+      corrupt.append(path)
+  if not stale and not corrupt:
+    return
+  if not overwrite:
+    problems = []
+    if stale:
+      problems.append(
+        f'{len(stale)} file(s) were made with another fingerprint (first: {stale[0]})'
+      )
+    if corrupt:
+      problems.append(
+        f'{len(corrupt)} file(s) are unreadable, corrupt or truncated: '
+        + ', '.join(map(str, corrupt[:5]))
+      )
+    raise FingerprintMismatch(
+      f'{store_dir}: ' + '; '.join(problems) + '; refusing to mix features; use another store '
+      'or overwrite (--overwrite) to extract them again'
+    )
+  logging.warning(
+    'overwrite: removing %d file(s) made with another fingerprint and %d unreadable '
+    'file(s); they are extracted again',
+    len(stale),
+    len(corrupt),
+  )
+  for path in stale + corrupt:
+    path.unlink(missing_ok=True)
 
 
-def extract(manifest_path: Path | str, store_dir: Path | str, cfg: ExtractConfig = ExtractConfig()) -> Summary:
-    """Runs this shard's share of the extraction and, if every shard is done, assembles the store."""
-    store_dir = Path(store_dir)
-    if not 0 <= cfg.shard_index < cfg.shard_count:
-        raise ValueError(f"shard_index {cfg.shard_index} not in [0, shard_count={cfg.shard_count})")
-    man = manifest_lib.read_manifest(manifest_path)
-    for err in man.errors:
-        logging.error("%s: %s", manifest_path, err)
-    logging.info("manifest: %d valid patients, %d problems", len(man.patients), len(man.errors))
+def extract(
+  manifest_path: Path | str, store_dir: Path | str, cfg: ExtractConfig = ExtractConfig()
+) -> Summary:
+  """Runs this shard's share of the extraction and, if every shard is done, assembles the store."""
+  store_dir = Path(store_dir)
+  if not 0 <= cfg.shard_index < cfg.shard_count:
+    raise ValueError(f'shard_index {cfg.shard_index} not in [0, shard_count={cfg.shard_count})')
+  man = manifest_lib.read_manifest(manifest_path)
+  for err in man.errors:
+    logging.error('%s: %s', manifest_path, err)
+  logging.info('manifest: %d valid patients, %d problems', len(man.patients), len(man.errors))
 
-    wsi_encoder = encoders.Encoder("wsi", cfg.encoder_weights, cfg.device)
-    mri_encoder = encoders.Encoder("mri", cfg.encoder_weights, cfg.device)
-    wsi_fp = {"encoder": wsi_encoder.fingerprint, "target_mpp": cfg.target_mpp, "patch_px": cfg.patch_px,
-              "tissue": cfg.tissue.as_dict(), "fallback_mpp": cfg.fallback_mpp, "read_block": READ_BLOCK}
-    mri_fp = {"encoder": mri_encoder.fingerprint, "slices": cfg.mri_slices, "crop_margin": MRI_CROP_MARGIN,
-              "percentiles": list(MRI_PERCENTILES), "radiomics": mri.radiomics_fingerprint(cfg.radiomics_params)}
-    wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
-    _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
-    store_dir.mkdir(parents=True, exist_ok=True)
+  wsi_encoder = encoders.Encoder('wsi', cfg.encoder_weights, cfg.device)
+  mri_encoder = encoders.Encoder('mri', cfg.encoder_weights, cfg.device)
+  wsi_fp = {
+    'encoder': wsi_encoder.fingerprint,
+    'target_mpp': cfg.target_mpp,
+    'patch_px': cfg.patch_px,
+    'tissue': cfg.tissue.as_dict(),
+    'fallback_mpp': cfg.fallback_mpp,
+    'read_block': READ_BLOCK,
+  }
+  mri_fp = {
+    'encoder': mri_encoder.fingerprint,
+    'slices': cfg.mri_slices,
+    'crop_margin': MRI_CROP_MARGIN,
+    'percentiles': list(MRI_PERCENTILES),
+    'radiomics': mri.radiomics_fingerprint(cfg.radiomics_params),
+  }
+  wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
+  _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
+  store_dir.mkdir(parents=True, exist_ok=True)
 
-    summary = Summary()
-    all_slides = [(p, s) for p in man.patients for s in p.slides]
-    my_slides = all_slides[cfg.shard_index::cfg.shard_count]
-    mri_patients = [p for p in man.patients if p.mri]
-    my_patients = mri_patients[cfg.shard_index::cfg.shard_count]
+  summary = Summary()
+  all_slides = [(p, s) for p in man.patients for s in p.slides]
+  my_slides = all_slides[cfg.shard_index :: cfg.shard_count]
+  mri_patients = [p for p in man.patients if p.mri]
+  my_patients = mri_patients[cfg.shard_index :: cfg.shard_count]
 
-    bar = tqdm(my_slides, desc=f"slides (shard {cfg.shard_index + 1}/{cfg.shard_count})", unit="slide")
-    start = time.perf_counter()
-    for patient, slide in bar:
-        if (_part_meta(store.wsi_path(store_dir, slide.slide_id)) or {}).get("fingerprint_sha256") == wsi_sha:
-            summary.slides_skipped += 1
-            continue
-        try:
-            summary.patches += extract_slide(slide.path, slide.slide_id, patient.patient_id, store_dir,
-                                             wsi_encoder, cfg, wsi_fp, wsi_sha)
-            summary.slides_done += 1
-        except slides.SlideError as e:
-            summary.failures.append(_failure(slide.slide_id, "wsi", str(e)))
-        bar.set_postfix(patches_per_s=f"{summary.patches / max(time.perf_counter() - start, 1e-9):.1f}")
-    bar.close()
+  bar = tqdm(
+    my_slides, desc=f'slides (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='slide'
+  )
+  start = time.perf_counter()
+  for patient, slide in bar:
+    if (_part_meta(store.wsi_path(store_dir, slide.slide_id)) or {}).get(
+      'fingerprint_sha256'
+    ) == wsi_sha:
+      summary.slides_skipped += 1
+      continue
+    try:
+      summary.patches += extract_slide(
+        slide.path, slide.slide_id, patient.patient_id, store_dir, wsi_encoder, cfg, wsi_fp, wsi_sha
+      )
+      summary.slides_done += 1
+    except slides.SlideError as e:
+      summary.failures.append(_failure(slide.slide_id, 'wsi', str(e)))
+    bar.set_postfix(patches_per_s=f'{summary.patches / max(time.perf_counter() - start, 1e-9):.1f}')
+  bar.close()
 
-    for patient in tqdm(my_patients, desc=f"MRI (shard {cfg.shard_index + 1}/{cfg.shard_count})",
-                        unit="patient"):
-        rad_path, deep_path = _mri_paths(store_dir, patient.patient_id)
-        meta = _part_meta(deep_path)
-        if meta and meta.get("fingerprint_sha256") == mri_sha and rad_path.exists():
-            summary.mri_skipped += 1
-            summary.failures += meta.get("failures", [])
-            continue
-        summary.failures += extract_mri(patient, store_dir, mri_encoder, cfg, mri_sha)
-        summary.mri_done += 1
+  for patient in tqdm(
+    my_patients, desc=f'MRI (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='patient'
+  ):
+    rad_path, deep_path = _mri_paths(store_dir, patient.patient_id)
+    meta = _part_meta(deep_path)
+    if meta and meta.get('fingerprint_sha256') == mri_sha and rad_path.exists():
+      summary.mri_skipped += 1
+      summary.failures += meta.get('failures', [])
+      continue
+    summary.failures += extract_mri(patient, store_dir, mri_encoder, cfg, mri_sha)
+    summary.mri_done += 1
 
-    shard_file = store_dir / SHARDS_DIR / f"{cfg.shard_index}-of-{cfg.shard_count}.json"
-    store.atomic_write_bytes(shard_file, json.dumps(
-        {"wsi_sha256": wsi_sha, "mri_sha256": mri_sha, "failures": summary.failures}, indent=1).encode())
-    summary.finalised = _finalise(store_dir, man, cfg, wsi_fp, mri_fp, wsi_encoder.pretrained)
-    logging.info("shard %d/%d: %d slides extracted (%d patches), %d skipped; %d MRI patients extracted, "
-                 "%d skipped; %d failures%s", cfg.shard_index + 1, cfg.shard_count, summary.slides_done,
-                 summary.patches, summary.slides_skipped, summary.mri_done, summary.mri_skipped,
-                 summary.failed, "; store assembled" if summary.finalised else "; waiting for other shards")
-    return summary
+  shard_file = store_dir / SHARDS_DIR / f'{cfg.shard_index}-of-{cfg.shard_count}.json'
+  store.atomic_write_bytes(
+    shard_file,
+    json.dumps(
+      {'wsi_sha256': wsi_sha, 'mri_sha256': mri_sha, 'failures': summary.failures}, indent=1
+    ).encode(),
+  )
+  summary.finalised = _finalise(store_dir, man, cfg, wsi_fp, mri_fp, wsi_encoder.pretrained)
+  logging.info(
+    'shard %d/%d: %d slides extracted (%d patches), %d skipped; %d MRI patients extracted, '
+    '%d skipped; %d failures%s',
+    cfg.shard_index + 1,
+    cfg.shard_count,
+    summary.slides_done,
+    summary.patches,
+    summary.slides_skipped,
+    summary.mri_done,
+    summary.mri_skipped,
+    summary.failed,
+    '; store assembled' if summary.finalised else '; waiting for other shards',
+  )
+  return summary
 
 
-def _finalise(store_dir: Path, man: manifest_lib.Manifest, cfg: ExtractConfig, wsi_fp: dict,
-              mri_fp: dict, pretrained: bool) -> bool:
-    """Assembles the store-level files once every shard has reported; returns whether it did."""
-    wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
-    shard_failures: list[dict[str, str]] = []
-    for i in range(cfg.shard_count):
-        path = store_dir / SHARDS_DIR / f"{i}-of-{cfg.shard_count}.json"
-        if not path.exists():
-            return False
-        report = json.loads(path.read_text())
-        if report.get("wsi_sha256") != wsi_sha or report.get("mri_sha256") != mri_sha:
-            return False
-        shard_failures += report["failures"]
+def _finalise(
+  store_dir: Path,
+  man: manifest_lib.Manifest,
+  cfg: ExtractConfig,
+  wsi_fp: dict,
+  mri_fp: dict,
+  pretrained: bool,
+) -> bool:
+  """Assembles the store-level files once every shard has reported; returns whether it did."""
+  wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
+  shard_failures: list[dict[str, str]] = []
+  for i in range(cfg.shard_count):
+    path = store_dir / SHARDS_DIR / f'{i}-of-{cfg.shard_count}.json'
+    if not path.exists():
+      return False
+    report = json.loads(path.read_text())
+    if report.get('wsi_sha256') != wsi_sha or report.get('mri_sha256') != mri_sha:
+      return False
+    shard_failures += report['failures']
 
-    failures = [{"item": f"{Path(man.path).name}:{e.line}", "stage": "manifest", "reason": str(e)}
-                for e in man.errors]
-    has_wsi, has_mri = {}, {}
-    rad_tables, deep_tables = [], []
-    slides_ok = patches = 0
-    done_items = set()
-    for p in man.patients:
-        has_wsi[p.patient_id] = False
-        for s in p.slides:
-            path = store.wsi_path(store_dir, s.slide_id)
-            if path.exists():
-                has_wsi[p.patient_id] = True
-                slides_ok += 1
-                patches += pq.read_metadata(path).num_rows
-                done_items.add(s.slide_id)
-        rad_path, deep_path = _mri_paths(store_dir, p.patient_id)
-        has_mri[p.patient_id] = bool(p.mri) and deep_path.exists() and rad_path.exists()
-        if has_mri[p.patient_id]:
-            rad_tables.append(pq.read_table(rad_path))
-            deep_tables.append(pq.read_table(deep_path))
-    failures += [f for f in shard_failures if f["item"] not in done_items]
+  failures = [
+    {'item': f'{Path(man.path).name}:{e.line}', 'stage': 'manifest', 'reason': str(e)}
+    for e in man.errors
+  ]
+  has_wsi, has_mri = {}, {}
+  rad_tables, deep_tables = [], []
+  slides_ok = patches = 0
+  done_items = set()
+  for p in man.patients:
+    has_wsi[p.patient_id] = False
+    for s in p.slides:
+      path = store.wsi_path(store_dir, s.slide_id)
+      if path.exists():
+        has_wsi[p.patient_id] = True
+        slides_ok += 1
+        patches += pq.read_metadata(path).num_rows
+        done_items.add(s.slide_id)
+    rad_path, deep_path = _mri_paths(store_dir, p.patient_id)
+    has_mri[p.patient_id] = bool(p.mri) and deep_path.exists() and rad_path.exists()
+    if has_mri[p.patient_id]:
+      rad_tables.append(pq.read_table(rad_path))
+      deep_tables.append(pq.read_table(deep_path))
+  failures += [f for f in shard_failures if f['item'] not in done_items]
 
-    store.write_clinical(store_dir, manifest_lib.clinical_table(man.patients, has_wsi=has_wsi, has_mri=has_mri))
-    rad_rows = [r for t in rad_tables for r in t.to_pylist()]
-    store.write_radiomics(store_dir, rad_rows, {"pyradiomics": mri_fp["radiomics"]["pyradiomics"],
-                                                "params": mri_fp["radiomics"]["params"],
-                                                "fingerprint_sha256": mri_sha})
-    deep = (pa.concat_tables([t.replace_schema_metadata(None) for t in deep_tables]) if deep_tables else None)
-    store.write_mri_deep(
-        store_dir,
-        deep.column("patient_id").to_pylist() if deep else [],
-        deep.column("sequence").to_pylist() if deep else [],
-        deep.column("slice_index").to_pylist() if deep else [],
-        store.embeddings_from_column(deep.column("embedding")) if deep else np.zeros((0, store.MRI_DEEP_DIM)),
-        {"encoder": mri_fp["encoder"], "slices": cfg.mri_slices, "fingerprint_sha256": mri_sha})
-    store.write_failures(store_dir, failures)
-    warnings = [] if pretrained else [
-        "encoder weights are random: features are NOT pretrained (use only to test the pipeline)"]
-    store.write_store_json(store_dir, {
-        "wsi": {"fingerprint": wsi_fp, "fingerprint_sha256": wsi_sha},
-        "mri": {"fingerprint": mri_fp, "fingerprint_sha256": mri_sha},
-        "counts": {
-            "patients": len(man.patients), "manifest_rows_rejected": len({e.line for e in man.errors}),
-            "slides": sum(len(p.slides) for p in man.patients), "slides_extracted": slides_ok,
-            "patches": patches, "patients_with_wsi": sum(has_wsi.values()),
-            "patients_with_mri": sum(has_mri.values()), "radiomics_rows": len(rad_rows),
-            "mri_deep_rows": deep.num_rows if deep else 0, "failures": len(failures),
-        },
-        "failures": len(failures),
-        "pretrained": pretrained,
-        "warnings": warnings,
-        "shards": cfg.shard_count,
-    })
-    return True
+  store.write_clinical(
+    store_dir, manifest_lib.clinical_table(man.patients, has_wsi=has_wsi, has_mri=has_mri)
+  )
+  rad_rows = [r for t in rad_tables for r in t.to_pylist()]
+  store.write_radiomics(
+    store_dir,
+    rad_rows,
+    {
+      'pyradiomics': mri_fp['radiomics']['pyradiomics'],
+      'params': mri_fp['radiomics']['params'],
+      'fingerprint_sha256': mri_sha,
+    },
+  )
+  deep = (
+    pa.concat_tables([t.replace_schema_metadata(None) for t in deep_tables])
+    if deep_tables
+    else None
+  )
+  store.write_mri_deep(
+    store_dir,
+    deep.column('patient_id').to_pylist() if deep else [],
+    deep.column('sequence').to_pylist() if deep else [],
+    deep.column('slice_index').to_pylist() if deep else [],
+    store.embeddings_from_column(deep.column('embedding'))
+    if deep
+    else np.zeros((0, store.MRI_DEEP_DIM)),
+    {'encoder': mri_fp['encoder'], 'slices': cfg.mri_slices, 'fingerprint_sha256': mri_sha},
+  )
+  store.write_failures(store_dir, failures)
+  warnings = (
+    []
+    if pretrained
+    else ['encoder weights are random: features are NOT pretrained (use only to test the pipeline)']
+  )
+  store.write_store_json(
+    store_dir,
+    {
+      'wsi': {'fingerprint': wsi_fp, 'fingerprint_sha256': wsi_sha},
+      'mri': {'fingerprint': mri_fp, 'fingerprint_sha256': mri_sha},
+      'counts': {
+        'patients': len(man.patients),
+        'manifest_rows_rejected': len({e.line for e in man.errors}),
+        'slides': sum(len(p.slides) for p in man.patients),
+        'slides_extracted': slides_ok,
+        'patches': patches,
+        'patients_with_wsi': sum(has_wsi.values()),
+        'patients_with_mri': sum(has_mri.values()),
+        'radiomics_rows': len(rad_rows),
+        'mri_deep_rows': deep.num_rows if deep else 0,
+        'failures': len(failures),
+      },
+      'failures': len(failures),
+      'pretrained': pretrained,
+      'warnings': warnings,
+      'shards': cfg.shard_count,
+    },
+  )
+  return True

@@ -23,278 +23,316 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 WSI_DIM = 1024
 MRI_DEEP_DIM = 2048
-STORE_JSON = "STORE.json"
-CLINICAL = "clinical.parquet"
-RADIOMICS = "mri_radiomics.parquet"
-MRI_DEEP = "mri_deep.parquet"
-FAILURES = "failures.parquet"
-WSI_DIR = "wsi"
-_META_KEY = b"moemil"
+STORE_JSON = 'STORE.json'
+CLINICAL = 'clinical.parquet'
+RADIOMICS = 'mri_radiomics.parquet'
+MRI_DEEP = 'mri_deep.parquet'
+FAILURES = 'failures.parquet'
+WSI_DIR = 'wsi'
+_META_KEY = b'moemil'
 
 # Manifest / clinical columns. The names carry from manifest.csv to clinical.parquet.
 CLINICAL_COLUMNS = (
-    "patient_id", "center", "age", "sex", "ebv_dna", "t_stage", "n_stage",
-    "overall_stage", "ic_response", "os_months", "os_event",
+  'patient_id',
+  'center',
+  'age',
+  'sex',
+  'ebv_dna',
+  't_stage',
+  'n_stage',
+  'overall_stage',
+  'ic_response',
+  'os_months',
+  'os_event',
 )
-MRI_SEQUENCES = ("t1", "t2", "t1c")
+MRI_SEQUENCES = ('t1', 't2', 't1c')
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 
 
 class StoreError(ValueError):
-    """A store file is missing, corrupt, or inconsistent; the message names it."""
+  """A store file is missing, corrupt, or inconsistent; the message names it."""
 
 
-def validate_id(value: str, *, what: str = "id") -> str:
-    """Returns `value` if it is safe as a file name (no '/', no '..', no spaces)."""
-    if not isinstance(value, str) or not _SAFE_ID.match(value) or ".." in value:
-        raise ValueError(
-            f"{what} {value!r} is not a safe identifier: use letters, digits, '.', '_' "
-            "or '-' (at most 128, not starting with '.' and without '..')")
-    return value
+def validate_id(value: str, *, what: str = 'id') -> str:
+  """Returns `value` if it is safe as a file name (no '/', no '..', no spaces)."""
+  if not isinstance(value, str) or not _SAFE_ID.match(value) or '..' in value:
+    raise ValueError(
+      f"{what} {value!r} is not a safe identifier: use letters, digits, '.', '_' "
+      "or '-' (at most 128, not starting with '.' and without '..')"
+    )
+  return value
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
 
 
-def atomic_write_table(table: pa.Table, path: Path, *, compression: str = "zstd") -> None:
-    """Writes a Parquet file under a temporary name, fsyncs it and renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression=compression)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_table(table: pa.Table, path: Path, *, compression: str = 'zstd') -> None:
+  """Writes a Parquet file under a temporary name, fsyncs it and renames it into place."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  os.close(fd)
+  try:
+    pq.write_table(table, tmp, compression=compression)
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
 
 
 def _with_meta(schema: pa.Schema, meta: Mapping[str, Any] | None) -> pa.Schema:
-    if not meta:
-        return schema
-    return schema.with_metadata({_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+  if not meta:
+    return schema
+  return schema.with_metadata({_META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
 def table_metadata(path: Path) -> dict[str, Any]:
-    """The JSON metadata this store attached to a Parquet file (empty if none)."""
-    try:
-        md = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as e:
-        raise StoreError(f"{path}: unreadable Parquet file ({e})") from e
-    return json.loads(md[_META_KEY]) if _META_KEY in md else {}
+  """The JSON metadata this store attached to a Parquet file (empty if none)."""
+  try:
+    md = pq.read_schema(path).metadata or {}
+  except (OSError, pa.ArrowInvalid) as e:
+    raise StoreError(f'{path}: unreadable Parquet file ({e})') from e
+  return json.loads(md[_META_KEY]) if _META_KEY in md else {}
 
 
 def embeddings_array(emb: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
-    emb = np.ascontiguousarray(emb)
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D, got shape {emb.shape}")
-    flat = pa.array(emb.reshape(-1).astype(dtype.to_pandas_dtype(), copy=False), type=dtype)
-    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+  emb = np.ascontiguousarray(emb)
+  if emb.ndim != 2:
+    raise ValueError(f'embeddings must be 2-D, got shape {emb.shape}')
+  flat = pa.array(emb.reshape(-1).astype(dtype.to_pandas_dtype(), copy=False), type=dtype)
+  return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
 
 
-def embeddings_from_column(col: pa.ChunkedArray | pa.Array, path: Path | str = "") -> np.ndarray:
-    """fixed_size_list column -> (n, d) numpy array without a per-row copy."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if not pa.types.is_fixed_size_list(col.type):
-        raise StoreError(f"{path}: embedding column has type {col.type}, expected fixed_size_list")
-    d = col.type.list_size
-    values = col.values
-    if col.offset:
-        values = values.slice(col.offset * d, len(col) * d)
-    return values.to_numpy(zero_copy_only=False).reshape(len(col), d)
+def embeddings_from_column(col: pa.ChunkedArray | pa.Array, path: Path | str = '') -> np.ndarray:
+  """fixed_size_list column -> (n, d) numpy array without a per-row copy."""
+  if isinstance(col, pa.ChunkedArray):
+    col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+  if not pa.types.is_fixed_size_list(col.type):
+    raise StoreError(f'{path}: embedding column has type {col.type}, expected fixed_size_list')
+  d = col.type.list_size
+  values = col.values
+  if col.offset:
+    values = values.slice(col.offset * d, len(col) * d)
+  return values.to_numpy(zero_copy_only=False).reshape(len(col), d)
 
 
 # --------------------------------------------------------------------------- WSI
 
 
 def wsi_path(store: Path, slide_id: str) -> Path:
-    return Path(store) / WSI_DIR / f"{validate_id(slide_id, what='slide_id')}.parquet"
+  return Path(store) / WSI_DIR / f'{validate_id(slide_id, what="slide_id")}.parquet'
 
 
-def write_slide(store: Path, slide_id: str, patient_id: str, xy: np.ndarray,
-                embeddings: np.ndarray, metadata: Mapping[str, Any]) -> Path:
-    """Writes wsi/<slide_id>.parquet: coordinates (level-0 px) and float16 embeddings."""
-    validate_id(patient_id, what="patient_id")
-    xy = np.asarray(xy)
-    if xy.shape != (len(embeddings), 2):
-        raise ValueError(f"slide {slide_id}: {len(embeddings)} embeddings but xy shape {xy.shape}")
-    n = len(embeddings)
-    table = pa.table({
-        "slide_id": pa.array([slide_id] * n, pa.string()),
-        "patient_id": pa.array([patient_id] * n, pa.string()),
-        "x": pa.array(xy[:, 0].astype(np.int32)),
-        "y": pa.array(xy[:, 1].astype(np.int32)),
-        "embedding": embeddings_array(np.asarray(embeddings, np.float16), pa.float16()),
-    })
-    table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
-    path = wsi_path(store, slide_id)
-    atomic_write_table(table, path)
-    return path
+def write_slide(
+  store: Path,
+  slide_id: str,
+  patient_id: str,
+  xy: np.ndarray,
+  embeddings: np.ndarray,
+  metadata: Mapping[str, Any],
+) -> Path:
+  """Writes wsi/<slide_id>.parquet: coordinates (level-0 px) and float16 embeddings."""
+  validate_id(patient_id, what='patient_id')
+  xy = np.asarray(xy)
+  if xy.shape != (len(embeddings), 2):
+    raise ValueError(f'slide {slide_id}: {len(embeddings)} embeddings but xy shape {xy.shape}')
+  n = len(embeddings)
+  table = pa.table(
+    {
+      'slide_id': pa.array([slide_id] * n, pa.string()),
+      'patient_id': pa.array([patient_id] * n, pa.string()),
+      'x': pa.array(xy[:, 0].astype(np.int32)),
+      'y': pa.array(xy[:, 1].astype(np.int32)),
+      'embedding': embeddings_array(np.asarray(embeddings, np.float16), pa.float16()),
+    }
+  )
+  table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
+  path = wsi_path(store, slide_id)
+  atomic_write_table(table, path)
+  return path
 
 
 @dataclasses.dataclass
 class SlideBag:
-    slide_id: str
-    patient_id: str
-    xy: np.ndarray          # (n, 2) int32, level-0 pixels
-    embeddings: np.ndarray  # (n, d) float16
-    metadata: dict[str, Any]
+  slide_id: str
+  patient_id: str
+  xy: np.ndarray  # (n, 2) int32, level-0 pixels
+  embeddings: np.ndarray  # (n, d) float16
+  metadata: dict[str, Any]
 
 
 def slide_patient_and_rows(path: Path) -> tuple[str, int]:
-    """(patient_id, patches) of a slide file from its footer and patient column only.
+  """(patient_id, patches) of a slide file from its footer and patient column only.
 
-    Lets a process plan which bags it will hold without decoding any embedding.
-    """
-    path = Path(path)
-    try:
-        table = pq.read_table(path, columns=["patient_id"])
-    except (OSError, pa.ArrowInvalid, KeyError) as e:
-        raise StoreError(f"{path}: unreadable Parquet file or no patient_id column ({e})") from e
-    return (table.column("patient_id")[0].as_py() if len(table) else "", len(table))
+  Lets a process plan which bags it will hold without decoding any embedding.
+  """
+  path = Path(path)
+  try:
+    table = pq.read_table(path, columns=['patient_id'])
+  except (OSError, pa.ArrowInvalid, KeyError) as e:
+    raise StoreError(f'{path}: unreadable Parquet file or no patient_id column ({e})') from e
+  return (table.column('patient_id')[0].as_py() if len(table) else '', len(table))
 
 
 def read_slide(path: Path, *, expected_dim: int | None = None) -> SlideBag:
-    path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise StoreError(f"{path}: unreadable Parquet file ({e})") from e
-    missing = {"slide_id", "patient_id", "x", "y", "embedding"} - set(table.column_names)
-    if missing:
-        raise StoreError(f"{path}: missing columns {sorted(missing)}")
-    emb = embeddings_from_column(table.column("embedding"), path)
-    if expected_dim is not None and emb.shape[1] != expected_dim:
-        raise StoreError(f"{path}: embedding width {emb.shape[1]}, store expects {expected_dim}")
-    meta = table.schema.metadata or {}
-    slide_ids = table.column("slide_id")
-    patient_ids = table.column("patient_id")
-    return SlideBag(
-        slide_id=slide_ids[0].as_py() if len(table) else path.stem,
-        patient_id=patient_ids[0].as_py() if len(table) else "",
-        xy=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1).astype(np.int32),
-        embeddings=emb,
-        metadata=json.loads(meta[_META_KEY]) if _META_KEY in meta else {},
-    )
+  path = Path(path)
+  try:
+    table = pq.read_table(path)
+  except (OSError, pa.ArrowInvalid) as e:
+    raise StoreError(f'{path}: unreadable Parquet file ({e})') from e
+  missing = {'slide_id', 'patient_id', 'x', 'y', 'embedding'} - set(table.column_names)
+  if missing:
+    raise StoreError(f'{path}: missing columns {sorted(missing)}')
+  emb = embeddings_from_column(table.column('embedding'), path)
+  if expected_dim is not None and emb.shape[1] != expected_dim:
+    raise StoreError(f'{path}: embedding width {emb.shape[1]}, store expects {expected_dim}')
+  meta = table.schema.metadata or {}
+  slide_ids = table.column('slide_id')
+  patient_ids = table.column('patient_id')
+  return SlideBag(
+    slide_id=slide_ids[0].as_py() if len(table) else path.stem,
+    patient_id=patient_ids[0].as_py() if len(table) else '',
+    xy=np.stack([table.column('x').to_numpy(), table.column('y').to_numpy()], 1).astype(np.int32),
+    embeddings=emb,
+    metadata=json.loads(meta[_META_KEY]) if _META_KEY in meta else {},
+  )
 
 
 # --------------------------------------------------------------------------- MRI
 
 
 def write_radiomics(store: Path, rows: list[dict[str, Any]], metadata: Mapping[str, Any]) -> Path:
-    """rows: dicts with patient_id, sequence and one float per PyRadiomics feature."""
-    features = sorted({k for r in rows for k in r} - {"patient_id", "sequence"})
-    cols: dict[str, pa.Array] = {
-        "patient_id": pa.array([r["patient_id"] for r in rows], pa.string()),
-        "sequence": pa.array([r["sequence"] for r in rows], pa.string()),
+  """rows: dicts with patient_id, sequence and one float per PyRadiomics feature."""
+  features = sorted({k for r in rows for k in r} - {'patient_id', 'sequence'})
+  cols: dict[str, pa.Array] = {
+    'patient_id': pa.array([r['patient_id'] for r in rows], pa.string()),
+    'sequence': pa.array([r['sequence'] for r in rows], pa.string()),
+  }
+  for f in features:
+    cols[f] = pa.array([float(r.get(f, np.nan)) for r in rows], pa.float64())
+  table = pa.table(cols)
+  table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
+  path = Path(store) / RADIOMICS
+  atomic_write_table(table, path)
+  return path
+
+
+def write_mri_deep(
+  store: Path,
+  patient_ids: Iterable[str],
+  sequences: Iterable[str],
+  slice_index: Iterable[int],
+  embeddings: np.ndarray,
+  metadata: Mapping[str, Any],
+) -> Path:
+  table = pa.table(
+    {
+      'patient_id': pa.array(list(patient_ids), pa.string()),
+      'sequence': pa.array(list(sequences), pa.string()),
+      'slice_index': pa.array(np.asarray(list(slice_index), np.int32)),
+      'embedding': embeddings_array(np.asarray(embeddings, np.float32), pa.float32()),
     }
-    for f in features:
-        cols[f] = pa.array([float(r.get(f, np.nan)) for r in rows], pa.float64())
-    table = pa.table(cols)
-    table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
-    path = Path(store) / RADIOMICS
-    atomic_write_table(table, path)
-    return path
-
-
-def write_mri_deep(store: Path, patient_ids: Iterable[str], sequences: Iterable[str],
-                   slice_index: Iterable[int], embeddings: np.ndarray,
-                   metadata: Mapping[str, Any]) -> Path:
-    table = pa.table({
-        "patient_id": pa.array(list(patient_ids), pa.string()),
-        "sequence": pa.array(list(sequences), pa.string()),
-        "slice_index": pa.array(np.asarray(list(slice_index), np.int32)),
-        "embedding": embeddings_array(np.asarray(embeddings, np.float32), pa.float32()),
-    })
-    table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
-    path = Path(store) / MRI_DEEP
-    atomic_write_table(table, path)
-    return path
+  )
+  table = table.replace_schema_metadata(_with_meta(table.schema, dict(metadata)).metadata)
+  path = Path(store) / MRI_DEEP
+  atomic_write_table(table, path)
+  return path
 
 
 # --------------------------------------------------------------------------- clinical, failures, STORE.json
 
 
-CLINICAL_SCHEMA = pa.schema([
-    ("patient_id", pa.string()), ("center", pa.string()), ("age", pa.float64()),
-    ("sex", pa.string()), ("ebv_dna", pa.float64()), ("t_stage", pa.int8()),
-    ("n_stage", pa.int8()), ("overall_stage", pa.string()), ("ic_response", pa.int8()),
-    ("os_months", pa.float64()), ("os_event", pa.int8()), ("has_wsi", pa.bool_()),
-    ("has_mri", pa.bool_()),
-])
+CLINICAL_SCHEMA = pa.schema(
+  [
+    ('patient_id', pa.string()),
+    ('center', pa.string()),
+    ('age', pa.float64()),
+    ('sex', pa.string()),
+    ('ebv_dna', pa.float64()),
+    ('t_stage', pa.int8()),
+    ('n_stage', pa.int8()),
+    ('overall_stage', pa.string()),
+    ('ic_response', pa.int8()),
+    ('os_months', pa.float64()),
+    ('os_event', pa.int8()),
+    ('has_wsi', pa.bool_()),
+    ('has_mri', pa.bool_()),
+  ]
+)
 
 
 def clinical_table(frame) -> pa.Table:
-    """A pandas frame with the manifest's clinical columns (+ has_wsi/has_mri) -> typed table.
+  """A pandas frame with the manifest's clinical columns (+ has_wsi/has_mri) -> typed table.
 
-    Missing values (NaN / None / empty) become nulls; ic_response may be null.
-    """
-    missing = [f.name for f in CLINICAL_SCHEMA if f.name not in frame.columns]
-    if missing:
-        raise ValueError(f"clinical table lacks columns {missing}")
-    arrays = []
-    for field in CLINICAL_SCHEMA:
-        values = frame[field.name]
-        mask = values.isna().to_numpy()
-        if pa.types.is_integer(field.type):
-            values = values.fillna(0).astype(np.int64)
-        arrays.append(pa.array(values.to_numpy(), type=field.type, mask=mask, from_pandas=True))
-    return pa.Table.from_arrays(arrays, schema=CLINICAL_SCHEMA)
+  Missing values (NaN / None / empty) become nulls; ic_response may be null.
+  """
+  missing = [f.name for f in CLINICAL_SCHEMA if f.name not in frame.columns]
+  if missing:
+    raise ValueError(f'clinical table lacks columns {missing}')
+  arrays = []
+  for field in CLINICAL_SCHEMA:
+    values = frame[field.name]
+    mask = values.isna().to_numpy()
+    if pa.types.is_integer(field.type):
+      values = values.fillna(0).astype(np.int64)
+    arrays.append(pa.array(values.to_numpy(), type=field.type, mask=mask, from_pandas=True))
+  return pa.Table.from_arrays(arrays, schema=CLINICAL_SCHEMA)
 
 
 def write_clinical(store: Path, table: pa.Table) -> Path:
-    for pid in table.column("patient_id").to_pylist():
-        validate_id(pid, what="patient_id")
-    path = Path(store) / CLINICAL
-    atomic_write_table(table, path)
-    return path
+  for pid in table.column('patient_id').to_pylist():
+    validate_id(pid, what='patient_id')
+  path = Path(store) / CLINICAL
+  atomic_write_table(table, path)
+  return path
 
 
 def write_failures(store: Path, failures: list[dict[str, str]]) -> Path:
-    table = pa.table({
-        "item": pa.array([f["item"] for f in failures], pa.string()),
-        "stage": pa.array([f["stage"] for f in failures], pa.string()),
-        "reason": pa.array([f["reason"] for f in failures], pa.string()),
-    })
-    path = Path(store) / FAILURES
-    atomic_write_table(table, path)
-    return path
+  table = pa.table(
+    {
+      'item': pa.array([f['item'] for f in failures], pa.string()),
+      'stage': pa.array([f['stage'] for f in failures], pa.string()),
+      'reason': pa.array([f['reason'] for f in failures], pa.string()),
+    }
+  )
+  path = Path(store) / FAILURES
+  atomic_write_table(table, path)
+  return path
 
 
 def write_store_json(store: Path, info: Mapping[str, Any]) -> Path:
-    info = {"schema_version": SCHEMA_VERSION, **info}
-    path = Path(store) / STORE_JSON
-    atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    return path
+  info = {'schema_version': SCHEMA_VERSION, **info}
+  path = Path(store) / STORE_JSON
+  atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + '\n').encode())
+  return path
 
 
 def read_store_json(store: Path) -> dict[str, Any]:
-    path = Path(store) / STORE_JSON
-    if not path.exists():
-        raise StoreError(f"{path}: not found; is {store} a feature store?")
-    info = json.loads(path.read_text())
-    if info.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema_version {info.get('schema_version')}, "
-                         f"this code reads {SCHEMA_VERSION}")
-    return info
+  path = Path(store) / STORE_JSON
+  if not path.exists():
+    raise StoreError(f'{path}: not found; is {store} a feature store?')
+  info = json.loads(path.read_text())
+  if info.get('schema_version') != SCHEMA_VERSION:
+    raise StoreError(
+      f'{path}: schema_version {info.get("schema_version")}, this code reads {SCHEMA_VERSION}'
+    )
+  return info
 
 
 def slide_files(store: Path) -> list[Path]:
-    return sorted((Path(store) / WSI_DIR).glob("*.parquet"))
+  return sorted((Path(store) / WSI_DIR).glob('*.parquet'))

@@ -19,111 +19,115 @@ import pandas as pd
 
 @dataclasses.dataclass(frozen=True)
 class Knobs:
-    """What a synthetic cohort looks like; defaults give an oracle AUC near 0.9."""
+  """What a synthetic cohort looks like; defaults give an oracle AUC near 0.9."""
 
-    response_strength: float = 2.5   # logit slope of response on the latent
-    response_intercept: float = 0.8  # about 65% good responders, as in IC cohorts
-    hazard_strength: float = 1.0     # log-hazard slope on the latent
-    median_os_months: float = 60.0   # baseline median overall survival
-    censoring_rate: float = 0.6      # target fraction censored
-    max_follow_up_months: float = 120.0
-    wsi_signal: float = 0.85         # correlation of the slides' view with the latent
-    mri_signal: float = 0.85         # ... of the MRI view
-    tnm_signal: float = 0.35         # ... in T and N stage (weak, as in the paper)
-    center_b_fraction: float = 0.3   # external test hospital
-    missing_wsi_rate: float = 0.05
-    missing_mri_rate: float = 0.05
-    missing_response_rate: float = 0.05
-    center_shift: float = 1.0        # appearance shift of center B (0 = none)
+  response_strength: float = 2.5  # logit slope of response on the latent
+  response_intercept: float = 0.8  # about 65% good responders, as in IC cohorts
+  hazard_strength: float = 1.0  # log-hazard slope on the latent
+  median_os_months: float = 60.0  # baseline median overall survival
+  censoring_rate: float = 0.6  # target fraction censored
+  max_follow_up_months: float = 120.0
+  wsi_signal: float = 0.85  # correlation of the slides' view with the latent
+  mri_signal: float = 0.85  # ... of the MRI view
+  tnm_signal: float = 0.35  # ... in T and N stage (weak, as in the paper)
+  center_b_fraction: float = 0.3  # external test hospital
+  missing_wsi_rate: float = 0.05
+  missing_mri_rate: float = 0.05
+  missing_response_rate: float = 0.05
+  center_shift: float = 1.0  # appearance shift of center B (0 = none)
 
 
 def _noisy_view(rng: np.random.Generator, latent: np.ndarray, signal: float) -> np.ndarray:
-    """A unit-variance view of the latent whose correlation with it is `signal` (clipped to 1)."""
-    rho = float(np.clip(signal, 0.0, 1.0))
-    return rho * latent + np.sqrt(1.0 - rho**2) * rng.standard_normal(latent.shape)
+  """A unit-variance view of the latent whose correlation with it is `signal` (clipped to 1)."""
+  rho = float(np.clip(signal, 0.0, 1.0))
+  return rho * latent + np.sqrt(1.0 - rho**2) * rng.standard_normal(latent.shape)
 
 
 def _stage(view: np.ndarray, cuts: tuple[float, ...], offset: int) -> np.ndarray:
-    return (np.searchsorted(np.asarray(cuts), view) + offset).astype(np.int64)
+  return (np.searchsorted(np.asarray(cuts), view) + offset).astype(np.int64)
 
 
 def _overall_stage(t: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """AJCC 8th edition nasopharynx, M0: T4 or N3 -> IVA, T3 or N2 -> III, else II (or I)."""
-    stage = np.full(t.shape, "II", dtype=object)
-    stage[(t == 1) & (n == 0)] = "I"
-    stage[(t == 3) | (n == 2)] = "III"
-    stage[(t == 4) | (n == 3)] = "IVA"
-    return stage
+  """AJCC 8th edition nasopharynx, M0: T4 or N3 -> IVA, T3 or N2 -> III, else II (or I)."""
+  stage = np.full(t.shape, 'II', dtype=object)
+  stage[(t == 1) & (n == 0)] = 'I'
+  stage[(t == 3) | (n == 2)] = 'III'
+  stage[(t == 4) | (n == 3)] = 'IVA'
+  return stage
 
 
-def _censoring_scale(rng: np.random.Generator, times: np.ndarray, rate: float, max_fu: float) -> np.ndarray:
-    """Censoring times: uniform accrual over a follow-up window tuned to hit `rate`."""
-    u = rng.random(times.shape)
-    if rate <= 0:
-        return np.full(times.shape, np.inf)
-    lo, hi = 1e-3, 1e4
-    for _ in range(60):  # bisection on the window length
-        mid = np.sqrt(lo * hi)
-        frac = np.mean(np.minimum(u * mid, max_fu) < times)
-        lo, hi = (mid, hi) if frac > rate else (lo, mid)
-    return np.minimum(u * np.sqrt(lo * hi), max_fu)
+def _censoring_scale(
+  rng: np.random.Generator, times: np.ndarray, rate: float, max_fu: float
+) -> np.ndarray:
+  """Censoring times: uniform accrual over a follow-up window tuned to hit `rate`."""
+  u = rng.random(times.shape)
+  if rate <= 0:
+    return np.full(times.shape, np.inf)
+  lo, hi = 1e-3, 1e4
+  for _ in range(60):  # bisection on the window length
+    mid = np.sqrt(lo * hi)
+    frac = np.mean(np.minimum(u * mid, max_fu) < times)
+    lo, hi = (mid, hi) if frac > rate else (lo, mid)
+  return np.minimum(u * np.sqrt(lo * hi), max_fu)
 
 
 def sample_patients(patients: int, seed: int, knobs: Knobs = Knobs()) -> pd.DataFrame:
-    """One row per patient: clinical columns, labels, truth, modality views and availability."""
-    if patients < 4:
-        raise ValueError(f"patients must be at least 4, got {patients}")
-    rng = np.random.default_rng(seed)
-    n = patients
-    latent = rng.standard_normal(n)
-    center = np.where(rng.random(n) < knobs.center_b_fraction, "B", "A")
+  """One row per patient: clinical columns, labels, truth, modality views and availability."""
+  if patients < 4:
+    raise ValueError(f'patients must be at least 4, got {patients}')
+  rng = np.random.default_rng(seed)
+  n = patients
+  latent = rng.standard_normal(n)
+  center = np.where(rng.random(n) < knobs.center_b_fraction, 'B', 'A')
 
-    response_logit = knobs.response_intercept - knobs.response_strength * latent
-    response_prob = 1.0 / (1.0 + np.exp(-response_logit))
-    ic_response = (rng.random(n) < response_prob).astype(float)
-    ic_response[rng.random(n) < knobs.missing_response_rate] = np.nan
+  response_logit = knobs.response_intercept - knobs.response_strength * latent
+  response_prob = 1.0 / (1.0 + np.exp(-response_logit))
+  ic_response = (rng.random(n) < response_prob).astype(float)
+  ic_response[rng.random(n) < knobs.missing_response_rate] = np.nan
 
-    tnm_view = _noisy_view(rng, latent, knobs.tnm_signal)
-    t_stage = _stage(tnm_view + 0.3 * rng.standard_normal(n), (-0.9, 0.0, 0.8), 1)
-    n_stage = _stage(_noisy_view(rng, tnm_view, 0.8), (-1.2, -0.2, 0.9), 0)
-    # LANPC: stage III-IVA only, as in the MoEMIL cohort.
-    t_stage = np.where((t_stage < 3) & (n_stage < 2), 3, t_stage)
+  tnm_view = _noisy_view(rng, latent, knobs.tnm_signal)
+  t_stage = _stage(tnm_view + 0.3 * rng.standard_normal(n), (-0.9, 0.0, 0.8), 1)
+  n_stage = _stage(_noisy_view(rng, tnm_view, 0.8), (-1.2, -0.2, 0.9), 0)
+  # LANPC: stage III-IVA only, as in the MoEMIL cohort.
+  t_stage = np.where((t_stage < 3) & (n_stage < 2), 3, t_stage)
 
-    log_hazard = knobs.hazard_strength * latent
-    baseline = np.log(2.0) / knobs.median_os_months
-    event_time = rng.exponential(1.0 / (baseline * np.exp(log_hazard)))
-    censor_time = _censoring_scale(rng, event_time, knobs.censoring_rate, knobs.max_follow_up_months)
-    os_months = np.maximum(np.minimum(event_time, censor_time), 0.5)
-    os_event = (event_time <= censor_time).astype(np.int64)
+  log_hazard = knobs.hazard_strength * latent
+  baseline = np.log(2.0) / knobs.median_os_months
+  event_time = rng.exponential(1.0 / (baseline * np.exp(log_hazard)))
+  censor_time = _censoring_scale(rng, event_time, knobs.censoring_rate, knobs.max_follow_up_months)
+  os_months = np.maximum(np.minimum(event_time, censor_time), 0.5)
+  os_event = (event_time <= censor_time).astype(np.int64)
 
-    width = len(str(n))
-    return pd.DataFrame({
-        "patient_id": [f"NPC{i + 1:0{max(width, 3)}d}" for i in range(n)],
-        "center": center,
-        "age": np.clip(rng.normal(46, 10, n), 18, 80).round().astype(np.int64),
-        "sex": np.where(rng.random(n) < 0.75, "M", "F"),
-        "ebv_dna": np.round(np.exp(rng.normal(7.0 + 0.8 * tnm_view, 1.5)), 1),
-        "t_stage": t_stage,
-        "n_stage": n_stage,
-        "overall_stage": _overall_stage(t_stage, n_stage),
-        "ic_response": ic_response,
-        "os_months": np.round(os_months, 2),
-        "os_event": os_event,
-        # Truth and rendering inputs; never written to the manifest or the store.
-        "latent": latent,
-        "response_prob": response_prob,
-        "log_hazard": log_hazard,
-        "wsi_view": _noisy_view(rng, latent, knobs.wsi_signal),
-        "mri_view": _noisy_view(rng, latent, knobs.mri_signal),
-        "has_wsi": rng.random(n) >= knobs.missing_wsi_rate,
-        "has_mri": rng.random(n) >= knobs.missing_mri_rate,
-        "n_slides": np.where(rng.random(n) < 0.3, 2, 1),
-        "render_seed": rng.integers(0, 2**31 - 1, n),
-    })
+  width = len(str(n))
+  return pd.DataFrame(
+    {
+      'patient_id': [f'NPC{i + 1:0{max(width, 3)}d}' for i in range(n)],
+      'center': center,
+      'age': np.clip(rng.normal(46, 10, n), 18, 80).round().astype(np.int64),
+      'sex': np.where(rng.random(n) < 0.75, 'M', 'F'),
+      'ebv_dna': np.round(np.exp(rng.normal(7.0 + 0.8 * tnm_view, 1.5)), 1),
+      't_stage': t_stage,
+      'n_stage': n_stage,
+      'overall_stage': _overall_stage(t_stage, n_stage),
+      'ic_response': ic_response,
+      'os_months': np.round(os_months, 2),
+      'os_event': os_event,
+      # Truth and rendering inputs; never written to the manifest or the store.
+      'latent': latent,
+      'response_prob': response_prob,
+      'log_hazard': log_hazard,
+      'wsi_view': _noisy_view(rng, latent, knobs.wsi_signal),
+      'mri_view': _noisy_view(rng, latent, knobs.mri_signal),
+      'has_wsi': rng.random(n) >= knobs.missing_wsi_rate,
+      'has_mri': rng.random(n) >= knobs.missing_mri_rate,
+      'n_slides': np.where(rng.random(n) < 0.3, 2, 1),
+      'render_seed': rng.integers(0, 2**31 - 1, n),
+    }
+  )
 
 
-TRUTH_COLUMNS = ("patient_id", "latent", "response_prob", "log_hazard")
+TRUTH_COLUMNS = ('patient_id', 'latent', 'response_prob', 'log_hazard')
 
 
 def write_truth(frame: pd.DataFrame, path) -> None:
-    frame.loc[:, list(TRUTH_COLUMNS)].to_csv(path, index=False, float_format="%.6f")
+  frame.loc[:, list(TRUTH_COLUMNS)].to_csv(path, index=False, float_format='%.6f')

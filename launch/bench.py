@@ -5,30 +5,36 @@ python -m launch.bench [--quick] [--device=cpu|gpu] [--only=p1,p2,...] [--out=DI
 
 from absl import app, flags, logging
 
-_QUICK = flags.DEFINE_bool("quick", False, "Small sizes: a smoke run in about a minute.")
-_DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where JAX and PyTorch run.")
-_ONLY = flags.DEFINE_list("only", "p1,p2,p3,p4,p5,p6", "Figures to run.")
-_OUT = flags.DEFINE_string("out", "bench_out", "Directory for bench.json and BENCH.md.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory for stores (reused if given).")
+_QUICK = flags.DEFINE_bool('quick', False, 'Small sizes: a smoke run in about a minute.')
+_DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where JAX and PyTorch run.')
+_ONLY = flags.DEFINE_list('only', 'p1,p2,p3,p4,p5,p6', 'Figures to run.')
+_OUT = flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and BENCH.md.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory for stores (reused if given).')
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import os
-  if _DEVICE.value == "cpu":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+  if _DEVICE.value == 'cpu':
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   from moemil_jax.bench import suite  # after flag parsing: keeps --help fast
-  report = suite.run_suite(quick=_QUICK.value, only=tuple(f.strip().lower() for f in _ONLY.value),
-                           device=_DEVICE.value, workdir=_WORKDIR.value)
+
+  report = suite.run_suite(
+    quick=_QUICK.value,
+    only=tuple(f.strip().lower() for f in _ONLY.value),
+    device=_DEVICE.value,
+    workdir=_WORKDIR.value,
+  )
   print(suite.table(report))
   json_path, md_path = suite.write_reports(report, _OUT.value)
-  logging.info("wrote %s and %s", json_path, md_path)
+  logging.info('wrote %s and %s', json_path, md_path)
 
 
 def run():
   app.run(main)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   run()

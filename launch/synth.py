@@ -1,7 +1,7 @@
 r"""Writes a synthetic NPC cohort (images + manifest) or a synthetic feature store.
 
-  python -m launch.synth --out=/tmp/cohort --patients=40 --seed=0
-  python -m launch.synth --kind=store --out=/tmp/store --patients=404 --median_patches=2000
+python -m launch.synth --out=/tmp/cohort --patients=40 --seed=0
+python -m launch.synth --kind=store --out=/tmp/store --patients=404 --median_patches=2000
 """
 
 from absl import app, flags
@@ -9,51 +9,94 @@ from absl import app, flags
 from feature_store import synthetic, synthetic_cohort, synthetic_store
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output folder.", required=True)
-flags.DEFINE_enum("kind", "cohort", ["cohort", "store"],
-                  "cohort: slides, MRI and manifest.csv as a hospital exports them; "
-                  "store: a feature store written directly (no images, paper scale on a CPU).")
-flags.DEFINE_integer("patients", 40, "Number of patients.")
-flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives identical files.")
+flags.DEFINE_string('out', None, 'Output folder.', required=True)
+flags.DEFINE_enum(
+  'kind',
+  'cohort',
+  ['cohort', 'store'],
+  'cohort: slides, MRI and manifest.csv as a hospital exports them; '
+  'store: a feature store written directly (no images, paper scale on a CPU).',
+)
+flags.DEFINE_integer('patients', 40, 'Number of patients.')
+flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives identical files.')
 # Signal and missingness knobs (feature_store.synthetic.Knobs).
 _DEFAULT = synthetic.Knobs()
-flags.DEFINE_float("wsi_signal", _DEFAULT.wsi_signal, "Latent signal strength in slides (0-1).")
-flags.DEFINE_float("mri_signal", _DEFAULT.mri_signal, "Latent signal strength in MRI (0-1).")
-flags.DEFINE_float("tnm_signal", _DEFAULT.tnm_signal, "Latent signal strength in T and N stage (0-1).")
-flags.DEFINE_float("censoring_rate", _DEFAULT.censoring_rate, "Target fraction of censored patients.")
-flags.DEFINE_float("missing_wsi_rate", _DEFAULT.missing_wsi_rate, "Fraction of patients without slides.")
-flags.DEFINE_float("missing_mri_rate", _DEFAULT.missing_mri_rate, "Fraction of patients without MRI.")
-flags.DEFINE_float("missing_response_rate", _DEFAULT.missing_response_rate,
-                   "Fraction of patients without an IC-response label.")
-flags.DEFINE_float("center_b_fraction", _DEFAULT.center_b_fraction, "Fraction from center B (external test).")
+flags.DEFINE_float('wsi_signal', _DEFAULT.wsi_signal, 'Latent signal strength in slides (0-1).')
+flags.DEFINE_float('mri_signal', _DEFAULT.mri_signal, 'Latent signal strength in MRI (0-1).')
+flags.DEFINE_float(
+  'tnm_signal', _DEFAULT.tnm_signal, 'Latent signal strength in T and N stage (0-1).'
+)
+flags.DEFINE_float(
+  'censoring_rate', _DEFAULT.censoring_rate, 'Target fraction of censored patients.'
+)
+flags.DEFINE_float(
+  'missing_wsi_rate', _DEFAULT.missing_wsi_rate, 'Fraction of patients without slides.'
+)
+flags.DEFINE_float(
+  'missing_mri_rate', _DEFAULT.missing_mri_rate, 'Fraction of patients without MRI.'
+)
+flags.DEFINE_float(
+  'missing_response_rate',
+  _DEFAULT.missing_response_rate,
+  'Fraction of patients without an IC-response label.',
+)
+flags.DEFINE_float(
+  'center_b_fraction', _DEFAULT.center_b_fraction, 'Fraction from center B (external test).'
+)
 # Size knobs.
-flags.DEFINE_integer("slide_px", synthetic_cohort.CohortShape.slide_px, "cohort: level-0 slide side in px.")
-flags.DEFINE_integer("mri_px", synthetic_cohort.CohortShape.mri_px, "cohort: MRI in-plane matrix size.")
-flags.DEFINE_integer("median_patches", synthetic_store.StoreShape.median_patches,
-                     "store: median patches per patient (lognormal).")
-flags.DEFINE_integer("max_patches", synthetic_store.StoreShape.max_patches, "store: most patches per patient.")
+flags.DEFINE_integer(
+  'slide_px', synthetic_cohort.CohortShape.slide_px, 'cohort: level-0 slide side in px.'
+)
+flags.DEFINE_integer(
+  'mri_px', synthetic_cohort.CohortShape.mri_px, 'cohort: MRI in-plane matrix size.'
+)
+flags.DEFINE_integer(
+  'median_patches',
+  synthetic_store.StoreShape.median_patches,
+  'store: median patches per patient (lognormal).',
+)
+flags.DEFINE_integer(
+  'max_patches', synthetic_store.StoreShape.max_patches, 'store: most patches per patient.'
+)
 
 
 def main(argv):
-    del argv
-    knobs = synthetic.Knobs(
-        wsi_signal=FLAGS.wsi_signal, mri_signal=FLAGS.mri_signal, tnm_signal=FLAGS.tnm_signal,
-        censoring_rate=FLAGS.censoring_rate, missing_wsi_rate=FLAGS.missing_wsi_rate,
-        missing_mri_rate=FLAGS.missing_mri_rate, missing_response_rate=FLAGS.missing_response_rate,
-        center_b_fraction=FLAGS.center_b_fraction)
-    if FLAGS.kind == "cohort":
-        path = synthetic_cohort.make_cohort(FLAGS.out, patients=FLAGS.patients, seed=FLAGS.seed, knobs=knobs,
-                                            slide_px=FLAGS.slide_px, mri_px=FLAGS.mri_px)
-        print(f"manifest: {path}")
-    else:
-        path = synthetic_store.make_store(FLAGS.out, patients=FLAGS.patients, seed=FLAGS.seed, knobs=knobs,
-                                          median_patches=FLAGS.median_patches, max_patches=FLAGS.max_patches)
-        print(f"store: {path}")
+  del argv
+  knobs = synthetic.Knobs(
+    wsi_signal=FLAGS.wsi_signal,
+    mri_signal=FLAGS.mri_signal,
+    tnm_signal=FLAGS.tnm_signal,
+    censoring_rate=FLAGS.censoring_rate,
+    missing_wsi_rate=FLAGS.missing_wsi_rate,
+    missing_mri_rate=FLAGS.missing_mri_rate,
+    missing_response_rate=FLAGS.missing_response_rate,
+    center_b_fraction=FLAGS.center_b_fraction,
+  )
+  if FLAGS.kind == 'cohort':
+    path = synthetic_cohort.make_cohort(
+      FLAGS.out,
+      patients=FLAGS.patients,
+      seed=FLAGS.seed,
+      knobs=knobs,
+      slide_px=FLAGS.slide_px,
+      mri_px=FLAGS.mri_px,
+    )
+    print(f'manifest: {path}')
+  else:
+    path = synthetic_store.make_store(
+      FLAGS.out,
+      patients=FLAGS.patients,
+      seed=FLAGS.seed,
+      knobs=knobs,
+      median_patches=FLAGS.median_patches,
+      max_patches=FLAGS.max_patches,
+    )
+    print(f'store: {path}')
 
 
 def run():
-    app.run(main)
+  app.run(main)
 
 
-if __name__ == "__main__":
-    run()
+if __name__ == '__main__':
+  run()

@@ -23,26 +23,26 @@ from absl import logging
 from feature_store import store
 from moemil_jax import parallel
 
-SPLITS = ("train", "val", "test")
+SPLITS = ('train', 'val', 'test')
 
 
 @dataclasses.dataclass
 class Cohort:
   """Host arrays, one row per patient (clinical.parquet order)."""
 
-  patient_id: np.ndarray      # (P,) str
-  center: np.ndarray          # (P,) str
-  response: np.ndarray        # (P,) float, NaN when unknown
-  os_months: np.ndarray       # (P,) float, NaN when unknown
-  os_event: np.ndarray        # (P,) int
-  patches: np.ndarray         # (total, 1024) float16, bags back to back
-  patch_offset: np.ndarray    # (P,) int64 into patches; -1 for bags not read (see load_store)
-  patch_count: np.ndarray     # (P,) int64
-  radiomics: pd.DataFrame     # (P, F) float64 wide: "<sequence>:<feature>"; NaN rows w/o MRI
-  mri_deep: np.ndarray        # (P, S, 2048) float32, zero padded
+  patient_id: np.ndarray  # (P,) str
+  center: np.ndarray  # (P,) str
+  response: np.ndarray  # (P,) float, NaN when unknown
+  os_months: np.ndarray  # (P,) float, NaN when unknown
+  os_event: np.ndarray  # (P,) int
+  patches: np.ndarray  # (total, 1024) float16, bags back to back
+  patch_offset: np.ndarray  # (P,) int64 into patches; -1 for bags not read (see load_store)
+  patch_count: np.ndarray  # (P,) int64
+  radiomics: pd.DataFrame  # (P, F) float64 wide: "<sequence>:<feature>"; NaN rows w/o MRI
+  mri_deep: np.ndarray  # (P, S, 2048) float32, zero padded
   mri_deep_count: np.ndarray  # (P,) int64
   split: np.ndarray | None = None  # (P,) str in SPLITS
-  bags_partitioned: bool = False   # each process read only some bags (statistics span processes)
+  bags_partitioned: bool = False  # each process read only some bags (statistics span processes)
 
   @property
   def num_patients(self) -> int:
@@ -55,27 +55,29 @@ class Cohort:
 
 def _read_clinical(path: Path) -> pd.DataFrame:
   if not path.exists():
-    raise store.StoreError(f"{path}: not found")
+    raise store.StoreError(f'{path}: not found')
   df = pq.read_table(path).to_pandas()
   missing = sorted(set(store.CLINICAL_COLUMNS) - set(df.columns))
   if missing:
-    raise store.StoreError(f"{path}: missing columns {missing}")
-  if df["patient_id"].duplicated().any():
-    dup = df.loc[df["patient_id"].duplicated(), "patient_id"].iloc[0]
-    raise store.StoreError(f"{path}: patient_id {dup!r} appears more than once")
-  bad = ~df["center"].isin(["A", "B"])
+    raise store.StoreError(f'{path}: missing columns {missing}')
+  if df['patient_id'].duplicated().any():
+    dup = df.loc[df['patient_id'].duplicated(), 'patient_id'].iloc[0]
+    raise store.StoreError(f'{path}: patient_id {dup!r} appears more than once')
+  bad = ~df['center'].isin(['A', 'B'])
   if bad.any():
     row = int(np.flatnonzero(bad)[0])
-    raise store.StoreError(f"{path}: row {row} has center {df['center'].iloc[row]!r}, "
-                           "expected 'A' or 'B'")
-  resp = df["ic_response"]
+    raise store.StoreError(
+      f"{path}: row {row} has center {df['center'].iloc[row]!r}, expected 'A' or 'B'"
+    )
+  resp = df['ic_response']
   if not resp.dropna().isin([0, 1]).all():
-    raise store.StoreError(f"{path}: ic_response must be 0, 1 or null")
+    raise store.StoreError(f'{path}: ic_response must be 0, 1 or null')
   return df.reset_index(drop=True)
 
 
-def load_store(store_dir: str | Path, *,
-               bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None) -> Cohort:
+def load_store(
+  store_dir: str | Path, *, bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Cohort:
   """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays.
 
   bags_to_read: given every patient's patch count (read from the slide files' footers and
@@ -87,10 +89,10 @@ def load_store(store_dir: str | Path, *,
   root = Path(store_dir)
   info = store.read_store_json(root)
   clinical = _read_clinical(root / store.CLINICAL)
-  ids = clinical["patient_id"].astype(str).to_numpy()
+  ids = clinical['patient_id'].astype(str).to_numpy()
   index = {pid: i for i, pid in enumerate(ids)}
-  wsi_dim = int(info.get("encoder", {}).get("dim", store.WSI_DIM))
-  wsi_sha = info.get("wsi", {}).get("fingerprint_sha256")  # extracted stores; synthetic: none
+  wsi_dim = int(info.get('encoder', {}).get('dim', store.WSI_DIM))
+  wsi_sha = info.get('wsi', {}).get('fingerprint_sha256')  # extracted stores; synthetic: none
 
   files = store.slide_files(root)
   wanted = None
@@ -99,25 +101,27 @@ def load_store(store_dir: str | Path, *,
     all_counts = np.zeros(len(ids), np.int64)
     for path, (pid, rows) in zip(files, slide_patients):
       if rows and pid not in index:
-        raise store.StoreError(f"{path}: patient_id {pid!r} not in clinical.parquet")
+        raise store.StoreError(f'{path}: patient_id {pid!r} not in clinical.parquet')
       if pid in index:
         all_counts[index[pid]] += rows
     wanted = np.asarray(bags_to_read(all_counts), bool)
-    files = [path for path, (pid, _) in zip(files, slide_patients)
-             if pid in index and wanted[index[pid]]]
+    files = [
+      path for path, (pid, _) in zip(files, slide_patients) if pid in index and wanted[index[pid]]
+    ]
 
   # WSI: all slides of a patient form one bag, in slide-id order.
   per_patient: list[list[np.ndarray]] = [[] for _ in ids]
   for path in files:
     bag = store.read_slide(path, expected_dim=wsi_dim)
-    if wsi_sha and bag.metadata.get("fingerprint_sha256") != wsi_sha:
+    if wsi_sha and bag.metadata.get('fingerprint_sha256') != wsi_sha:
       raise store.StoreError(
-          f"{path}: made with encoder fingerprint {bag.metadata.get('fingerprint_sha256')}, "
-          f"but the store's is {wsi_sha}: features from another extraction cannot be mixed; "
-          "re-extract this slide into the store")
+        f'{path}: made with encoder fingerprint {bag.metadata.get("fingerprint_sha256")}, '
+        f"but the store's is {wsi_sha}: features from another extraction cannot be mixed; "
+        're-extract this slide into the store'
+      )
     if bag.patient_id not in index:
       if len(bag.embeddings):
-        raise store.StoreError(f"{path}: patient_id {bag.patient_id!r} not in clinical.parquet")
+        raise store.StoreError(f'{path}: patient_id {bag.patient_id!r} not in clinical.parquet')
       continue
     per_patient[index[bag.patient_id]].append(bag.embeddings)
   counts = np.array([sum(len(e) for e in bags) for bags in per_patient], np.int64)
@@ -125,41 +129,51 @@ def load_store(store_dir: str | Path, *,
   patches = np.zeros((int(counts.sum()), wsi_dim), np.float16)
   for i, bags in enumerate(per_patient):
     if bags:
-      patches[offsets[i]:offsets[i] + counts[i]] = np.concatenate(bags)
+      patches[offsets[i] : offsets[i] + counts[i]] = np.concatenate(bags)
   if wanted is not None:
     if not np.array_equal(counts[wanted], all_counts[wanted]):
-      raise store.StoreError(f"{root}/{store.WSI_DIR}: slide files changed while being read")
+      raise store.StoreError(f'{root}/{store.WSI_DIR}: slide files changed while being read')
     counts, offsets = all_counts, np.where(wanted, offsets, -1)
-  logging.info("store %s: %d patients, %d slides read, %d patches", root, len(ids), len(files),
-               len(patches))
+  logging.info(
+    'store %s: %d patients, %d slides read, %d patches', root, len(ids), len(files), len(patches)
+  )
 
   radiomics = _read_radiomics(root / store.RADIOMICS, ids)
   mri_deep, mri_count = _read_mri_deep(root / store.MRI_DEEP, index)
-  surv_known = clinical["os_months"].notna() & clinical["os_event"].notna()
+  surv_known = clinical['os_months'].notna() & clinical['os_event'].notna()
   return Cohort(
-      patient_id=ids,
-      center=clinical["center"].astype(str).to_numpy(),
-      response=clinical["ic_response"].astype("Float64").to_numpy(np.float64, na_value=np.nan),
-      os_months=np.where(surv_known, clinical["os_months"].astype("Float64").to_numpy(
-          np.float64, na_value=np.nan), np.nan),
-      os_event=clinical["os_event"].fillna(0).astype(np.int64).to_numpy(),
-      patches=patches, patch_offset=offsets, patch_count=counts,
-      radiomics=radiomics, mri_deep=mri_deep, mri_deep_count=mri_count,
-      bags_partitioned=wanted is not None)
+    patient_id=ids,
+    center=clinical['center'].astype(str).to_numpy(),
+    response=clinical['ic_response'].astype('Float64').to_numpy(np.float64, na_value=np.nan),
+    os_months=np.where(
+      surv_known,
+      clinical['os_months'].astype('Float64').to_numpy(np.float64, na_value=np.nan),
+      np.nan,
+    ),
+    os_event=clinical['os_event'].fillna(0).astype(np.int64).to_numpy(),
+    patches=patches,
+    patch_offset=offsets,
+    patch_count=counts,
+    radiomics=radiomics,
+    mri_deep=mri_deep,
+    mri_deep_count=mri_count,
+    bags_partitioned=wanted is not None,
+  )
 
 
 def _read_radiomics(path: Path, ids: np.ndarray) -> pd.DataFrame:
   if not path.exists():
-    logging.warning("%s: not found; no radiomics features", path)
+    logging.warning('%s: not found; no radiomics features', path)
     return pd.DataFrame(index=ids)
   df = pq.read_table(path).to_pandas()
-  for col in ("patient_id", "sequence"):
+  for col in ('patient_id', 'sequence'):
     if col not in df.columns:
-      raise store.StoreError(f"{path}: missing column {col!r}")
-  feats = [c for c in df.columns if c not in ("patient_id", "sequence")]
-  wide = df.pivot_table(index="patient_id", columns="sequence", values=feats, aggfunc="first",
-                        dropna=False)
-  wide.columns = [f"{seq}:{feat}" for feat, seq in wide.columns]
+      raise store.StoreError(f'{path}: missing column {col!r}')
+  feats = [c for c in df.columns if c not in ('patient_id', 'sequence')]
+  wide = df.pivot_table(
+    index='patient_id', columns='sequence', values=feats, aggfunc='first', dropna=False
+  )
+  wide.columns = [f'{seq}:{feat}' for feat, seq in wide.columns]
   wide = wide[sorted(wide.columns)]
   return wide.reindex(ids).astype(np.float64)
 
@@ -167,47 +181,54 @@ def _read_radiomics(path: Path, ids: np.ndarray) -> pd.DataFrame:
 def _read_mri_deep(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
   n = len(index)
   if not path.exists():
-    logging.warning("%s: not found; no deep MRI features", path)
+    logging.warning('%s: not found; no deep MRI features', path)
     return np.zeros((n, 1, store.MRI_DEEP_DIM), np.float32), np.zeros(n, np.int64)
   table = pq.read_table(path)
-  emb = store.embeddings_from_column(table.column("embedding"), path).astype(np.float32)
-  meta = table.select(["patient_id", "sequence", "slice_index"]).to_pandas()
+  emb = store.embeddings_from_column(table.column('embedding'), path).astype(np.float32)
+  meta = table.select(['patient_id', 'sequence', 'slice_index']).to_pandas()
   seq_rank = {s: i for i, s in enumerate(store.MRI_SEQUENCES)}
-  meta["seq_rank"] = meta["sequence"].map(lambda s: seq_rank.get(s, len(seq_rank)))
-  meta["row"] = np.arange(len(meta))
-  unknown = set(meta["patient_id"]) - set(index)
+  meta['seq_rank'] = meta['sequence'].map(lambda s: seq_rank.get(s, len(seq_rank)))
+  meta['row'] = np.arange(len(meta))
+  unknown = set(meta['patient_id']) - set(index)
   if unknown:
-    raise store.StoreError(f"{path}: patient_id {sorted(unknown)[0]!r} not in clinical.parquet")
-  meta = meta.sort_values(["patient_id", "seq_rank", "sequence", "slice_index"], kind="stable")
+    raise store.StoreError(f'{path}: patient_id {sorted(unknown)[0]!r} not in clinical.parquet')
+  meta = meta.sort_values(['patient_id', 'seq_rank', 'sequence', 'slice_index'], kind='stable')
   counts = np.zeros(n, np.int64)
-  groups = meta.groupby("patient_id", sort=False)["row"]
+  groups = meta.groupby('patient_id', sort=False)['row']
   for pid, rows in groups:
     counts[index[pid]] = len(rows)
   out = np.zeros((n, max(int(counts.max(initial=0)), 1), emb.shape[1]), np.float32)
   for pid, rows in groups:
-    out[index[pid], :len(rows)] = emb[rows.to_numpy()]
+    out[index[pid], : len(rows)] = emb[rows.to_numpy()]
   return out, counts
 
 
 # --------------------------------------------------------------------------- splits
 
 
-def assign_splits(cohort: Cohort, *, test_center: str = "B", val_fraction: float = 0.25,
-                  seed: int = 0, folds: int = 0, fold: int = 0) -> np.ndarray:
+def assign_splits(
+  cohort: Cohort,
+  *,
+  test_center: str = 'B',
+  val_fraction: float = 0.25,
+  seed: int = 0,
+  folds: int = 0,
+  fold: int = 0,
+) -> np.ndarray:
   """test = `test_center`; the rest split by patient, stratified by response (unknown is
   its own stratum): a `val_fraction` hold-out, or fold `fold` of `folds` when folds > 1."""
   if folds > 1 and not 0 <= fold < folds:
-    raise ValueError(f"split.fold={fold} outside [0, {folds})")
-  split = np.where(cohort.center == test_center, "test", "train").astype(object)
+    raise ValueError(f'split.fold={fold} outside [0, {folds})')
+  split = np.where(cohort.center == test_center, 'test', 'train').astype(object)
   rng = np.random.default_rng(seed)
   strata = np.where(np.isnan(cohort.response), -1, cohort.response)
   for s in np.unique(strata):
-    members = np.flatnonzero((strata == s) & (split != "test"))
+    members = np.flatnonzero((strata == s) & (split != 'test'))
     members = members[rng.permutation(len(members))]
     if folds > 1:
-      split[members[np.arange(len(members)) % folds == fold]] = "val"
+      split[members[np.arange(len(members)) % folds == fold]] = 'val'
     else:
-      split[members[:int(round(val_fraction * len(members)))]] = "val"
+      split[members[: int(round(val_fraction * len(members)))]] = 'val'
   return split.astype(str)
 
 
@@ -229,16 +250,23 @@ class RadiomicsSelection:
     return np.nan_to_num(np.clip(x, -10, 10), nan=0.0).astype(np.float32)
 
 
-def fit_radiomics(wide: pd.DataFrame, train: np.ndarray, response: np.ndarray, *,
-                  corr_threshold: float = 0.9, lasso: bool = True, lasso_cs: int = 10,
-                  seed: int = 0) -> RadiomicsSelection:
+def fit_radiomics(
+  wide: pd.DataFrame,
+  train: np.ndarray,
+  response: np.ndarray,
+  *,
+  corr_threshold: float = 0.9,
+  lasso: bool = True,
+  lasso_cs: int = 10,
+  seed: int = 0,
+) -> RadiomicsSelection:
   """Fitted on training patients with MRI only: drop missing/constant columns, z-score,
   optional greedy correlation filter, optional L1 logistic regression on response."""
   rows = train & wide.notna().any(axis=1).to_numpy()
   x = wide[rows]
   cols = [c for c in x.columns if x[c].notna().all() and x[c].std(ddof=0) > 1e-12]
   if not cols:
-    logging.warning("radiomics: no usable column on %d training patients", rows.sum())
+    logging.warning('radiomics: no usable column on %d training patients', rows.sum())
     return RadiomicsSelection([], np.zeros(0), np.ones(0))
   mean, std = x[cols].mean().to_numpy(), x[cols].std(ddof=0).to_numpy()
   z = (x[cols].to_numpy() - mean) / std
@@ -258,40 +286,52 @@ def fit_radiomics(wide: pd.DataFrame, train: np.ndarray, response: np.ndarray, *
     if len(classes) == 2 and n_per.min() >= 3:
       import sklearn
       from sklearn.linear_model import LogisticRegressionCV
-      modern = tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8)
-      l1 = dict(l1_ratios=(1.0,), use_legacy_attributes=False) if modern else \
-          dict(penalty="l1")
-      clf = LogisticRegressionCV(Cs=lasso_cs, cv=min(5, int(n_per.min())), solver="liblinear",
-                                 scoring="roc_auc", random_state=seed, max_iter=1000, **l1)
+
+      modern = tuple(int(v) for v in sklearn.__version__.split('.')[:2]) >= (1, 8)
+      l1 = dict(l1_ratios=(1.0,), use_legacy_attributes=False) if modern else dict(penalty='l1')
+      clf = LogisticRegressionCV(
+        Cs=lasso_cs,
+        cv=min(5, int(n_per.min())),
+        solver='liblinear',
+        scoring='roc_auc',
+        random_state=seed,
+        max_iter=1000,
+        **l1,
+      )
       clf.fit(z[labelled][:, keep], y[labelled].astype(int))
       chosen = np.flatnonzero(np.abs(clf.coef_[0]) > 0)
       if len(chosen):
         keep = keep[chosen]
       else:
-        logging.warning("radiomics LASSO selected nothing; keeping %d columns", len(keep))
+        logging.warning('radiomics LASSO selected nothing; keeping %d columns', len(keep))
     else:
-      logging.warning("radiomics LASSO skipped: too few labelled training patients")
-  logging.info("radiomics: %d columns -> %d usable -> %d selected", wide.shape[1], n_start,
-               len(keep))
+      logging.warning('radiomics LASSO skipped: too few labelled training patients')
+  logging.info(
+    'radiomics: %d columns -> %d usable -> %d selected', wide.shape[1], n_start, len(keep)
+  )
   return RadiomicsSelection([cols[i] for i in keep], mean[keep], std[keep])
 
 
-def masked_mean_std(x: np.ndarray, rows: np.ndarray, counts: np.ndarray,
-                    chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def masked_mean_std(
+  x: np.ndarray, rows: np.ndarray, counts: np.ndarray, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-feature mean/std over the valid slices of the selected rows (float64 sums)."""
-  sel = [x[i, :counts[i]] for i in np.flatnonzero(rows) if counts[i]]
+  sel = [x[i, : counts[i]] for i in np.flatnonzero(rows) if counts[i]]
   if not sel:
     return np.zeros(x.shape[-1]), np.ones(x.shape[-1])
   return _mean_std(np.concatenate(sel), chunk)
 
 
-def _mean_std(x: np.ndarray, chunk: int = 65536, *, all_processes: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _mean_std(
+  x: np.ndarray, chunk: int = 65536, *, all_processes: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-feature mean/std (float64 sums); all_processes: over every process's rows."""
-  s = np.zeros(x.shape[1]); ss = np.zeros(x.shape[1])
+  s = np.zeros(x.shape[1])
+  ss = np.zeros(x.shape[1])
   for start in range(0, len(x), chunk):
-    block = x[start:start + chunk].astype(np.float64)
-    s += block.sum(0); ss += (block * block).sum(0)
+    block = x[start : start + chunk].astype(np.float64)
+    s += block.sum(0)
+    ss += (block * block).sum(0)
   n = float(len(x))
   if all_processes:
     s, ss, n = parallel.sum_over_processes((s, ss, n))
@@ -305,8 +345,9 @@ def _read_patch_rows(cohort: Cohort, rows: np.ndarray) -> np.ndarray:
   """Indices into cohort.patches of the selected patients' bags that this process read."""
   rows = rows & (cohort.patch_offset >= 0)
   return np.concatenate(
-      [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[rows], cohort.patch_count[rows])]
-      + [np.zeros(0, np.int64)])
+    [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[rows], cohort.patch_count[rows])]
+    + [np.zeros(0, np.int64)]
+  )
 
 
 def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
@@ -322,17 +363,22 @@ def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
     rows = cohort.center == center
     patch_rows = _read_patch_rows(cohort, rows)
     if cohort.bags_partitioned or len(patch_rows):  # every process joins the sums
-      mean, std = _mean_std(cohort.patches[patch_rows], chunk,
-                            all_processes=cohort.bags_partitioned)
+      mean, std = _mean_std(
+        cohort.patches[patch_rows], chunk, all_processes=cohort.bags_partitioned
+      )
       for start in range(0, len(patch_rows), chunk):
-        block = patch_rows[start:start + chunk]
+        block = patch_rows[start : start + chunk]
         cohort.patches[block] = ((cohort.patches[block] - mean) / std).astype(np.float16)
     d_mean, d_std = masked_mean_std(cohort.mri_deep, rows, cohort.mri_deep_count)
     cohort.mri_deep[rows] = (cohort.mri_deep[rows] - d_mean) / d_std
     rad = cohort.radiomics.loc[rows]
-    cohort.radiomics.loc[rows] = (rad - rad.mean()) / rad.std(ddof=0).where(lambda v: v > 1e-12, 1.0)
-  cohort.mri_deep *= (np.arange(cohort.mri_deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
-  logging.info("features standardised within each center: %s", sorted(set(cohort.center)))
+    cohort.radiomics.loc[rows] = (rad - rad.mean()) / rad.std(ddof=0).where(
+      lambda v: v > 1e-12, 1.0
+    )
+  cohort.mri_deep *= (np.arange(cohort.mri_deep.shape[1])[None] < cohort.mri_deep_count[:, None])[
+    ..., None
+  ]
+  logging.info('features standardised within each center: %s', sorted(set(cohort.center)))
   return cohort
 
 
@@ -343,23 +389,26 @@ def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
 class DeviceData:
   """Everything a step needs, resident on the device; batches only carry indices."""
 
-  patches: jax.Array          # (total + 1, 1024) float16; last row is a zero pad
-  patch_mean: jax.Array       # (1024,) float32
-  patch_inv_std: jax.Array    # (1024,) float32
-  radiomics: jax.Array        # (P, F) float32 (z-scored, 0 where missing)
-  has_radiomics: jax.Array    # (P,) bool
-  mri_deep: jax.Array         # (P, S, 2048) float32 (z-scored)
-  mri_deep_count: jax.Array   # (P,) int32
-  response: jax.Array         # (P,) float32 (0 where unknown)
-  has_response: jax.Array     # (P,) bool
-  os_months: jax.Array        # (P,) float32
-  os_event: jax.Array         # (P,) int32
-  has_survival: jax.Array     # (P,) bool
+  patches: jax.Array  # (total + 1, 1024) float16; last row is a zero pad
+  patch_mean: jax.Array  # (1024,) float32
+  patch_inv_std: jax.Array  # (1024,) float32
+  radiomics: jax.Array  # (P, F) float32 (z-scored, 0 where missing)
+  has_radiomics: jax.Array  # (P,) bool
+  mri_deep: jax.Array  # (P, S, 2048) float32 (z-scored)
+  mri_deep_count: jax.Array  # (P,) int32
+  response: jax.Array  # (P,) float32 (0 where unknown)
+  has_response: jax.Array  # (P,) bool
+  os_months: jax.Array  # (P,) float32
+  os_event: jax.Array  # (P,) int32
+  has_survival: jax.Array  # (P,) bool
   radiomics_columns: list[str]
 
   def tree(self) -> dict[str, jax.Array]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name != "radiomics_columns"}
+    return {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if f.name != 'radiomics_columns'
+    }
 
 
 def _warn_degenerate_labels(cohort: Cohort, train: np.ndarray) -> None:
@@ -367,19 +416,31 @@ def _warn_degenerate_labels(cohort: Cohort, train: np.ndarray) -> None:
   one-sided) so that a multi-task model can learn the other task."""
   events = int(cohort.os_event[train & ~np.isnan(cohort.os_months)].sum())
   if events == 0:
-    logging.warning("training split: no OS events (%d patients, all censored or OS unknown); "
-                    "the survival loss is 0 and the risk head is untrained", int(train.sum()))
+    logging.warning(
+      'training split: no OS events (%d patients, all censored or OS unknown); '
+      'the survival loss is 0 and the risk head is untrained',
+      int(train.sum()),
+    )
   labels = cohort.response[train]
   classes = np.unique(labels[~np.isnan(labels)]).astype(int).tolist()
   if len(classes) < 2:
-    logging.warning("training split: IC response has %s (%d labelled patients); the response head "
-                    "cannot learn to separate classes", f"only class {classes}" if classes else
-                    "no labels", int((~np.isnan(labels)).sum()))
+    logging.warning(
+      'training split: IC response has %s (%d labelled patients); the response head '
+      'cannot learn to separate classes',
+      f'only class {classes}' if classes else 'no labels',
+      int((~np.isnan(labels)).sum()),
+    )
 
 
-def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None,
-            layout: BagLayout | None = None, mesh: jax.sharding.Mesh | None = None
-            ) -> DeviceData:
+def prepare(
+  cohort: Cohort,
+  data_config,
+  *,
+  seed: int = 0,
+  device=None,
+  layout: BagLayout | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> DeviceData:
   """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device.
 
   Without a mesh everything goes to `device`. With one, the per-patient arrays are
@@ -388,15 +449,23 @@ def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None,
   """
   layout = layout or bag_layout(cohort.patch_count)
   if cohort.split is None:
-    raise ValueError("prepare() needs cohort.split; call assign_splits first")
-  train = cohort.split == "train"
+    raise ValueError('prepare() needs cohort.split; call assign_splits first')
+  train = cohort.split == 'train'
   _warn_degenerate_labels(cohort, train)
-  sel = fit_radiomics(cohort.radiomics, train, cohort.response,
-                      corr_threshold=data_config.radiomics_corr_threshold,
-                      lasso=data_config.radiomics_lasso, lasso_cs=data_config.radiomics_lasso_cs,
-                      seed=seed)
-  rad = sel.transform(cohort.radiomics) if len(cohort.radiomics.columns) else \
-      np.zeros((cohort.num_patients, 1), np.float32)
+  sel = fit_radiomics(
+    cohort.radiomics,
+    train,
+    cohort.response,
+    corr_threshold=data_config.radiomics_corr_threshold,
+    lasso=data_config.radiomics_lasso,
+    lasso_cs=data_config.radiomics_lasso_cs,
+    seed=seed,
+  )
+  rad = (
+    sel.transform(cohort.radiomics)
+    if len(cohort.radiomics.columns)
+    else np.zeros((cohort.num_patients, 1), np.float32)
+  )
   has_rad = cohort.has_radiomics & (len(sel.columns) > 0)
   rad[~has_rad] = 0.0
 
@@ -404,24 +473,32 @@ def prepare(cohort: Cohort, data_config, *, seed: int = 0, device=None,
   deep = ((cohort.mri_deep - d_mean) / d_std).astype(np.float32)
   deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
 
-  p_mean, p_std = _mean_std(cohort.patches[_read_patch_rows(cohort, train)],
-                            all_processes=cohort.bags_partitioned)
+  p_mean, p_std = _mean_std(
+    cohort.patches[_read_patch_rows(cohort, train)], all_processes=cohort.bags_partitioned
+  )
 
   surv = ~np.isnan(cohort.os_months)
   if mesh is not None:
     device = parallel.replicated(mesh)
-  put = lambda x: jax.device_put(x, device)
+
+  def put(x):
+    return jax.device_put(x, device)
+
   return DeviceData(
-      patches=_device_patches(cohort, layout, device, mesh),
-      patch_mean=put(p_mean.astype(np.float32)),
-      patch_inv_std=put((1.0 / p_std).astype(np.float32)),
-      radiomics=put(rad), has_radiomics=put(has_rad),
-      mri_deep=put(deep), mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
-      response=put(np.nan_to_num(cohort.response).astype(np.float32)),
-      has_response=put(~np.isnan(cohort.response)),
-      os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
-      os_event=put(cohort.os_event.astype(np.int32)),
-      has_survival=put(surv), radiomics_columns=sel.columns)
+    patches=_device_patches(cohort, layout, device, mesh),
+    patch_mean=put(p_mean.astype(np.float32)),
+    patch_inv_std=put((1.0 / p_std).astype(np.float32)),
+    radiomics=put(rad),
+    has_radiomics=put(has_rad),
+    mri_deep=put(deep),
+    mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
+    response=put(np.nan_to_num(cohort.response).astype(np.float32)),
+    has_response=put(~np.isnan(cohort.response)),
+    os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
+    os_event=put(cohort.os_event.astype(np.int32)),
+    has_survival=put(surv),
+    radiomics_columns=sel.columns,
+  )
 
 
 # --------------------------------------------------------------------------- bag layout
@@ -438,9 +515,9 @@ class BagLayout:
   the single-device layout: bags back to back in patient order, then one zero row.
   """
 
-  group: np.ndarray   # (P,) int32
+  group: np.ndarray  # (P,) int32
   offset: np.ndarray  # (P,) int64, global row of the bag's first patch
-  rows: int           # rows per block, zero pad row included
+  rows: int  # rows per block, zero pad row included
   groups: int
 
   def pad_row(self, g: int) -> int:
@@ -452,8 +529,8 @@ def bag_layout(counts: np.ndarray, groups: int = 1) -> BagLayout:
   patch totals), then places each group's bags in patient order."""
   counts = np.asarray(counts, np.int64)
   if groups < 1:
-    raise ValueError(f"bag groups must be >= 1, got {groups}")
-  by_size = np.argsort(-counts, kind="stable")
+    raise ValueError(f'bag groups must be >= 1, got {groups}')
+  by_size = np.argsort(-counts, kind='stable')
   lap, pos = np.divmod(np.arange(len(counts)), groups)
   group = np.empty(len(counts), np.int32)
   group[by_size] = np.where(lap % 2 == 0, pos, groups - 1 - pos)
@@ -471,24 +548,31 @@ def _bag_block(cohort: Cohort, layout: BagLayout, g: int) -> np.ndarray:
   for p in np.flatnonzero((layout.group == g) & (cohort.patch_count > 0)):
     o, c = cohort.patch_offset[p], cohort.patch_count[p]
     if o < 0:
-      raise ValueError(f"patient {cohort.patient_id[p]}: bag not read by process "
-                       f"{jax.process_index()}, whose device holds group {g}")
+      raise ValueError(
+        f'patient {cohort.patient_id[p]}: bag not read by process '
+        f'{jax.process_index()}, whose device holds group {g}'
+      )
     start = layout.offset[p] - g * layout.rows
-    block[start:start + c] = cohort.patches[o:o + c]
+    block[start : start + c] = cohort.patches[o : o + c]
   return block
 
 
 def _device_patches(cohort: Cohort, layout: BagLayout, device, mesh) -> jax.Array:
   if mesh is None:
-    return jax.device_put(np.concatenate([_bag_block(cohort, layout, g)
-                                          for g in range(layout.groups)]), device)
+    return jax.device_put(
+      np.concatenate([_bag_block(cohort, layout, g) for g in range(layout.groups)]), device
+    )
   if mesh.shape[parallel.DATA] != layout.groups:
-    raise ValueError(f"bag layout has {layout.groups} groups, the mesh's data axis "
-                     f"{mesh.shape[parallel.DATA]} devices")
+    raise ValueError(
+      f"bag layout has {layout.groups} groups, the mesh's data axis "
+      f'{mesh.shape[parallel.DATA]} devices'
+    )
   shape = (layout.groups * layout.rows, cohort.patches.shape[1])
   return jax.make_array_from_callback(
-      shape, parallel.batch_sharded(mesh),
-      lambda index: _bag_block(cohort, layout, (index[0].start or 0) // layout.rows))
+    shape,
+    parallel.batch_sharded(mesh),
+    lambda index: _bag_block(cohort, layout, (index[0].start or 0) // layout.rows),
+  )
 
 
 # --------------------------------------------------------------------------- batches
@@ -508,10 +592,10 @@ class Batch:
   """Host index arrays for one step (B patients, N patch slots). With G bag groups, rows
   [g B/G, (g+1) B/G) hold group g's patients; unused rows are masked."""
 
-  patient: np.ndarray       # (B,) int32, 0 for padding rows
+  patient: np.ndarray  # (B,) int32, 0 for padding rows
   patient_mask: np.ndarray  # (B,) bool
-  patch_index: np.ndarray   # (B, N) int32 into DeviceData.patches (pad row for padding)
-  patch_valid: np.ndarray   # (B, N) bool
+  patch_index: np.ndarray  # (B, N) int32 into DeviceData.patches (pad row for padding)
+  patch_valid: np.ndarray  # (B, N) bool
 
   def tree(self) -> dict[str, np.ndarray]:
     return dataclasses.asdict(self)
@@ -519,23 +603,27 @@ class Batch:
 
 def _rows_per_group(batch_size: int, layout: BagLayout) -> int:
   if batch_size % layout.groups:
-    raise ValueError(f"batch size {batch_size} is not divisible by {layout.groups} bag groups "
-                     "(devices on the data axis); pick a multiple")
+    raise ValueError(
+      f'batch size {batch_size} is not divisible by {layout.groups} bag groups '
+      '(devices on the data axis); pick a multiple'
+    )
   return batch_size // layout.groups
 
 
 def _make_batch(parts, counts, layout, batch_size, buckets, cap, rng):
   """parts[g]: the patients of group g in this batch."""
   b = _rows_per_group(batch_size, layout)
-  takes = [np.array([min(counts[p], cap) if cap else counts[p] for p in members], np.int64)
-           for members in parts]
+  takes = [
+    np.array([min(counts[p], cap) if cap else counts[p] for p in members], np.int64)
+    for members in parts
+  ]
   n = bucket_size(max([int(t.max(initial=0)) for t in takes] + [1]), buckets)
   index = np.empty((batch_size, n), np.int32)
   valid = np.zeros((batch_size, n), bool)
   patient = np.zeros(batch_size, np.int32)
   mask = np.zeros(batch_size, bool)
   for g, (members, take) in enumerate(zip(parts, takes)):
-    index[g * b:(g + 1) * b] = layout.pad_row(g)
+    index[g * b : (g + 1) * b] = layout.pad_row(g)
     for j, (p, t) in enumerate(zip(members, take)):
       row = g * b + j
       if t < counts[p]:
@@ -551,7 +639,7 @@ def _make_batch(parts, counts, layout, batch_size, buckets, cap, rng):
 def _group_chunks(order: np.ndarray, layout: BagLayout, b: int) -> list[list[np.ndarray]]:
   """Per group, its patients (in `order`) cut into chunks of b."""
   per_group = [order[layout.group[order] == g] for g in range(layout.groups)]
-  return [[m[i:i + b] for i in range(0, len(m), b)] for m in per_group]
+  return [[m[i : i + b] for i in range(0, len(m), b)] for m in per_group]
 
 
 def _zip_chunks(chunks: list[list[np.ndarray]], steps: Sequence[int]) -> list[list[np.ndarray]]:
@@ -559,60 +647,86 @@ def _zip_chunks(chunks: list[list[np.ndarray]], steps: Sequence[int]) -> list[li
   return [[c[k] if k < len(c) else empty for c in chunks] for k in steps]
 
 
-def train_batches(patients: np.ndarray, counts: np.ndarray, layout: BagLayout, *,
-                  batch_size: int, buckets: Sequence[int], max_patches: int,
-                  rng: np.random.Generator) -> list[Batch]:
+def train_batches(
+  patients: np.ndarray,
+  counts: np.ndarray,
+  layout: BagLayout,
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  max_patches: int,
+  rng: np.random.Generator,
+) -> list[Batch]:
   """One epoch: patients of similar bag size share a batch (sizes jittered so batches
   change between epochs), batches shuffled; bags above `max_patches` randomly subsampled."""
   patients = np.asarray(patients)
   size = np.minimum(counts[patients], max_patches) if max_patches else counts[patients]
   jitter = np.exp(rng.normal(0.0, 0.15, len(patients)))  # ~15%: batches vary, padding stays low
-  order = patients[np.argsort((size + 1) * jitter, kind="stable")]
+  order = patients[np.argsort((size + 1) * jitter, kind='stable')]
   chunks = _group_chunks(order, layout, _rows_per_group(batch_size, layout))
   steps = max(len(c) for c in chunks)
-  return [_make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
-          for parts in _zip_chunks(chunks, rng.permutation(steps))]
+  return [
+    _make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
+    for parts in _zip_chunks(chunks, rng.permutation(steps))
+  ]
 
 
-def eval_batches(patients: np.ndarray, counts: np.ndarray, layout: BagLayout, *,
-                 batch_size: int, buckets: Sequence[int], max_patches: int = 0,
-                 seed: int = 0) -> list[Batch]:
+def eval_batches(
+  patients: np.ndarray,
+  counts: np.ndarray,
+  layout: BagLayout,
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  max_patches: int = 0,
+  seed: int = 0,
+) -> list[Batch]:
   """Deterministic batches sorted by bag size (whole bags unless `max_patches`)."""
   patients = np.asarray(patients)
-  order = patients[np.argsort(counts[patients], kind="stable")]
+  order = patients[np.argsort(counts[patients], kind='stable')]
   chunks = _group_chunks(order, layout, _rows_per_group(batch_size, layout))
   rng = np.random.default_rng(seed)
-  return [_make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
-          for parts in _zip_chunks(chunks, range(max(len(c) for c in chunks)))]
+  return [
+    _make_batch(parts, counts, layout, batch_size, buckets, max_patches, rng)
+    for parts in _zip_chunks(chunks, range(max(len(c) for c in chunks)))
+  ]
 
 
 def batch_shapes(batches: Sequence[Batch]) -> set[tuple[int, int]]:
   return {b.patch_index.shape for b in batches}
 
 
-def gather_inputs(data: dict[str, jax.Array], batch: dict[str, jax.Array], compute_dtype,
-                  mesh: jax.sharding.Mesh | None = None):
+def gather_inputs(
+  data: dict[str, jax.Array],
+  batch: dict[str, jax.Array],
+  compute_dtype,
+  mesh: jax.sharding.Mesh | None = None,
+):
   """Inside jit: model inputs and targets of one batch from the resident arrays."""
-  p = batch["patient"]
-  wsi = parallel.gather_local_rows(data["patches"], batch["patch_index"], mesh)
+  p = batch['patient']
+  wsi = parallel.gather_local_rows(data['patches'], batch['patch_index'], mesh)
   wsi = wsi.astype(jnp.float32)
-  wsi = ((wsi - data["patch_mean"]) * data["patch_inv_std"]).astype(compute_dtype)
-  s = data["mri_deep"].shape[1]
-  deep_count = data["mri_deep_count"][p]
-  pmask = batch["patient_mask"]
+  wsi = ((wsi - data['patch_mean']) * data['patch_inv_std']).astype(compute_dtype)
+  s = data['mri_deep'].shape[1]
+  deep_count = data['mri_deep_count'][p]
+  pmask = batch['patient_mask']
   inputs = {
-      "wsi": wsi, "wsi_valid": batch["patch_valid"],
-      "has_wsi": jnp.any(batch["patch_valid"], -1) & pmask,
-      "radiomics": data["radiomics"][p], "has_radiomics": data["has_radiomics"][p] & pmask,
-      "mri_deep": data["mri_deep"][p].astype(compute_dtype),
-      "mri_deep_valid": jnp.arange(s)[None] < deep_count[:, None],
-      "has_mri_deep": (deep_count > 0) & pmask,
+    'wsi': wsi,
+    'wsi_valid': batch['patch_valid'],
+    'has_wsi': jnp.any(batch['patch_valid'], -1) & pmask,
+    'radiomics': data['radiomics'][p],
+    'has_radiomics': data['has_radiomics'][p] & pmask,
+    'mri_deep': data['mri_deep'][p].astype(compute_dtype),
+    'mri_deep_valid': jnp.arange(s)[None] < deep_count[:, None],
+    'has_mri_deep': (deep_count > 0) & pmask,
   }
   targets = {
-      "patient_mask": pmask,
-      "response": data["response"][p], "has_response": data["has_response"][p],
-      "os_months": data["os_months"][p], "os_event": data["os_event"][p],
-      "has_survival": data["has_survival"][p],
+    'patient_mask': pmask,
+    'response': data['response'][p],
+    'has_response': data['has_response'][p],
+    'os_months': data['os_months'][p],
+    'os_event': data['os_event'][p],
+    'has_survival': data['has_survival'][p],
   }
   return inputs, targets
 

@@ -22,521 +22,612 @@ from absl import logging
 
 from moemil_jax import metrics
 
-PREDICTIONS = "predictions.parquet"
-RUN_JSON = "run.json"
-SPLITS = ("train", "val", "test")
-SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "External test"}
-MODEL_ORDER = ("moemil", "dlr", "pathomics", "tnm", "oracle")
-DISPLAY_NAMES = {"moemil": "MoEMIL", "dlr": "DLR", "pathomics": "Pathomics", "tnm": "TNM",
-                 "oracle": "Oracle (truth)"}
-PRIMARY_MODEL = "moemil"
+PREDICTIONS = 'predictions.parquet'
+RUN_JSON = 'run.json'
+SPLITS = ('train', 'val', 'test')
+SPLIT_NAMES = {'train': 'Training', 'val': 'Validation', 'test': 'External test'}
+MODEL_ORDER = ('moemil', 'dlr', 'pathomics', 'tnm', 'oracle')
+DISPLAY_NAMES = {
+  'moemil': 'MoEMIL',
+  'dlr': 'DLR',
+  'pathomics': 'Pathomics',
+  'tnm': 'TNM',
+  'oracle': 'Oracle (truth)',
+}
+PRIMARY_MODEL = 'moemil'
 HORIZONS_MONTHS = (36.0, 60.0)
-STAGE_ORDER = {"I": 1, "II": 2, "III": 3, "IVA": 4, "IVB": 5}
-TNM_FEATURES = ("t_stage", "n_stage", "overall_stage")
-PREDICTION_COLUMNS = ("patient_id", "center", "split", "model", "response_logit", "response_prob",
-                      "log_risk", "ic_response", "os_months", "os_event")
-_FLOAT_PREDICTIONS = ("response_logit", "response_prob", "log_risk")
+STAGE_ORDER = {'I': 1, 'II': 2, 'III': 3, 'IVA': 4, 'IVB': 5}
+TNM_FEATURES = ('t_stage', 'n_stage', 'overall_stage')
+PREDICTION_COLUMNS = (
+  'patient_id',
+  'center',
+  'split',
+  'model',
+  'response_logit',
+  'response_prob',
+  'log_risk',
+  'ic_response',
+  'os_months',
+  'os_event',
+)
+_FLOAT_PREDICTIONS = ('response_logit', 'response_prob', 'log_risk')
 
 
 class EvaluationError(ValueError):
-    """Predictions or clinical data cannot be evaluated; the message names the file and patients."""
+  """Predictions or clinical data cannot be evaluated; the message names the file and patients."""
 
 
 def display_name(model: str) -> str:
-    return DISPLAY_NAMES.get(model, model)
+  return DISPLAY_NAMES.get(model, model)
 
 
 def _names(ids, limit: int = 10) -> str:
-    ids = list(ids)
-    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-    return ", ".join(map(str, ids[:limit])) + more
+  ids = list(ids)
+  more = f' and {len(ids) - limit} more' if len(ids) > limit else ''
+  return ', '.join(map(str, ids[:limit])) + more
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def check_predictions(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Validates one model's predictions; refuses NaN predictions naming the patients."""
-    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
-    if missing:
-        raise EvaluationError(f"{source}: missing columns {missing}")
-    if df.empty:
-        raise EvaluationError(f"{source}: no rows")
-    dup = df["patient_id"][df["patient_id"].duplicated()].unique()
-    if len(dup):
-        raise EvaluationError(f"{source}: duplicate patient_id {_names(dup)}")
-    bad_split = sorted(set(df["split"]) - set(SPLITS))
-    if bad_split:
-        raise EvaluationError(f"{source}: split must be one of {SPLITS}, found {bad_split}")
-    for col in _FLOAT_PREDICTIONS:
-        values = pd.to_numeric(df[col], errors="coerce").astype(float)
-        bad = df["patient_id"][~np.isfinite(values.to_numpy())]
-        if len(bad):
-            raise EvaluationError(f"{source}: {col} is NaN or infinite for {len(bad)} patients: "
-                                  f"{_names(bad)}; refusing to evaluate incomplete predictions")
-    prob = df["response_prob"].astype(float)
-    if ((prob < 0) | (prob > 1)).any():
-        bad = df["patient_id"][(prob < 0) | (prob > 1)]
-        raise EvaluationError(f"{source}: response_prob outside [0, 1] for {_names(bad)}")
-    out = df.copy()
-    out["ic_response"] = pd.to_numeric(out["ic_response"], errors="coerce").astype("Float64")
-    out["os_months"] = pd.to_numeric(out["os_months"], errors="coerce").astype(float)
-    out["os_event"] = pd.to_numeric(out["os_event"], errors="coerce").astype(float)
-    checks = {
-        "ic_response not 0, 1 or null": out["ic_response"].notna() & ~out["ic_response"].isin([0, 1]),
-        "os_event not 0 or 1": out["os_event"].notna() & ~out["os_event"].isin([0.0, 1.0]),
-        "os_months negative": out["os_months"] < 0,
-    }
-    for what, bad in checks.items():
-        bad = np.asarray(bad.fillna(False), bool)
-        if bad.any():
-            raise EvaluationError(f"{source}: {what} for {_names(out['patient_id'][bad])}")
-    return out.reset_index(drop=True)
+  """Validates one model's predictions; refuses NaN predictions naming the patients."""
+  missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
+  if missing:
+    raise EvaluationError(f'{source}: missing columns {missing}')
+  if df.empty:
+    raise EvaluationError(f'{source}: no rows')
+  dup = df['patient_id'][df['patient_id'].duplicated()].unique()
+  if len(dup):
+    raise EvaluationError(f'{source}: duplicate patient_id {_names(dup)}')
+  bad_split = sorted(set(df['split']) - set(SPLITS))
+  if bad_split:
+    raise EvaluationError(f'{source}: split must be one of {SPLITS}, found {bad_split}')
+  for col in _FLOAT_PREDICTIONS:
+    values = pd.to_numeric(df[col], errors='coerce').astype(float)
+    bad = df['patient_id'][~np.isfinite(values.to_numpy())]
+    if len(bad):
+      raise EvaluationError(
+        f'{source}: {col} is NaN or infinite for {len(bad)} patients: '
+        f'{_names(bad)}; refusing to evaluate incomplete predictions'
+      )
+  prob = df['response_prob'].astype(float)
+  if ((prob < 0) | (prob > 1)).any():
+    bad = df['patient_id'][(prob < 0) | (prob > 1)]
+    raise EvaluationError(f'{source}: response_prob outside [0, 1] for {_names(bad)}')
+  out = df.copy()
+  out['ic_response'] = pd.to_numeric(out['ic_response'], errors='coerce').astype('Float64')
+  out['os_months'] = pd.to_numeric(out['os_months'], errors='coerce').astype(float)
+  out['os_event'] = pd.to_numeric(out['os_event'], errors='coerce').astype(float)
+  checks = {
+    'ic_response not 0, 1 or null': out['ic_response'].notna() & ~out['ic_response'].isin([0, 1]),
+    'os_event not 0 or 1': out['os_event'].notna() & ~out['os_event'].isin([0.0, 1.0]),
+    'os_months negative': out['os_months'] < 0,
+  }
+  for what, bad in checks.items():
+    bad = np.asarray(bad.fillna(False), bool)
+    if bad.any():
+      raise EvaluationError(f'{source}: {what} for {_names(out["patient_id"][bad])}')
+  return out.reset_index(drop=True)
 
 
 def read_model_dir(model_dir: Path) -> tuple[str, pd.DataFrame, dict[str, Any]]:
-    """(model name, predictions, run info) from one model folder."""
-    path = Path(model_dir) / PREDICTIONS
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise EvaluationError(f"{path}: unreadable Parquet file ({e})") from e
-    run_path = Path(model_dir) / RUN_JSON
-    info = json.loads(run_path.read_text()) if run_path.exists() else {}
-    name = str(info.get("model") or Path(model_dir).name)
-    return name, check_predictions(df, str(path)), info
+  """(model name, predictions, run info) from one model folder."""
+  path = Path(model_dir) / PREDICTIONS
+  try:
+    df = pd.read_parquet(path)
+  except Exception as e:  # pyarrow raises several types for a corrupt file
+    raise EvaluationError(f'{path}: unreadable Parquet file ({e})') from e
+  run_path = Path(model_dir) / RUN_JSON
+  info = json.loads(run_path.read_text()) if run_path.exists() else {}
+  name = str(info.get('model') or Path(model_dir).name)
+  return name, check_predictions(df, str(path)), info
 
 
 def discover_models(workdir: Path) -> dict[str, tuple[pd.DataFrame, dict[str, Any]]]:
-    workdir = Path(workdir)
-    found = {}
-    for sub in sorted(p for p in workdir.iterdir() if (p / PREDICTIONS).exists()):
-        name, df, info = read_model_dir(sub)
-        if name in found:
-            raise EvaluationError(f"{sub}: model {name!r} appears twice in {workdir}")
-        found[name] = (df, info)
-    if not found:
-        raise EvaluationError(f"{workdir}: no */{PREDICTIONS} found; run training first")
-    return found
+  workdir = Path(workdir)
+  found = {}
+  for sub in sorted(p for p in workdir.iterdir() if (p / PREDICTIONS).exists()):
+    name, df, info = read_model_dir(sub)
+    if name in found:
+      raise EvaluationError(f'{sub}: model {name!r} appears twice in {workdir}')
+    found[name] = (df, info)
+  if not found:
+    raise EvaluationError(f'{workdir}: no */{PREDICTIONS} found; run training first')
+  return found
 
 
 def check_split_agreement(predictions: Mapping[str, pd.DataFrame]) -> None:
-    """The same patient must be in the same split for every model."""
-    merged = None
-    for name, df in predictions.items():
-        s = df.set_index("patient_id")["split"].rename(name)
-        merged = s.to_frame() if merged is None else merged.join(s, how="outer")
-    disagree = merged.index[merged.apply(lambda r: r.dropna().nunique() > 1, axis=1)]
-    if len(disagree):
-        raise EvaluationError(f"models put patients in different splits: {_names(disagree)}")
+  """The same patient must be in the same split for every model."""
+  merged = None
+  for name, df in predictions.items():
+    s = df.set_index('patient_id')['split'].rename(name)
+    merged = s.to_frame() if merged is None else merged.join(s, how='outer')
+  disagree = merged.index[merged.apply(lambda r: r.dropna().nunique() > 1, axis=1)]
+  if len(disagree):
+    raise EvaluationError(f'models put patients in different splits: {_names(disagree)}')
 
 
 # --------------------------------------------------------------------------- TNM comparator
 
 
 def _stage_matrix(clinical: pd.DataFrame) -> np.ndarray:
-    overall = clinical["overall_stage"].map(lambda s: STAGE_ORDER.get(str(s).strip().upper()))
-    x = pd.DataFrame({"t_stage": pd.to_numeric(clinical["t_stage"], errors="coerce"),
-                      "n_stage": pd.to_numeric(clinical["n_stage"], errors="coerce"),
-                      "overall_stage": overall.astype(float)})
-    bad = clinical["patient_id"][x.isna().any(axis=1).to_numpy()]
-    if len(bad):
-        raise EvaluationError(f"clinical.parquet: missing or unknown stage (T, N, or overall in "
-                              f"{sorted(STAGE_ORDER)}) for {_names(bad)}")
-    return x.to_numpy(float)
+  overall = clinical['overall_stage'].map(lambda s: STAGE_ORDER.get(str(s).strip().upper()))
+  x = pd.DataFrame(
+    {
+      't_stage': pd.to_numeric(clinical['t_stage'], errors='coerce'),
+      'n_stage': pd.to_numeric(clinical['n_stage'], errors='coerce'),
+      'overall_stage': overall.astype(float),
+    }
+  )
+  bad = clinical['patient_id'][x.isna().any(axis=1).to_numpy()]
+  if len(bad):
+    raise EvaluationError(
+      f'clinical.parquet: missing or unknown stage (T, N, or overall in '
+      f'{sorted(STAGE_ORDER)}) for {_names(bad)}'
+    )
+  return x.to_numpy(float)
 
 
 def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame:
-    """TNM comparator in the predictions format, fitted on training patients only.
+  """TNM comparator in the predictions format, fitted on training patients only.
 
-    Stages enter as ordinal numbers (standardised with training mean and SD); response by
-    L2-regularised logistic regression, OS by a Cox model with a small ridge penalty (stage
-    variables are collinear).
-    """
-    from lifelines import CoxPHFitter
-    from sklearn.linear_model import LogisticRegression
+  Stages enter as ordinal numbers (standardised with training mean and SD); response by
+  L2-regularised logistic regression, OS by a Cox model with a small ridge penalty (stage
+  variables are collinear).
+  """
+  from lifelines import CoxPHFitter
+  from sklearn.linear_model import LogisticRegression
 
-    missing = [c for c in ("patient_id", *TNM_FEATURES, "ic_response", "os_months", "os_event")
-               if c not in clinical.columns]
-    if missing:
-        raise EvaluationError(f"clinical.parquet: missing columns {missing}")
-    df = clinical[clinical["patient_id"].isin(split_of.index)].copy().reset_index(drop=True)
-    df["split"] = df["patient_id"].map(split_of)
-    x = _stage_matrix(df)
-    train = (df["split"] == "train").to_numpy()
-    mean, sd = x[train].mean(0), x[train].std(0)
-    z = (x - mean) / np.where(sd > 0, sd, 1.0)
-    y = pd.to_numeric(df["ic_response"], errors="coerce")
-    labelled = train & y.notna().to_numpy()
-    if y[labelled].nunique() < 2:
-        raise EvaluationError("TNM comparator: training patients have one response class only")
-    lr = LogisticRegression(C=1.0, max_iter=1000).fit(z[labelled], y[labelled].astype(int))
-    logit = lr.decision_function(z)
-    os_ok = train & df["os_months"].notna().to_numpy() & df["os_event"].notna().to_numpy()
-    cox_df = pd.DataFrame(z[os_ok], columns=list(TNM_FEATURES))
-    cox_df["os_months"] = df["os_months"].to_numpy(float)[os_ok]
-    cox_df["os_event"] = df["os_event"].to_numpy(float)[os_ok]
-    cph = CoxPHFitter(penalizer=0.01).fit(cox_df, "os_months", "os_event")
-    log_risk = np.asarray(cph.predict_log_partial_hazard(pd.DataFrame(z, columns=list(TNM_FEATURES))))
-    return check_predictions(pd.DataFrame({
-        "patient_id": df["patient_id"].astype(str),
-        "center": df["center"].astype(str) if "center" in df else "",
-        "split": df["split"],
-        "model": "tnm",
-        "response_logit": logit.astype(float),
-        "response_prob": 1.0 / (1.0 + np.exp(-logit)),
-        "log_risk": log_risk.astype(float),
-        "ic_response": y.astype("Float64"),
-        "os_months": df["os_months"].astype(float),
-        "os_event": df["os_event"].astype(float),
-    }), "TNM comparator")
+  missing = [
+    c
+    for c in ('patient_id', *TNM_FEATURES, 'ic_response', 'os_months', 'os_event')
+    if c not in clinical.columns
+  ]
+  if missing:
+    raise EvaluationError(f'clinical.parquet: missing columns {missing}')
+  df = clinical[clinical['patient_id'].isin(split_of.index)].copy().reset_index(drop=True)
+  df['split'] = df['patient_id'].map(split_of)
+  x = _stage_matrix(df)
+  train = (df['split'] == 'train').to_numpy()
+  mean, sd = x[train].mean(0), x[train].std(0)
+  z = (x - mean) / np.where(sd > 0, sd, 1.0)
+  y = pd.to_numeric(df['ic_response'], errors='coerce')
+  labelled = train & y.notna().to_numpy()
+  if y[labelled].nunique() < 2:
+    raise EvaluationError('TNM comparator: training patients have one response class only')
+  lr = LogisticRegression(C=1.0, max_iter=1000).fit(z[labelled], y[labelled].astype(int))
+  logit = lr.decision_function(z)
+  os_ok = train & df['os_months'].notna().to_numpy() & df['os_event'].notna().to_numpy()
+  cox_df = pd.DataFrame(z[os_ok], columns=list(TNM_FEATURES))
+  cox_df['os_months'] = df['os_months'].to_numpy(float)[os_ok]
+  cox_df['os_event'] = df['os_event'].to_numpy(float)[os_ok]
+  cph = CoxPHFitter(penalizer=0.01).fit(cox_df, 'os_months', 'os_event')
+  log_risk = np.asarray(cph.predict_log_partial_hazard(pd.DataFrame(z, columns=list(TNM_FEATURES))))
+  return check_predictions(
+    pd.DataFrame(
+      {
+        'patient_id': df['patient_id'].astype(str),
+        'center': df['center'].astype(str) if 'center' in df else '',
+        'split': df['split'],
+        'model': 'tnm',
+        'response_logit': logit.astype(float),
+        'response_prob': 1.0 / (1.0 + np.exp(-logit)),
+        'log_risk': log_risk.astype(float),
+        'ic_response': y.astype('Float64'),
+        'os_months': df['os_months'].astype(float),
+        'os_event': df['os_event'].astype(float),
+      }
+    ),
+    'TNM comparator',
+  )
 
 
 def oracle_predictions(truth: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """The synthetic cohort's ground truth as a model: the ceiling no model can beat.
+  """The synthetic cohort's ground truth as a model: the ceiling no model can beat.
 
-    `truth` is a synthetic cohort's truth.csv (patient_id, response_prob, log_hazard);
-    `reference` is another model's predictions, whose splits and outcomes are reused.
-    """
-    missing = {"patient_id", "response_prob", "log_hazard"} - set(truth.columns)
-    if missing:
-        raise EvaluationError(f"truth.csv: missing columns {sorted(missing)}")
-    truth = truth.assign(patient_id=truth["patient_id"].astype(str)).set_index("patient_id")
-    absent = reference.loc[~reference["patient_id"].isin(truth.index), "patient_id"]
-    if len(absent):
-        raise EvaluationError(f"truth.csv has no row for {_names(absent)}")
-    prob = truth.loc[reference["patient_id"], "response_prob"].to_numpy(float)
-    out = reference.copy()
-    out["model"] = "oracle"
-    out["response_prob"] = prob
-    # truth.csv keeps 6 decimals, so a strongly determined cohort has probabilities of 0 or 1.
-    clipped = np.clip(prob, 1e-7, 1 - 1e-7)
-    out["response_logit"] = np.log(clipped) - np.log1p(-clipped)
-    out["log_risk"] = truth.loc[reference["patient_id"], "log_hazard"].to_numpy(float)
-    return check_predictions(out, "truth.csv")
+  `truth` is a synthetic cohort's truth.csv (patient_id, response_prob, log_hazard);
+  `reference` is another model's predictions, whose splits and outcomes are reused.
+  """
+  missing = {'patient_id', 'response_prob', 'log_hazard'} - set(truth.columns)
+  if missing:
+    raise EvaluationError(f'truth.csv: missing columns {sorted(missing)}')
+  truth = truth.assign(patient_id=truth['patient_id'].astype(str)).set_index('patient_id')
+  absent = reference.loc[~reference['patient_id'].isin(truth.index), 'patient_id']
+  if len(absent):
+    raise EvaluationError(f'truth.csv has no row for {_names(absent)}')
+  prob = truth.loc[reference['patient_id'], 'response_prob'].to_numpy(float)
+  out = reference.copy()
+  out['model'] = 'oracle'
+  out['response_prob'] = prob
+  # truth.csv keeps 6 decimals, so a strongly determined cohort has probabilities of 0 or 1.
+  clipped = np.clip(prob, 1e-7, 1 - 1e-7)
+  out['response_logit'] = np.log(clipped) - np.log1p(-clipped)
+  out['log_risk'] = truth.loc[reference['patient_id'], 'log_hazard'].to_numpy(float)
+  return check_predictions(out, 'truth.csv')
 
 
 # --------------------------------------------------------------------------- results
 
 
 def _try(fn: Callable, *args, **kwargs) -> tuple[Any, str | None]:
-    """(value, None), or (None, reason) when the metric is undefined for these data."""
-    try:
-        return fn(*args, **kwargs), None
-    except metrics.UndefinedMetric as e:
-        return None, str(e)
+  """(value, None), or (None, reason) when the metric is undefined for these data."""
+  try:
+    return fn(*args, **kwargs), None
+  except metrics.UndefinedMetric as e:
+    return None, str(e)
 
 
 def _clean(value: Any) -> Any:
-    """JSON-friendly: numpy scalars to Python, NaN to None."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value
+  """JSON-friendly: numpy scalars to Python, NaN to None."""
+  if isinstance(value, dict):
+    return {str(k): _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return None if not math.isfinite(float(value)) else float(value)
+  return value
 
 
 def _labelled(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["ic_response"].notna()]
+  return df[df['ic_response'].notna()]
 
 
 def _with_os(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["os_months"].notna() & df["os_event"].notna()]
+  return df[df['os_months'].notna() & df['os_event'].notna()]
 
 
 def response_results(df: pd.DataFrame, *, n_bootstrap: int, ci_method: str) -> dict[str, Any]:
-    """AUC (CI), Youden threshold from training, threshold metrics, Brier and calibration per split."""
-    out: dict[str, Any] = {}
-    train = _labelled(df[df["split"] == "train"])
-    threshold, reason = _try(metrics.youden_threshold, train["ic_response"].astype(int),
-                             train["response_prob"])
-    out["threshold"] = threshold
+  """AUC (CI), Youden threshold from training, threshold metrics, Brier and calibration per split."""
+  out: dict[str, Any] = {}
+  train = _labelled(df[df['split'] == 'train'])
+  threshold, reason = _try(
+    metrics.youden_threshold, train['ic_response'].astype(int), train['response_prob']
+  )
+  out['threshold'] = threshold
+  if reason:
+    out['threshold_undefined'] = f'Youden threshold not fixed on training: {reason}'
+  for split in SPLITS:
+    part = df[df['split'] == split]
+    lab = _labelled(part)
+    y, prob = lab['ic_response'].astype(int).to_numpy(), lab['response_prob'].to_numpy(float)
+    res: dict[str, Any] = {'n': len(part), 'n_labelled': len(lab), 'n_responders': int(y.sum())}
+    if len(part) == 0:
+      res['undefined'] = 'no patients in this split'
+      out[split] = res
+      continue
+    auc, reason = _try(metrics.roc_auc_ci, y, prob, method=ci_method, n_bootstrap=n_bootstrap)
     if reason:
-        out["threshold_undefined"] = f"Youden threshold not fixed on training: {reason}"
-    for split in SPLITS:
-        part = df[df["split"] == split]
-        lab = _labelled(part)
-        y, prob = lab["ic_response"].astype(int).to_numpy(), lab["response_prob"].to_numpy(float)
-        res: dict[str, Any] = {"n": len(part), "n_labelled": len(lab), "n_responders": int(y.sum())}
-        if len(part) == 0:
-            res["undefined"] = "no patients in this split"
-            out[split] = res
-            continue
-        auc, reason = _try(metrics.roc_auc_ci, y, prob, method=ci_method, n_bootstrap=n_bootstrap)
-        if reason:
-            res["auc_undefined"] = reason
-        else:
-            res["auc"], res["auc_lo"], res["auc_hi"] = auc
-        if threshold is not None and len(lab):
-            res.update(metrics.confusion_at(y, prob, threshold).as_dict())
-        if len(lab):
-            res["brier"] = metrics.brier_score(y, prob)
-            cal, reason = _try(metrics.calibration_intercept_slope, y, prob)
-            if reason:
-                res["calibration_undefined"] = reason
-            else:
-                res["calibration_intercept"], res["calibration_slope"] = cal
-        out[split] = res
-    return out
+      res['auc_undefined'] = reason
+    else:
+      res['auc'], res['auc_lo'], res['auc_hi'] = auc
+    if threshold is not None and len(lab):
+      res.update(metrics.confusion_at(y, prob, threshold).as_dict())
+    if len(lab):
+      res['brier'] = metrics.brier_score(y, prob)
+      cal, reason = _try(metrics.calibration_intercept_slope, y, prob)
+      if reason:
+        res['calibration_undefined'] = reason
+      else:
+        res['calibration_intercept'], res['calibration_slope'] = cal
+    out[split] = res
+  return out
 
 
-def survival_results(df: pd.DataFrame, *, horizons: tuple[float, ...], n_bootstrap: int
-                     ) -> dict[str, Any]:
-    """C-index (CI), training-median risk groups, log-rank, HR and time-dependent AUC per split."""
-    out: dict[str, Any] = {}
-    train = _with_os(df[df["split"] == "train"])
-    cutoff = float(np.median(train["log_risk"])) if len(train) else None
-    out["cutoff"] = cutoff
-    for split in SPLITS:
-        part = _with_os(df[df["split"] == split])
-        t, e = part["os_months"].to_numpy(float), part["os_event"].to_numpy(float)
-        risk = part["log_risk"].to_numpy(float)
-        res: dict[str, Any] = {"n": len(part), "events": int(e.sum()),
-                               "n_without_os": int((df["split"] == split).sum() - len(part))}
-        if res["n_without_os"]:
-            res["os_warning"] = f"{res['n_without_os']} patients without OS follow-up left out"
-        if len(part) == 0 or cutoff is None:
-            res["undefined"] = "no patients with OS in this split" if len(part) == 0 else \
-                "no training patients with OS to fix the risk cutoff"
-            out[split] = res
-            continue
-        c, reason = _try(metrics.concordance_index_ci, t, e, risk, n_bootstrap=n_bootstrap)
-        if reason:
-            res["c_index_undefined"] = reason
-        else:
-            res["c_index"], res["c_index_lo"], res["c_index_hi"] = c
-        high = (risk > cutoff).astype(int)
-        res["n_high"], res["n_low"] = int(high.sum()), int(len(high) - high.sum())
-        res["events_high"], res["events_low"] = int(e[high == 1].sum()), int(e[high == 0].sum())
-        lr, reason = _try(metrics.logrank_test, t, e, high)
-        if reason:
-            res["logrank_undefined"] = reason
-        else:
-            res["logrank_chi2"], res["logrank_p"] = lr
-            if e.sum() < metrics.MIN_EVENTS_LOGRANK:
-                res["logrank_warning"] = (f"only {int(e.sum())} events (fewer than "
-                                          f"{metrics.MIN_EVENTS_LOGRANK}): log-rank P is unreliable")
-        hr, reason = _try(metrics.hazard_ratio, t, e, high)
-        if reason:
-            res["hr_undefined"] = reason
-        else:
-            res["hr"], res["hr_lo"], res["hr_hi"], res["hr_p"] = hr
-        td = {}
-        for h in horizons:
-            value, reason = _try(metrics.time_dependent_auc, train["os_months"], train["os_event"],
-                                 t, e, risk, h)
-            td[f"{h:g}"] = value if reason is None else {"undefined": reason}
-        res["td_auc"] = td
-        out[split] = res
-    return out
+def survival_results(
+  df: pd.DataFrame, *, horizons: tuple[float, ...], n_bootstrap: int
+) -> dict[str, Any]:
+  """C-index (CI), training-median risk groups, log-rank, HR and time-dependent AUC per split."""
+  out: dict[str, Any] = {}
+  train = _with_os(df[df['split'] == 'train'])
+  cutoff = float(np.median(train['log_risk'])) if len(train) else None
+  out['cutoff'] = cutoff
+  for split in SPLITS:
+    part = _with_os(df[df['split'] == split])
+    t, e = part['os_months'].to_numpy(float), part['os_event'].to_numpy(float)
+    risk = part['log_risk'].to_numpy(float)
+    res: dict[str, Any] = {
+      'n': len(part),
+      'events': int(e.sum()),
+      'n_without_os': int((df['split'] == split).sum() - len(part)),
+    }
+    if res['n_without_os']:
+      res['os_warning'] = f'{res["n_without_os"]} patients without OS follow-up left out'
+    if len(part) == 0 or cutoff is None:
+      res['undefined'] = (
+        'no patients with OS in this split'
+        if len(part) == 0
+        else 'no training patients with OS to fix the risk cutoff'
+      )
+      out[split] = res
+      continue
+    c, reason = _try(metrics.concordance_index_ci, t, e, risk, n_bootstrap=n_bootstrap)
+    if reason:
+      res['c_index_undefined'] = reason
+    else:
+      res['c_index'], res['c_index_lo'], res['c_index_hi'] = c
+    high = (risk > cutoff).astype(int)
+    res['n_high'], res['n_low'] = int(high.sum()), int(len(high) - high.sum())
+    res['events_high'], res['events_low'] = int(e[high == 1].sum()), int(e[high == 0].sum())
+    lr, reason = _try(metrics.logrank_test, t, e, high)
+    if reason:
+      res['logrank_undefined'] = reason
+    else:
+      res['logrank_chi2'], res['logrank_p'] = lr
+      if e.sum() < metrics.MIN_EVENTS_LOGRANK:
+        res['logrank_warning'] = (
+          f'only {int(e.sum())} events (fewer than '
+          f'{metrics.MIN_EVENTS_LOGRANK}): log-rank P is unreliable'
+        )
+    hr, reason = _try(metrics.hazard_ratio, t, e, high)
+    if reason:
+      res['hr_undefined'] = reason
+    else:
+      res['hr'], res['hr_lo'], res['hr_hi'], res['hr_p'] = hr
+    td = {}
+    for h in horizons:
+      value, reason = _try(
+        metrics.time_dependent_auc, train['os_months'], train['os_event'], t, e, risk, h
+      )
+      td[f'{h:g}'] = value if reason is None else {'undefined': reason}
+    res['td_auc'] = td
+    out[split] = res
+  return out
 
 
 def delong_comparisons(predictions: Mapping[str, pd.DataFrame], primary: str) -> dict[str, Any]:
-    """Paired DeLong tests of the primary model against each comparator, per split."""
-    out: dict[str, Any] = {}
-    base = predictions[primary]
-    for split in SPLITS:
-        out[split] = {}
-        a = _labelled(base[base["split"] == split])[["patient_id", "ic_response", "response_prob"]]
-        for name, df in predictions.items():
-            if name == primary:
-                continue
-            b = df[df["split"] == split][["patient_id", "response_prob"]]
-            m = a.merge(b, on="patient_id", suffixes=("_a", "_b"))
-            res: dict[str, Any] = {"n": len(m)}
-            zp, reason = _try(metrics.delong_test, m["ic_response"].astype(int),
-                              m["response_prob_a"], m["response_prob_b"]) if len(m) else \
-                (None, "no patients in common")
-            if reason:
-                res["undefined"] = reason
-            else:
-                res["z"], res["p"] = zp
-            out[split][name] = res
-    return out
+  """Paired DeLong tests of the primary model against each comparator, per split."""
+  out: dict[str, Any] = {}
+  base = predictions[primary]
+  for split in SPLITS:
+    out[split] = {}
+    a = _labelled(base[base['split'] == split])[['patient_id', 'ic_response', 'response_prob']]
+    for name, df in predictions.items():
+      if name == primary:
+        continue
+      b = df[df['split'] == split][['patient_id', 'response_prob']]
+      m = a.merge(b, on='patient_id', suffixes=('_a', '_b'))
+      res: dict[str, Any] = {'n': len(m)}
+      zp, reason = (
+        _try(
+          metrics.delong_test,
+          m['ic_response'].astype(int),
+          m['response_prob_a'],
+          m['response_prob_b'],
+        )
+        if len(m)
+        else (None, 'no patients in common')
+      )
+      if reason:
+        res['undefined'] = reason
+      else:
+        res['z'], res['p'] = zp
+      out[split][name] = res
+  return out
 
 
 @dataclasses.dataclass
 class Evaluation:
-    """Everything the report needs: predictions (with risk groups) and the results tree."""
-    predictions: dict[str, pd.DataFrame]
-    results: dict[str, Any]
+  """Everything the report needs: predictions (with risk groups) and the results tree."""
 
-    @property
-    def models(self) -> list[str]:
-        return list(self.predictions)
+  predictions: dict[str, pd.DataFrame]
+  results: dict[str, Any]
+
+  @property
+  def models(self) -> list[str]:
+    return list(self.predictions)
 
 
 def _ordered(names) -> list[str]:
-    names = list(names)
-    return [m for m in MODEL_ORDER if m in names] + sorted(m for m in names if m not in MODEL_ORDER)
+  names = list(names)
+  return [m for m in MODEL_ORDER if m in names] + sorted(m for m in names if m not in MODEL_ORDER)
 
 
-def evaluate_predictions(predictions: Mapping[str, pd.DataFrame], *, primary: str | None = None,
-                         horizons: tuple[float, ...] = HORIZONS_MONTHS, n_bootstrap: int = 1000,
-                         ci_method: str = "delong", notes: list[str] | None = None) -> Evaluation:
-    """Results for already-loaded predictions (e.g. including the TNM comparator)."""
-    predictions = {m: predictions[m].copy() for m in _ordered(predictions)}
-    check_split_agreement(predictions)
-    primary = primary or (PRIMARY_MODEL if PRIMARY_MODEL in predictions else next(iter(predictions)))
-    per_model = {}
-    for name, df in predictions.items():
-        logging.info("evaluating %s (%d patients)", name, len(df))
-        surv = survival_results(df, horizons=horizons, n_bootstrap=n_bootstrap)
-        if surv["cutoff"] is not None:
-            df["high_risk"] = (df["log_risk"] > surv["cutoff"]).astype(int)
-        per_model[name] = {"response": response_results(df, n_bootstrap=n_bootstrap, ci_method=ci_method),
-                           "survival": surv}
-    results = {
-        "primary": primary,
-        "models": list(predictions),
-        "splits": list(SPLITS),
-        "ci_method": ci_method,
-        "horizons_months": list(horizons),
-        "per_model": per_model,
-        "delong": delong_comparisons(predictions, primary),
-        "notes": list(notes or []),
+def evaluate_predictions(
+  predictions: Mapping[str, pd.DataFrame],
+  *,
+  primary: str | None = None,
+  horizons: tuple[float, ...] = HORIZONS_MONTHS,
+  n_bootstrap: int = 1000,
+  ci_method: str = 'delong',
+  notes: list[str] | None = None,
+) -> Evaluation:
+  """Results for already-loaded predictions (e.g. including the TNM comparator)."""
+  predictions = {m: predictions[m].copy() for m in _ordered(predictions)}
+  check_split_agreement(predictions)
+  primary = primary or (PRIMARY_MODEL if PRIMARY_MODEL in predictions else next(iter(predictions)))
+  per_model = {}
+  for name, df in predictions.items():
+    logging.info('evaluating %s (%d patients)', name, len(df))
+    surv = survival_results(df, horizons=horizons, n_bootstrap=n_bootstrap)
+    if surv['cutoff'] is not None:
+      df['high_risk'] = (df['log_risk'] > surv['cutoff']).astype(int)
+    per_model[name] = {
+      'response': response_results(df, n_bootstrap=n_bootstrap, ci_method=ci_method),
+      'survival': surv,
     }
-    return Evaluation(predictions=dict(predictions), results=_clean(results))
+  results = {
+    'primary': primary,
+    'models': list(predictions),
+    'splits': list(SPLITS),
+    'ci_method': ci_method,
+    'horizons_months': list(horizons),
+    'per_model': per_model,
+    'delong': delong_comparisons(predictions, primary),
+    'notes': list(notes or []),
+  }
+  return Evaluation(predictions=dict(predictions), results=_clean(results))
 
 
-def evaluate(workdir: Path, *, horizons: tuple[float, ...] = HORIZONS_MONTHS, n_bootstrap: int = 1000,
-             ci_method: str = "delong", with_tnm: bool = True,
-             truth: str | Path | None = None) -> Evaluation:
-    """Reads every model folder under `workdir`, adds the TNM comparator, computes all results.
+def evaluate(
+  workdir: Path,
+  *,
+  horizons: tuple[float, ...] = HORIZONS_MONTHS,
+  n_bootstrap: int = 1000,
+  ci_method: str = 'delong',
+  with_tnm: bool = True,
+  truth: str | Path | None = None,
+) -> Evaluation:
+  """Reads every model folder under `workdir`, adds the TNM comparator, computes all results.
 
-    `truth`: a synthetic cohort's truth.csv, added as the 'oracle' row (the ceiling).
-    """
-    found = discover_models(workdir)
-    predictions = {name: df for name, (df, _) in found.items()}
-    notes: list[str] = []
-    if with_tnm and "tnm" not in predictions:
-        primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
-        store = found[primary][1].get("store")
-        clinical_path = Path(store) / "clinical.parquet" if store else None
-        if clinical_path is None or not clinical_path.exists():
-            notes.append(f"TNM comparator skipped: clinical.parquet not found "
-                         f"(run.json of {primary} names store {store!r})")
-        else:
-            split_of = predictions[primary].set_index("patient_id")["split"]
-            predictions["tnm"] = tnm_predictions(pd.read_parquet(clinical_path), split_of)
-    if truth is not None:
-        primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
-        predictions["oracle"] = oracle_predictions(
-            pd.read_csv(truth, dtype={"patient_id": str}), predictions[primary])
-    for note in notes:
-        logging.warning("%s", note)
-    return evaluate_predictions(predictions, horizons=horizons, n_bootstrap=n_bootstrap,
-                                ci_method=ci_method, notes=notes)
+  `truth`: a synthetic cohort's truth.csv, added as the 'oracle' row (the ceiling).
+  """
+  found = discover_models(workdir)
+  predictions = {name: df for name, (df, _) in found.items()}
+  notes: list[str] = []
+  if with_tnm and 'tnm' not in predictions:
+    primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+    store = found[primary][1].get('store')
+    clinical_path = Path(store) / 'clinical.parquet' if store else None
+    if clinical_path is None or not clinical_path.exists():
+      notes.append(
+        f'TNM comparator skipped: clinical.parquet not found '
+        f'(run.json of {primary} names store {store!r})'
+      )
+    else:
+      split_of = predictions[primary].set_index('patient_id')['split']
+      predictions['tnm'] = tnm_predictions(pd.read_parquet(clinical_path), split_of)
+  if truth is not None:
+    primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+    predictions['oracle'] = oracle_predictions(
+      pd.read_csv(truth, dtype={'patient_id': str}), predictions[primary]
+    )
+  for note in notes:
+    logging.warning('%s', note)
+  return evaluate_predictions(
+    predictions, horizons=horizons, n_bootstrap=n_bootstrap, ci_method=ci_method, notes=notes
+  )
 
 
 # --------------------------------------------------------------------------- tables
 
 
 def format_p(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+  if p is None:
+    return 'n/a'
+  return '<0.001' if p < 0.001 else f'{p:.3f}'
 
 
 def _ci(res: Mapping[str, Any], key: str, digits: int = 3) -> str:
-    if res.get(key) is None:
-        return "n/a"
-    return f"{res[key]:.{digits}f} ({res[key + '_lo']:.{digits}f}-{res[key + '_hi']:.{digits}f})"
+  if res.get(key) is None:
+    return 'n/a'
+  return f'{res[key]:.{digits}f} ({res[key + "_lo"]:.{digits}f}-{res[key + "_hi"]:.{digits}f})'
 
 
 def comparison_table(ev: Evaluation) -> pd.DataFrame:
-    """The paper's table: rows MoEMIL, DLR, pathomics, TNM; AUC (95% CI), C-index and log-rank P per split."""
-    rows = []
-    for name in ev.models:
-        r = ev.results["per_model"][name]
-        row = {"Model": display_name(name)}
-        for split in SPLITS:
-            row[f"AUC {SPLIT_NAMES[split]} (95% CI)"] = _ci(r["response"][split], "auc")
-        for split in SPLITS:
-            row[f"C-index {SPLIT_NAMES[split]} (95% CI)"] = _ci(r["survival"][split], "c_index")
-        for split in SPLITS:
-            s = r["survival"][split]
-            p = format_p(s.get("logrank_p"))
-            row[f"Log-rank P {SPLIT_NAMES[split]}"] = p + ("*" if s.get("logrank_warning") else "")
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("Model")
+  """The paper's table: rows MoEMIL, DLR, pathomics, TNM; AUC (95% CI), C-index and log-rank P per split."""
+  rows = []
+  for name in ev.models:
+    r = ev.results['per_model'][name]
+    row = {'Model': display_name(name)}
+    for split in SPLITS:
+      row[f'AUC {SPLIT_NAMES[split]} (95% CI)'] = _ci(r['response'][split], 'auc')
+    for split in SPLITS:
+      row[f'C-index {SPLIT_NAMES[split]} (95% CI)'] = _ci(r['survival'][split], 'c_index')
+    for split in SPLITS:
+      s = r['survival'][split]
+      p = format_p(s.get('logrank_p'))
+      row[f'Log-rank P {SPLIT_NAMES[split]}'] = p + ('*' if s.get('logrank_warning') else '')
+    rows.append(row)
+  return pd.DataFrame(rows).set_index('Model')
 
 
 def response_table(ev: Evaluation, split: str) -> pd.DataFrame:
-    rows = []
-    delong = ev.results["delong"][split]
-    for name in ev.models:
-        r = ev.results["per_model"][name]["response"][split]
-        f = lambda k: "n/a" if r.get(k) is None else f"{r[k]:.3f}"
-        d = delong.get(name, {})
-        rows.append({
-            "Model": display_name(name), "N (responders)": f"{r.get('n_labelled', 0)} ({r.get('n_responders', 0)})",
-            "AUC (95% CI)": _ci(r, "auc"), "Accuracy": f("accuracy"), "Sensitivity": f("sensitivity"),
-            "Specificity": f("specificity"), "PPV": f("ppv"), "NPV": f("npv"), "Brier": f("brier"),
-            "Calibration slope": f("calibration_slope"),
-            f"DeLong P vs {display_name(ev.results['primary'])}":
-                "-" if name == ev.results["primary"] else format_p(d.get("p")),
-        })
-    return pd.DataFrame(rows).set_index("Model")
+  rows = []
+  delong = ev.results['delong'][split]
+  for name in ev.models:
+    r = ev.results['per_model'][name]['response'][split]
+
+    def f(k):
+      return 'n/a' if r.get(k) is None else f'{r[k]:.3f}'
+
+    d = delong.get(name, {})
+    rows.append(
+      {
+        'Model': display_name(name),
+        'N (responders)': f'{r.get("n_labelled", 0)} ({r.get("n_responders", 0)})',
+        'AUC (95% CI)': _ci(r, 'auc'),
+        'Accuracy': f('accuracy'),
+        'Sensitivity': f('sensitivity'),
+        'Specificity': f('specificity'),
+        'PPV': f('ppv'),
+        'NPV': f('npv'),
+        'Brier': f('brier'),
+        'Calibration slope': f('calibration_slope'),
+        f'DeLong P vs {display_name(ev.results["primary"])}': '-'
+        if name == ev.results['primary']
+        else format_p(d.get('p')),
+      }
+    )
+  return pd.DataFrame(rows).set_index('Model')
 
 
 def hr_text(s: dict) -> str:
-    """'HR (lo-hi)'; a bound lifelines could not estimate (tiny groups: inf or NaN) shows as n/a."""
-    num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"
-    return "n/a" if s.get("hr") is None else f"{num(s['hr'])} ({num(s.get('hr_lo'))}-{num(s.get('hr_hi'))})"
+  """'HR (lo-hi)'; a bound lifelines could not estimate (tiny groups: inf or NaN) shows as n/a."""
+
+  def num(v):
+    return f'{v:.2f}' if isinstance(v, (int, float)) and np.isfinite(v) else 'n/a'
+
+  return (
+    'n/a'
+    if s.get('hr') is None
+    else f'{num(s["hr"])} ({num(s.get("hr_lo"))}-{num(s.get("hr_hi"))})'
+  )
 
 
 def survival_table(ev: Evaluation, split: str) -> pd.DataFrame:
-    rows = []
-    for name in ev.models:
-        s = ev.results["per_model"][name]["survival"][split]
-        row = {"Model": display_name(name), "N (events)": f"{s.get('n', 0)} ({s.get('events', 0)})",
-               "C-index (95% CI)": _ci(s, "c_index"),
-               "High/low risk": f"{s.get('n_high', 0)}/{s.get('n_low', 0)}",
-               "HR high vs low (95% CI)": hr_text(s),
-               "Log-rank P": format_p(s.get("logrank_p")) + ("*" if s.get("logrank_warning") else "")}
-        for h, v in (s.get("td_auc") or {}).items():
-            row[f"AUC({float(h) / 12:g} y)"] = f"{v:.3f}" if isinstance(v, float) else "n/a"
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("Model")
+  rows = []
+  for name in ev.models:
+    s = ev.results['per_model'][name]['survival'][split]
+    row = {
+      'Model': display_name(name),
+      'N (events)': f'{s.get("n", 0)} ({s.get("events", 0)})',
+      'C-index (95% CI)': _ci(s, 'c_index'),
+      'High/low risk': f'{s.get("n_high", 0)}/{s.get("n_low", 0)}',
+      'HR high vs low (95% CI)': hr_text(s),
+      'Log-rank P': format_p(s.get('logrank_p')) + ('*' if s.get('logrank_warning') else ''),
+    }
+    for h, v in (s.get('td_auc') or {}).items():
+      row[f'AUC({float(h) / 12:g} y)'] = f'{v:.3f}' if isinstance(v, float) else 'n/a'
+    rows.append(row)
+  return pd.DataFrame(rows).set_index('Model')
 
 
 def undefined_notes(ev: Evaluation) -> list[str]:
-    """Every 'undefined' reason and warning in the results, as readable lines for the report."""
-    lines = list(ev.results.get("notes", []))
+  """Every 'undefined' reason and warning in the results, as readable lines for the report."""
+  lines = list(ev.results.get('notes', []))
 
-    def walk(node: Any, path: list[str]) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if (k.endswith("undefined") or k.endswith("warning")) and isinstance(v, str):
-                    lines.append(f"{' / '.join(path)}: {v}")
-                else:
-                    walk(v, path + [display_name(k) if k in DISPLAY_NAMES else k])
-    walk(ev.results["per_model"], [])
-    walk({"DeLong": ev.results["delong"]}, [])
-    return lines
+  def walk(node: Any, path: list[str]) -> None:
+    if isinstance(node, dict):
+      for k, v in node.items():
+        if (k.endswith('undefined') or k.endswith('warning')) and isinstance(v, str):
+          lines.append(f'{" / ".join(path)}: {v}')
+        else:
+          walk(v, path + [display_name(k) if k in DISPLAY_NAMES else k])
+
+  walk(ev.results['per_model'], [])
+  walk({'DeLong': ev.results['delong']}, [])
+  return lines
 
 
 def format_comparison(table: pd.DataFrame) -> str:
-    """The comparison table as fixed-width text for the terminal (splits stacked as row blocks)."""
-    lines = ["MoEMIL vs comparators (cutoffs and thresholds fixed on training)"]
-    metrics_cols = ("AUC", "C-index", "Log-rank P")
-    header = ["Model"] + [f"{SPLIT_NAMES[s]}" for s in SPLITS]
-    for metric in metrics_cols:
-        cols = [c for c in table.columns if c.startswith(metric + " ")]
-        block = [[str(m)] + [str(table.loc[m, c]) for c in cols] for m in table.index]
-        title = metric + (" (95% CI)" if metric != "Log-rank P" else "")
-        widths = [max(len(r[i]) for r in block + [header]) for i in range(len(header))]
-        lines.append("")
-        lines.append(title)
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        lines.append("  ".join("-" * w for w in widths))
-        lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in block)
-    if table.apply(lambda c: c.astype(str).str.endswith("*")).to_numpy().any():
-        lines.append("")
-        lines.append(f"* fewer than {metrics.MIN_EVENTS_LOGRANK} events: log-rank P unreliable")
-    return "\n".join(lines)
+  """The comparison table as fixed-width text for the terminal (splits stacked as row blocks)."""
+  lines = ['MoEMIL vs comparators (cutoffs and thresholds fixed on training)']
+  metrics_cols = ('AUC', 'C-index', 'Log-rank P')
+  header = ['Model'] + [f'{SPLIT_NAMES[s]}' for s in SPLITS]
+  for metric in metrics_cols:
+    cols = [c for c in table.columns if c.startswith(metric + ' ')]
+    block = [[str(m)] + [str(table.loc[m, c]) for c in cols] for m in table.index]
+    title = metric + (' (95% CI)' if metric != 'Log-rank P' else '')
+    widths = [max(len(r[i]) for r in block + [header]) for i in range(len(header))]
+    lines.append('')
+    lines.append(title)
+    lines.append('  '.join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append('  '.join('-' * w for w in widths))
+    lines.extend('  '.join(v.ljust(w) for v, w in zip(r, widths)) for r in block)
+  if table.apply(lambda c: c.astype(str).str.endswith('*')).to_numpy().any():
+    lines.append('')
+    lines.append(f'* fewer than {metrics.MIN_EVENTS_LOGRANK} events: log-rank P unreliable')
+  return '\n'.join(lines)

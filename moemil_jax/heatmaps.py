@@ -48,10 +48,10 @@ def percentiles(reference: np.ndarray, values: np.ndarray | None = None) -> np.n
   """
   ref = np.sort(np.asarray(reference, np.float64).ravel())
   if len(ref) == 0:
-    raise HeatmapError("no reference scores to rank against")
+    raise HeatmapError('no reference scores to rank against')
   vals = np.asarray(reference if values is None else values, np.float64)
-  left = np.searchsorted(ref, vals, side="left")
-  right = np.searchsorted(ref, vals, side="right")
+  left = np.searchsorted(ref, vals, side='left')
+  right = np.searchsorted(ref, vals, side='right')
   return (left + right + (left < right)) * 50.0 / len(ref)
 
 
@@ -60,16 +60,18 @@ def percentiles(reference: np.ndarray, values: np.ndarray | None = None) -> np.n
 
 def patch_level0_px(metadata: dict, *, patch_px: int | None = None) -> float:
   """A stored patch's side in level-0 px from wsi/<slide>.parquet metadata."""
-  if metadata.get("patch_level0_px"):
-    return float(metadata["patch_level0_px"])
-  enc = metadata.get("encoder") or {}
-  mpp = metadata.get("mpp")
-  target = metadata.get("target_mpp", enc.get("target_mpp"))
-  px = patch_px or enc.get("patch_px")
+  if metadata.get('patch_level0_px'):
+    return float(metadata['patch_level0_px'])
+  enc = metadata.get('encoder') or {}
+  mpp = metadata.get('mpp')
+  target = metadata.get('target_mpp', enc.get('target_mpp'))
+  px = patch_px or enc.get('patch_px')
   if mpp and target and px:
     return float(px) * float(target) / float(mpp)
-  raise HeatmapError("slide metadata has neither patch_level0_px nor mpp + target_mpp + patch_px "
-                     f"(keys: {sorted(metadata)})")
+  raise HeatmapError(
+    'slide metadata has neither patch_level0_px nor mpp + target_mpp + patch_px '
+    f'(keys: {sorted(metadata)})'
+  )
 
 
 def choose_level(slide, max_side: int) -> int:
@@ -87,18 +89,19 @@ def choose_level(slide, max_side: int) -> int:
 class HeatmapParams:
   """How to draw. `blur` is the Gaussian sigma in patch sides (0 = blocky patches)."""
 
-  level: int | None = None      # pyramid level; None = choose_level(max_side)
+  level: int | None = None  # pyramid level; None = choose_level(max_side)
   max_side: int = 4096
   max_pixels: int = 64_000_000  # refuse outputs larger than this (a level too fine)
   alpha: float = 0.5
   blur: float = 0.0
-  cmap: str = "jet"
+  cmap: str = 'jet'
   tissue_only: bool = True
   tissue: slides.TissueParams = slides.TissueParams()
 
 
 def _lut(cmap: str) -> np.ndarray:
   import matplotlib
+
   return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
@@ -107,8 +110,9 @@ def read_level(slide, level: int, *, max_pixels: int = HeatmapParams.max_pixels)
   w, h = slide.level_dimensions[level]
   if w * h > max_pixels:
     raise HeatmapError(
-        f"level {level} is {w} x {h} px ({w * h / 1e6:.0f} MP), above max_pixels "
-        f"{max_pixels / 1e6:.0f} MP; choose a coarser level (levels: {slide.level_dimensions})")
+      f'level {level} is {w} x {h} px ({w * h / 1e6:.0f} MP), above max_pixels '
+      f'{max_pixels / 1e6:.0f} MP; choose a coarser level (levels: {slide.level_dimensions})'
+    )
   ds = float(slide.level_downsamples[level])
   out = np.empty((h, w, 3), np.uint8)
   for r0 in range(0, h, STRIP_PX):
@@ -134,16 +138,21 @@ def _accumulate(shape, xy, values, patch_l0, ds):
   return total, covered
 
 
-def render(slide, xy: np.ndarray, percentile: np.ndarray, patch_l0: float,
-           params: HeatmapParams = HeatmapParams()) -> tuple[np.ndarray, int]:
+def render(
+  slide,
+  xy: np.ndarray,
+  percentile: np.ndarray,
+  patch_l0: float,
+  params: HeatmapParams = HeatmapParams(),
+) -> tuple[np.ndarray, int]:
   """(RGB uint8 overlay at the chosen level, level). Memory ~ 20 bytes per output pixel."""
   xy = np.asarray(xy, np.float64).reshape(-1, 2)
   percentile = np.asarray(percentile, np.float32)
   if len(xy) != len(percentile):
-    raise HeatmapError(f"{len(xy)} coordinates but {len(percentile)} scores")
+    raise HeatmapError(f'{len(xy)} coordinates but {len(percentile)} scores')
   level = choose_level(slide, params.max_side) if params.level is None else int(params.level)
   if not 0 <= level < slide.level_count:
-    raise HeatmapError(f"level {level} not in [0, {slide.level_count})")
+    raise HeatmapError(f'level {level} not in [0, {slide.level_count})')
   ds = float(slide.level_downsamples[level])
   canvas = read_level(slide, level, max_pixels=params.max_pixels)
   score, covered = _accumulate(canvas.shape[:2], xy, percentile, patch_l0, ds)
@@ -157,8 +166,7 @@ def render(slide, xy: np.ndarray, percentile: np.ndarray, patch_l0: float,
     del weight
   draw = covered
   if params.tissue_only:
-    draw &= slides.tissue_mask(canvas, params.tissue,
-                               patch_area_px=max((patch_l0 / ds) ** 2, 1.0))
+    draw &= slides.tissue_mask(canvas, params.tissue, patch_area_px=max((patch_l0 / ds) ** 2, 1.0))
   lut = _lut(params.cmap)
   for r0 in range(0, canvas.shape[0], STRIP_PX):
     rows = slice(r0, r0 + STRIP_PX)
@@ -173,9 +181,9 @@ def render(slide, xy: np.ndarray, percentile: np.ndarray, patch_l0: float,
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
-  ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+  ok, buf = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
   if not ok:
-    raise HeatmapError(f"{path}: PNG encoding failed")
+    raise HeatmapError(f'{path}: PNG encoding failed')
   store.atomic_write_bytes(Path(path), buf.tobytes())
   return Path(path)
 
@@ -191,29 +199,45 @@ def read_patches(slide, xy: np.ndarray, patch_l0: float, patch_px: int) -> np.nd
   out = np.empty((len(xy), patch_px, patch_px, 3), np.uint8)
   for i, (x, y) in enumerate(np.asarray(xy, np.int64)):
     patch = slides.read_rgb(slide, (int(x), int(y)), level, (side, side))
-    out[i] = patch if side == patch_px else cv2.resize(
-        patch, (patch_px, patch_px), interpolation=cv2.INTER_AREA if side > patch_px else cv2.INTER_LINEAR)
+    out[i] = (
+      patch
+      if side == patch_px
+      else cv2.resize(
+        patch,
+        (patch_px, patch_px),
+        interpolation=cv2.INTER_AREA if side > patch_px else cv2.INTER_LINEAR,
+      )
+    )
   return out
 
 
-def half_step_neighbours(xy: np.ndarray, patch_l0: float, level0_size: tuple[int, int]) -> np.ndarray:
+def half_step_neighbours(
+  xy: np.ndarray, patch_l0: float, level0_size: tuple[int, int]
+) -> np.ndarray:
   """Patch corners half a patch away from stored patches (8-neighbourhood), not stored, in bounds."""
   xy = np.asarray(xy, np.int64)
   step = patch_l0 / 2
   offsets = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]) * step
   cand = np.round(xy[:, None, :] + offsets[None]).reshape(-1, 2).astype(np.int64)
   w, h = level0_size
-  ok = ((cand >= 0).all(1) & (cand[:, 0] + patch_l0 <= w) & (cand[:, 1] + patch_l0 <= h))
+  ok = (cand >= 0).all(1) & (cand[:, 0] + patch_l0 <= w) & (cand[:, 1] + patch_l0 <= h)
   cand = np.unique(cand[ok], axis=0)
   stored = {tuple(p) for p in xy.tolist()}
   return np.array([p for p in cand.tolist() if tuple(p) not in stored], np.int64).reshape(-1, 2)
 
 
-def rescore_overlapping(slide, xy: np.ndarray, raw_scores: np.ndarray, patch_l0: float, *,
-                        encoder: Callable[[np.ndarray], np.ndarray],
-                        score_fn: Callable[[np.ndarray], np.ndarray], patch_px: int,
-                        batch_size: int = 32, max_new: int = 20000
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def rescore_overlapping(
+  slide,
+  xy: np.ndarray,
+  raw_scores: np.ndarray,
+  patch_l0: float,
+  *,
+  encoder: Callable[[np.ndarray], np.ndarray],
+  score_fn: Callable[[np.ndarray], np.ndarray],
+  patch_px: int,
+  batch_size: int = 32,
+  max_new: int = 20000,
+) -> tuple[np.ndarray, np.ndarray]:
   """(xy, percentiles) of stored plus half-step patches, all ranked against the stored scores.
 
   encoder: uint8 patches (n, px, px, 3) -> raw features as the store holds them;
@@ -221,56 +245,91 @@ def rescore_overlapping(slide, xy: np.ndarray, raw_scores: np.ndarray, patch_l0:
   """
   new_xy = half_step_neighbours(xy, patch_l0, slide.dimensions)
   if len(new_xy) > max_new:
-    raise HeatmapError(f"overlapping re-scoring would embed {len(new_xy)} patches (> max_new "
-                       f"{max_new}); raise max_new or draw without overlap")
+    raise HeatmapError(
+      f'overlapping re-scoring would embed {len(new_xy)} patches (> max_new '
+      f'{max_new}); raise max_new or draw without overlap'
+    )
   new_scores = []
   from tqdm.auto import tqdm
-  for start in tqdm(range(0, len(new_xy), batch_size), desc="re-scoring half-step patches",
-                    unit="batch", leave=False):
-    chunk = new_xy[start:start + batch_size]
+
+  for start in tqdm(
+    range(0, len(new_xy), batch_size),
+    desc='re-scoring half-step patches',
+    unit='batch',
+    leave=False,
+  ):
+    chunk = new_xy[start : start + batch_size]
     feats = encoder(read_patches(slide, chunk, patch_l0, patch_px))
     new_scores.append(np.asarray(score_fn(feats), np.float64).reshape(-1))
   new_scores = np.concatenate(new_scores) if new_scores else np.zeros(0)
   all_xy = np.concatenate([np.asarray(xy, np.int64), new_xy])
   all_pct = np.concatenate([percentiles(raw_scores), percentiles(raw_scores, new_scores)])
-  logging.info("overlap: %d stored + %d half-step patches", len(xy), len(new_xy))
+  logging.info('overlap: %d stored + %d half-step patches', len(xy), len(new_xy))
   return all_xy, all_pct
 
 
 # --------------------------------------------------------------------------- top-k tiles
 
 
-def save_top_tiles(slide, slide_id: str, xy: np.ndarray, raw_scores: np.ndarray,
-                   patch_l0: float, out_dir: Path, *, k: int = 8, patch_px: int = 256
-                   ) -> pd.DataFrame:
+def save_top_tiles(
+  slide,
+  slide_id: str,
+  xy: np.ndarray,
+  raw_scores: np.ndarray,
+  patch_l0: float,
+  out_dir: Path,
+  *,
+  k: int = 8,
+  patch_px: int = 256,
+) -> pd.DataFrame:
   """The k most attended patches as PNG tiles named with their level-0 corner, plus a CSV."""
-  store.validate_id(slide_id, what="slide_id")
+  store.validate_id(slide_id, what='slide_id')
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   raw_scores = np.asarray(raw_scores, np.float64)
   pct = percentiles(raw_scores)
-  order = np.argsort(-raw_scores, kind="stable")[:k]
+  order = np.argsort(-raw_scores, kind='stable')[:k]
   tiles = read_patches(slide, np.asarray(xy)[order], patch_l0, patch_px)
   rows = []
   for rank, (i, tile) in enumerate(zip(order, tiles), start=1):
     x, y = int(xy[i][0]), int(xy[i][1])
-    name = f"{slide_id}_top{rank:02d}_x{x}_y{y}.png"
+    name = f'{slide_id}_top{rank:02d}_x{x}_y{y}.png'
     write_png(out_dir / name, tile)
-    rows.append({"slide_id": slide_id, "rank": rank, "row": int(i), "x": x, "y": y,
-                 "size_level0": float(patch_l0), "raw_score": float(raw_scores[i]),
-                 "percentile": float(pct[i]), "file": name})
+    rows.append(
+      {
+        'slide_id': slide_id,
+        'rank': rank,
+        'row': int(i),
+        'x': x,
+        'y': y,
+        'size_level0': float(patch_l0),
+        'raw_score': float(raw_scores[i]),
+        'percentile': float(pct[i]),
+        'file': name,
+      }
+    )
   frame = pd.DataFrame(rows)
-  store.atomic_write_bytes(out_dir / f"{slide_id}_top{k}.csv", frame.to_csv(index=False).encode())
+  store.atomic_write_bytes(out_dir / f'{slide_id}_top{k}.csv', frame.to_csv(index=False).encode())
   return frame
 
 
 # --------------------------------------------------------------------------- one slide, end to end
 
 
-def slide_heatmap(slide_path: Path | str, slide_id: str, xy: np.ndarray, raw_scores: np.ndarray,
-                  patch_l0: float, out_png: Path, *, params: HeatmapParams = HeatmapParams(),
-                  rescore: dict | None = None, tiles_dir: Path | None = None, top_k: int = 8,
-                  patch_px: int = 256) -> dict:
+def slide_heatmap(
+  slide_path: Path | str,
+  slide_id: str,
+  xy: np.ndarray,
+  raw_scores: np.ndarray,
+  patch_l0: float,
+  out_png: Path,
+  *,
+  params: HeatmapParams = HeatmapParams(),
+  rescore: dict | None = None,
+  tiles_dir: Path | None = None,
+  top_k: int = 8,
+  patch_px: int = 256,
+) -> dict:
   """Draws one slide's heatmap (and its top-k tiles); returns what was written.
 
   rescore: None, or {"encoder": ..., "score_fn": ...} for overlapping re-scoring.
@@ -278,22 +337,29 @@ def slide_heatmap(slide_path: Path | str, slide_id: str, xy: np.ndarray, raw_sco
   xy = np.asarray(xy)
   raw_scores = np.asarray(raw_scores, np.float64)
   if len(xy) == 0:
-    raise HeatmapError(f"{slide_id}: no patches in the store")
+    raise HeatmapError(f'{slide_id}: no patches in the store')
   slide = slides.open_slide(slide_path)
   try:
     if rescore:
-      draw_xy, pct = rescore_overlapping(slide, xy, raw_scores, patch_l0, patch_px=patch_px,
-                                         **rescore)
+      draw_xy, pct = rescore_overlapping(
+        slide, xy, raw_scores, patch_l0, patch_px=patch_px, **rescore
+      )
     else:
       draw_xy, pct = xy, percentiles(raw_scores)
     image, level = render(slide, draw_xy, pct, patch_l0, params)
     write_png(out_png, image)
-    out = {"slide_id": slide_id, "png": Path(out_png), "level": level,
-           "size": (image.shape[1], image.shape[0]), "patches": int(len(draw_xy))}
+    out = {
+      'slide_id': slide_id,
+      'png': Path(out_png),
+      'level': level,
+      'size': (image.shape[1], image.shape[0]),
+      'patches': int(len(draw_xy)),
+    }
     del image
     if tiles_dir is not None and top_k > 0:
-      out["tiles"] = save_top_tiles(slide, slide_id, xy, raw_scores, patch_l0, tiles_dir,
-                                    k=top_k, patch_px=patch_px)
+      out['tiles'] = save_top_tiles(
+        slide, slide_id, xy, raw_scores, patch_l0, tiles_dir, k=top_k, patch_px=patch_px
+      )
     return out
   finally:
     slide.close()
@@ -305,8 +371,8 @@ def slide_heatmap(slide_path: Path | str, slide_id: str, xy: np.ndarray, raw_sco
 @dataclasses.dataclass
 class SlideAttention:
   slide_id: str
-  xy: np.ndarray           # (n, 2) level-0 corners
-  raw_scores: np.ndarray   # (n,) attention scores before the softmax
+  xy: np.ndarray  # (n, 2) level-0 corners
+  raw_scores: np.ndarray  # (n,) attention scores before the softmax
   metadata: dict
 
 
@@ -331,45 +397,60 @@ class TrainedRun:
   def patient_index(self, patient_id: str) -> int:
     hits = np.flatnonzero(self.cohort.patient_id == patient_id)
     if not len(hits):
-      raise KeyError(f"patient {patient_id!r} is not in {self.store_dir}/clinical.parquet")
+      raise KeyError(f'patient {patient_id!r} is not in {self.store_dir}/clinical.parquet')
     return int(hits[0])
 
   def patient_inputs(self, patient_id: str) -> dict:
     """Model inputs (batch of 1, whole bag, same gather as training) for one patient."""
     import jax.numpy as jnp
+
     from moemil_jax import data as data_lib
+
     i = self.patient_index(patient_id)
-    counts = self.cohort.patch_count if "wsi" in self.config.model.modalities else \
-        np.zeros_like(self.cohort.patch_count)
-    batch = data_lib.eval_batches(np.array([i]), counts,
-                                  data_lib.bag_layout(self.cohort.patch_count), batch_size=1,
-                                  buckets=self.config.data.bag_buckets, max_patches=0)[0]
-    inputs, _ = data_lib.gather_inputs(self.device_data.tree(), batch.tree(),
-                                       jnp.dtype(self.config.model.compute_dtype))
+    counts = (
+      self.cohort.patch_count
+      if 'wsi' in self.config.model.modalities
+      else np.zeros_like(self.cohort.patch_count)
+    )
+    batch = data_lib.eval_batches(
+      np.array([i]),
+      counts,
+      data_lib.bag_layout(self.cohort.patch_count),
+      batch_size=1,
+      buckets=self.config.data.bag_buckets,
+      max_patches=0,
+    )[0]
+    inputs, _ = data_lib.gather_inputs(
+      self.device_data.tree(), batch.tree(), jnp.dtype(self.config.model.compute_dtype)
+    )
     return inputs
 
   def slide_attention(self, patient_id: str) -> list[SlideAttention]:
     """Raw attention scores of every stored patch of the patient, slide by slide."""
     if self.model.wsi is None:
-      raise HeatmapError(f"model {self.config.name!r} has no WSI branch")
+      raise HeatmapError(f'model {self.config.name!r} has no WSI branch')
     out = _forward(self.model, self.patient_inputs(patient_id))
     n = int(self.cohort.patch_count[self.patient_index(patient_id)])
-    scores = np.asarray(out["attention_scores"][0, :n], np.float64)
+    scores = np.asarray(out['attention_scores'][0, :n], np.float64)
     result, start = [], 0
     for row in self.slide_table[self.slide_table.patient_id == patient_id].itertuples():
-      table = pq.read_table(row.path, columns=["x", "y"])
-      xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1)
-      result.append(SlideAttention(row.slide_id, xy, scores[start:start + row.n],
-                                   store.table_metadata(Path(row.path))))
+      table = pq.read_table(row.path, columns=['x', 'y'])
+      xy = np.stack([table.column('x').to_numpy(), table.column('y').to_numpy()], 1)
+      result.append(
+        SlideAttention(
+          row.slide_id, xy, scores[start : start + row.n], store.table_metadata(Path(row.path))
+        )
+      )
       start += row.n
     if start != n:
-      raise HeatmapError(f"patient {patient_id}: {n} patches in the bag but {start} in its slides")
+      raise HeatmapError(f'patient {patient_id}: {n} patches in the bag but {start} in its slides')
     return result
 
   def patch_scorer(self) -> Callable[[np.ndarray], np.ndarray]:
     """Raw store features (n, d) -> raw attention scores, as inside the trained WSI branch."""
     import jax
     import jax.numpy as jnp
+
     wsi = self.model.wsi
     mean, inv_std = self.device_data.patch_mean, self.device_data.patch_inv_std
     dtype = jnp.dtype(self.config.model.compute_dtype)
@@ -377,11 +458,13 @@ class TrainedRun:
     def score(feats):
       x = ((jnp.asarray(feats, jnp.float16).astype(jnp.float32) - mean) * inv_std).astype(dtype)
       return np.asarray(wsi.attention(jax.nn.relu(wsi.fc(x))), np.float64)
+
     return score
 
 
 def _forward(model, inputs):
   from flax import nnx
+
   global _JIT_FORWARD
   if _JIT_FORWARD is None:
     _JIT_FORWARD = nnx.jit(lambda m, x: m(x, rngs=None))
@@ -394,25 +477,33 @@ _JIT_FORWARD = None
 def load_run(workdir: str | Path) -> TrainedRun:
   """Restores <workdir>/checkpoints/best with the config and store named in run.json."""
   import ml_collections
+  from flax import nnx
+
   from moemil_jax import data as data_lib
   from moemil_jax import train
-  from flax import nnx
 
   workdir = Path(workdir)
   run_json = workdir / train.RUN_JSON
   if not run_json.exists():
-    raise FileNotFoundError(f"{run_json}: not found; is {workdir} a finished training workdir?")
+    raise FileNotFoundError(f'{run_json}: not found; is {workdir} a finished training workdir?')
   info = json.loads(run_json.read_text())
-  config = ml_collections.ConfigDict(info["config"])
-  store_dir = Path(info["store"])
+  config = ml_collections.ConfigDict(info['config'])
+  store_dir = Path(info['store'])
   cohort = data_lib.load_store(store_dir)
   cohort.split = data_lib.assign_splits(
-      cohort, test_center=config.split.test_center, val_fraction=config.split.val_fraction,
-      seed=config.split.seed, folds=config.split.folds, fold=config.split.fold)
+    cohort,
+    test_center=config.split.test_center,
+    val_fraction=config.split.val_fraction,
+    seed=config.split.seed,
+    folds=config.split.folds,
+    fold=config.split.fold,
+  )
   device_data = data_lib.prepare(cohort, config.data, seed=config.seed)
-  if list(device_data.radiomics_columns) != list(info.get("radiomics_columns", [])):
-    raise ValueError(f"{store_dir}: radiomics selection differs from the one in {run_json}; "
-                     "the store changed since training")
+  if list(device_data.radiomics_columns) != list(info.get('radiomics_columns', [])):
+    raise ValueError(
+      f'{store_dir}: radiomics selection differs from the one in {run_json}; '
+      'the store changed since training'
+    )
   radiomics_dim = int(device_data.radiomics.shape[1])
   model = train.build_model(config, radiomics_dim)
   _, params, _ = nnx.split(model, nnx.Param, ...)
@@ -420,18 +511,34 @@ def load_run(workdir: str | Path) -> TrainedRun:
   _, best = train.checkpoint_managers(workdir)
   step = best.latest_step()
   if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints/best holds no checkpoint")
+    raise FileNotFoundError(f'{workdir}/checkpoints/best holds no checkpoint')
   train.restore_checkpoint(best, step, params, tx.init(params))
   nnx.update(model, params)
-  mri_mean, mri_std = data_lib.masked_mean_std(cohort.mri_deep, cohort.split == "train",
-                                               cohort.mri_deep_count)
+  mri_mean, mri_std = data_lib.masked_mean_std(
+    cohort.mri_deep, cohort.split == 'train', cohort.mri_deep_count
+  )
   rows = []
   for path in store.slide_files(store_dir):
-    t = pq.read_table(path, columns=["patient_id"])
+    t = pq.read_table(path, columns=['patient_id'])
     if len(t):
-      rows.append({"slide_id": path.stem, "patient_id": t.column("patient_id")[0].as_py(),
-                   "path": str(path), "n": len(t)})
-  slide_table = pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "n"])
-  logging.info("restored %s (best epoch %d) from %s", config.name, step, workdir)
-  return TrainedRun(workdir, config, store_dir, cohort, device_data, model,
-                    mri_mean.astype(np.float32), mri_std.astype(np.float32), slide_table)
+      rows.append(
+        {
+          'slide_id': path.stem,
+          'patient_id': t.column('patient_id')[0].as_py(),
+          'path': str(path),
+          'n': len(t),
+        }
+      )
+  slide_table = pd.DataFrame(rows, columns=['slide_id', 'patient_id', 'path', 'n'])
+  logging.info('restored %s (best epoch %d) from %s', config.name, step, workdir)
+  return TrainedRun(
+    workdir,
+    config,
+    store_dir,
+    cohort,
+    device_data,
+    model,
+    mri_mean.astype(np.float32),
+    mri_std.astype(np.float32),
+    slide_table,
+  )

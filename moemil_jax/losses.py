@@ -18,9 +18,15 @@ def _very_negative(dtype) -> jax.Array:
   return jnp.asarray(jnp.finfo(dtype).min / 4, dtype)
 
 
-def cox_nll(log_risk: jax.Array, time: jax.Array, event: jax.Array, *,
-            ties: str = "breslow", mask: jax.Array | None = None,
-            reduction: str = "mean") -> jax.Array:
+def cox_nll(
+  log_risk: jax.Array,
+  time: jax.Array,
+  event: jax.Array,
+  *,
+  ties: str = 'breslow',
+  mask: jax.Array | None = None,
+  reduction: str = 'mean',
+) -> jax.Array:
   """Minus the Cox log partial likelihood of `log_risk` (higher = higher hazard).
 
   Exact for tied times (Breslow or Efron) in O(n log n): sort by time, take a reverse
@@ -36,9 +42,9 @@ def cox_nll(log_risk: jax.Array, time: jax.Array, event: jax.Array, *,
     reduction: "sum" is exactly minus the log partial likelihood; "mean" divides it by
       max(number of events, 1), so a batch without events gives 0 and zero gradient.
   """
-  if ties not in ("breslow", "efron"):
+  if ties not in ('breslow', 'efron'):
     raise ValueError(f"ties must be 'breslow' or 'efron', got {ties!r}")
-  if reduction not in ("mean", "sum"):
+  if reduction not in ('mean', 'sum'):
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
   log_risk = jnp.asarray(log_risk)
   if log_risk.dtype not in (jnp.float32, jnp.float64):  # low precision: compute in f32
@@ -58,17 +64,16 @@ def cox_nll(log_risk: jax.Array, time: jax.Array, event: jax.Array, *,
 
   order = jnp.argsort(time, stable=True)
   t_s, eta_s, ev_s = time[order], eta[order], event[order]
-  first = jnp.searchsorted(t_s, t_s, side="left")  # first index of each tie group
+  first = jnp.searchsorted(t_s, t_s, side='left')  # first index of each tie group
   log_r = jax.lax.cumlogsumexp(eta_s, reverse=True)[first]  # log risk-set sum per subject
 
   ev_f = ev_s.astype(dtype)
-  if ties == "efron":
+  if ties == 'efron':
     # Per tie group: d events, D = sum of exp(eta) over them; the l-th tied event
     # (l = 0..d-1) sees the risk set R - (l/d) D.
     eta_ev = jnp.where(ev_s, eta_s, neg)
     grp_max = jax.ops.segment_max(eta_ev, first, num_segments=n)
-    grp_sum = jax.ops.segment_sum(jnp.exp(eta_ev - grp_max[first]) * ev_f, first,
-                                  num_segments=n)
+    grp_sum = jax.ops.segment_sum(jnp.exp(eta_ev - grp_max[first]) * ev_f, first, num_segments=n)
     log_d = grp_max[first] + jnp.log(jnp.maximum(grp_sum[first], jnp.finfo(dtype).tiny))
     d = jax.ops.segment_sum(ev_f, first, num_segments=n)[first]
     cum_ev = jnp.cumsum(ev_f) - ev_f  # events before this index
@@ -79,7 +84,7 @@ def cox_nll(log_risk: jax.Array, time: jax.Array, event: jax.Array, *,
 
   terms = jnp.where(ev_s, eta_s - log_r, 0.0)
   nll = -jnp.sum(terms)
-  if reduction == "mean":
+  if reduction == 'mean':
     nll = nll / jnp.maximum(jnp.sum(ev_f), 1.0)
   return nll
 
@@ -94,9 +99,16 @@ def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.sum(losses * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def instance_clustering(scores: jax.Array, valid: jax.Array, instance_logits: jax.Array,
-                        label: jax.Array, label_mask: jax.Array, *, k: int = 8,
-                        subtyping: bool = False) -> jax.Array:
+def instance_clustering(
+  scores: jax.Array,
+  valid: jax.Array,
+  instance_logits: jax.Array,
+  label: jax.Array,
+  label_mask: jax.Array,
+  *,
+  k: int = 8,
+  subtyping: bool = False,
+) -> jax.Array:
   """CLAM instance clustering loss, vectorised over a padded batch of bags.
 
   For each bag with a label c, the k most attended real patches are pseudo-positive and
@@ -160,9 +172,15 @@ def gate_balance(gates: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   return jnp.mean(num_experts * jnp.sum(p * p, axis=-1) - 1.0)
 
 
-def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-               weights: Mapping[str, float], *, ties: str = "efron", k: int = 8,
-               subtyping: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total_loss(
+  outputs: Mapping[str, jax.Array],
+  batch: Mapping[str, jax.Array],
+  weights: Mapping[str, float],
+  *,
+  ties: str = 'efron',
+  k: int = 8,
+  subtyping: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of the task losses; returns (loss, per-term dict for logging).
 
   outputs: model outputs (response_logit, log_risk, gates, and for the WSI branch
@@ -170,19 +188,31 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
   batch: response, has_response, os_months, os_event, has_survival, patient_mask.
   weights: response, survival, instance, gate_balance.
   """
-  pmask = jnp.asarray(batch["patient_mask"], bool)
-  has_resp = pmask & jnp.asarray(batch["has_response"], bool)
-  has_surv = pmask & jnp.asarray(batch["has_survival"], bool)
+  pmask = jnp.asarray(batch['patient_mask'], bool)
+  has_resp = pmask & jnp.asarray(batch['has_response'], bool)
+  has_surv = pmask & jnp.asarray(batch['has_survival'], bool)
   terms = {
-      "response": masked_bce(outputs["response_logit"], batch["response"], has_resp),
-      "survival": cox_nll(outputs["log_risk"], batch["os_months"], batch["os_event"],
-                          ties=ties, mask=has_surv, reduction="mean"),
+    'response': masked_bce(outputs['response_logit'], batch['response'], has_resp),
+    'survival': cox_nll(
+      outputs['log_risk'],
+      batch['os_months'],
+      batch['os_event'],
+      ties=ties,
+      mask=has_surv,
+      reduction='mean',
+    ),
   }
-  if "instance_logits" in outputs and weights.get("instance", 0.0):
-    terms["instance"] = instance_clustering(
-        outputs["attention_scores"], outputs["patch_valid"], outputs["instance_logits"],
-        batch["response"], has_resp, k=k, subtyping=subtyping)
-  if "gates" in outputs and weights.get("gate_balance", 0.0):
-    terms["gate_balance"] = gate_balance(outputs["gates"], pmask)
+  if 'instance_logits' in outputs and weights.get('instance', 0.0):
+    terms['instance'] = instance_clustering(
+      outputs['attention_scores'],
+      outputs['patch_valid'],
+      outputs['instance_logits'],
+      batch['response'],
+      has_resp,
+      k=k,
+      subtyping=subtyping,
+    )
+  if 'gates' in outputs and weights.get('gate_balance', 0.0):
+    terms['gate_balance'] = gate_balance(outputs['gates'], pmask)
   loss = sum(weights.get(name, 0.0) * value for name, value in terms.items())
   return loss, terms

@@ -24,464 +24,484 @@ MIN_EVENTS_LOGRANK = 10
 
 
 class UndefinedMetric(ValueError):
-    """The metric does not exist for these data (e.g. one class only); the message says why."""
+  """The metric does not exist for these data (e.g. one class only); the message says why."""
 
 
 # --------------------------------------------------------------------------- input checks
 
 
 def _as_1d(x, name: str, dtype=np.float64) -> np.ndarray:
-    arr = np.asarray(x, dtype=dtype)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    return arr
+  arr = np.asarray(x, dtype=dtype)
+  if arr.ndim != 1:
+    raise ValueError(f'{name} must be 1-D, got shape {arr.shape}')
+  return arr
 
 
 def _finite(x, name: str) -> np.ndarray:
-    arr = _as_1d(x, name)
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"{name} has {bad.size} non-finite values at positions {bad[:10].tolist()}")
-    return arr
+  arr = _as_1d(x, name)
+  bad = np.flatnonzero(~np.isfinite(arr))
+  if bad.size:
+    raise ValueError(f'{name} has {bad.size} non-finite values at positions {bad[:10].tolist()}')
+  return arr
 
 
-def _binary(y, name: str = "y") -> np.ndarray:
-    arr = _finite(y, name)
-    if not np.isin(arr, (0.0, 1.0)).all():
-        raise ValueError(f"{name} must contain only 0 and 1, got values {np.unique(arr)[:10].tolist()}")
-    return arr.astype(np.int64)
+def _binary(y, name: str = 'y') -> np.ndarray:
+  arr = _finite(y, name)
+  if not np.isin(arr, (0.0, 1.0)).all():
+    raise ValueError(f'{name} must contain only 0 and 1, got values {np.unique(arr)[:10].tolist()}')
+  return arr.astype(np.int64)
 
 
 def _same_length(**arrays: np.ndarray) -> None:
-    lengths = {k: len(v) for k, v in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"lengths differ: {lengths}")
+  lengths = {k: len(v) for k, v in arrays.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f'lengths differ: {lengths}')
 
 
 def _two_classes(y: np.ndarray) -> None:
-    n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == len(y):
-        only = "positive" if n_pos else "negative"
-        raise UndefinedMetric(
-            f"AUC undefined: all {len(y)} patients are {only} (one class only)")
+  n_pos = int(y.sum())
+  if n_pos == 0 or n_pos == len(y):
+    only = 'positive' if n_pos else 'negative'
+    raise UndefinedMetric(f'AUC undefined: all {len(y)} patients are {only} (one class only)')
 
 
 def _survival(time, event) -> tuple[np.ndarray, np.ndarray]:
-    t = _finite(time, "time")
-    e = _binary(event, "event").astype(bool)
-    _same_length(time=t, event=e)
-    if (t < 0).any():
-        raise ValueError(f"time must be >= 0, got min {t.min()}")
-    return t, e
+  t = _finite(time, 'time')
+  e = _binary(event, 'event').astype(bool)
+  _same_length(time=t, event=e)
+  if (t < 0).any():
+    raise ValueError(f'time must be >= 0, got min {t.min()}')
+  return t, e
 
 
 # --------------------------------------------------------------------------- ROC AUC: DeLong
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    return stats.rankdata(x, method="average")
+  """Ranks 1..n with ties given their average rank."""
+  return stats.rankdata(x, method='average')
 
 
 def _delong_components(y: np.ndarray, scores: np.ndarray):
-    """AUCs and the DeLong covariance matrix for k score vectors (k, n) on the same patients.
+  """AUCs and the DeLong covariance matrix for k score vectors (k, n) on the same patients.
 
-    Fast version of DeLong et al. (1988) by Sun & Xu (2014): placement values from midranks.
-    """
-    pos, neg = scores[:, y == 1], scores[:, y == 0]
-    m, n = pos.shape[1], neg.shape[1]
-    k = scores.shape[0]
-    aucs = np.empty(k)
-    v10 = np.empty((k, m))   # placement of each positive among negatives
-    v01 = np.empty((k, n))   # placement of each negative among positives
-    for r in range(k):
-        rank_pos = _midrank(pos[r])
-        rank_neg = _midrank(neg[r])
-        rank_all = _midrank(np.concatenate([pos[r], neg[r]]))
-        aucs[r] = (rank_all[:m].sum() - m * (m + 1) / 2) / (m * n)
-        v10[r] = (rank_all[:m] - rank_pos) / n
-        v01[r] = 1.0 - (rank_all[m:] - rank_neg) / m
-    s10 = np.atleast_2d(np.cov(v10))
-    s01 = np.atleast_2d(np.cov(v01))
-    return aucs, s10 / m + s01 / n
+  Fast version of DeLong et al. (1988) by Sun & Xu (2014): placement values from midranks.
+  """
+  pos, neg = scores[:, y == 1], scores[:, y == 0]
+  m, n = pos.shape[1], neg.shape[1]
+  k = scores.shape[0]
+  aucs = np.empty(k)
+  v10 = np.empty((k, m))  # placement of each positive among negatives
+  v01 = np.empty((k, n))  # placement of each negative among positives
+  for r in range(k):
+    rank_pos = _midrank(pos[r])
+    rank_neg = _midrank(neg[r])
+    rank_all = _midrank(np.concatenate([pos[r], neg[r]]))
+    aucs[r] = (rank_all[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v10[r] = (rank_all[:m] - rank_pos) / n
+    v01[r] = 1.0 - (rank_all[m:] - rank_neg) / m
+  s10 = np.atleast_2d(np.cov(v10))
+  s01 = np.atleast_2d(np.cov(v01))
+  return aucs, s10 / m + s01 / n
 
 
 def roc_auc(y, score) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count one half); needs both classes."""
-    y = _binary(y)
-    score = _finite(score, "score")
-    _same_length(y=y, score=score)
-    _two_classes(y)
-    return float(_auc(y, score))
+  """Area under the ROC curve (Mann-Whitney, ties count one half); needs both classes."""
+  y = _binary(y)
+  score = _finite(score, 'score')
+  _same_length(y=y, score=score)
+  _two_classes(y)
+  return float(_auc(y, score))
 
 
 def labelled_auc_or_nan(y, score) -> float:
-    """AUC over the rows with a label (y not NaN); NaN when undefined, for training curves."""
-    y, score = np.asarray(y, float), np.asarray(score, float)
-    ok = ~np.isnan(y)
-    try:
-        return roc_auc(y[ok].astype(int), score[ok])
-    except UndefinedMetric:
-        return float("nan")
+  """AUC over the rows with a label (y not NaN); NaN when undefined, for training curves."""
+  y, score = np.asarray(y, float), np.asarray(score, float)
+  ok = ~np.isnan(y)
+  try:
+    return roc_auc(y[ok].astype(int), score[ok])
+  except UndefinedMetric:
+    return float('nan')
 
 
 def cindex_or_nan(time, event, risk) -> float:
-    """Harrell's C over the rows with a follow-up time; NaN when undefined, for training curves."""
-    time = np.asarray(time, float)
-    ok = ~np.isnan(time)
-    try:
-        return concordance_index(time[ok], np.asarray(event)[ok], np.asarray(risk)[ok])
-    except UndefinedMetric:
-        return float("nan")
+  """Harrell's C over the rows with a follow-up time; NaN when undefined, for training curves."""
+  time = np.asarray(time, float)
+  ok = ~np.isnan(time)
+  try:
+    return concordance_index(time[ok], np.asarray(event)[ok], np.asarray(risk)[ok])
+  except UndefinedMetric:
+    return float('nan')
 
 
 def delong_auc_variance(y, score) -> tuple[float, float]:
-    """(AUC, DeLong variance of the AUC)."""
-    y = _binary(y)
-    score = _finite(score, "score")
-    _same_length(y=y, score=score)
-    _two_classes(y)
-    if min(int(y.sum()), int(len(y) - y.sum())) < 2:
-        raise UndefinedMetric("AUC variance undefined: DeLong needs at least 2 patients in each class")
-    aucs, cov = _delong_components(y, score[None])
-    return float(aucs[0]), float(cov[0, 0])
+  """(AUC, DeLong variance of the AUC)."""
+  y = _binary(y)
+  score = _finite(score, 'score')
+  _same_length(y=y, score=score)
+  _two_classes(y)
+  if min(int(y.sum()), int(len(y) - y.sum())) < 2:
+    raise UndefinedMetric('AUC variance undefined: DeLong needs at least 2 patients in each class')
+  aucs, cov = _delong_components(y, score[None])
+  return float(aucs[0]), float(cov[0, 0])
 
 
-def roc_auc_ci(y, score, *, method: str = "delong", alpha: float = 0.05,
-               n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(AUC, lower, upper): the (1 - alpha) CI by DeLong (normal, clipped to [0, 1]) or bootstrap.
+def roc_auc_ci(
+  y, score, *, method: str = 'delong', alpha: float = 0.05, n_bootstrap: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+  """(AUC, lower, upper): the (1 - alpha) CI by DeLong (normal, clipped to [0, 1]) or bootstrap.
 
-    The bootstrap is stratified by class (percentile interval) so every resample has both classes.
-    """
-    if method == "delong":
-        auc, var = delong_auc_variance(y, score)
-        half = stats.norm.ppf(1 - alpha / 2) * np.sqrt(var)
-        return auc, float(max(0.0, auc - half)), float(min(1.0, auc + half))
-    if method != "bootstrap":
-        raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
-    y = _binary(y)
-    score = _finite(score, "score")
-    _same_length(y=y, score=score)
-    _two_classes(y)
-    auc = _auc(y, score)
-    rng = np.random.default_rng(seed)
-    pos, neg = score[y == 1], score[y == 0]
-    boot = np.empty(n_bootstrap)
-    for b in range(n_bootstrap):
-        p = rng.choice(pos, size=pos.size, replace=True)
-        q = rng.choice(neg, size=neg.size, replace=True)
-        boot[b] = _auc(np.r_[np.ones(p.size), np.zeros(q.size)].astype(int), np.r_[p, q])
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return auc, float(lo), float(hi)
+  The bootstrap is stratified by class (percentile interval) so every resample has both classes.
+  """
+  if method == 'delong':
+    auc, var = delong_auc_variance(y, score)
+    half = stats.norm.ppf(1 - alpha / 2) * np.sqrt(var)
+    return auc, float(max(0.0, auc - half)), float(min(1.0, auc + half))
+  if method != 'bootstrap':
+    raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
+  y = _binary(y)
+  score = _finite(score, 'score')
+  _same_length(y=y, score=score)
+  _two_classes(y)
+  auc = _auc(y, score)
+  rng = np.random.default_rng(seed)
+  pos, neg = score[y == 1], score[y == 0]
+  boot = np.empty(n_bootstrap)
+  for b in range(n_bootstrap):
+    p = rng.choice(pos, size=pos.size, replace=True)
+    q = rng.choice(neg, size=neg.size, replace=True)
+    boot[b] = _auc(np.r_[np.ones(p.size), np.zeros(q.size)].astype(int), np.r_[p, q])
+  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+  return auc, float(lo), float(hi)
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    m = int(y.sum())
-    n = len(y) - m
-    ranks = _midrank(score)
-    return float((ranks[y == 1].sum() - m * (m + 1) / 2) / (m * n))
+  m = int(y.sum())
+  n = len(y) - m
+  ranks = _midrank(score)
+  return float((ranks[y == 1].sum() - m * (m + 1) / 2) / (m * n))
 
 
 def delong_test(y, score_a, score_b) -> tuple[float, float]:
-    """Paired two-sided DeLong test of AUC(a) = AUC(b) on the same patients: (z, p)."""
-    y = _binary(y)
-    a = _finite(score_a, "score_a")
-    b = _finite(score_b, "score_b")
-    _same_length(y=y, score_a=a, score_b=b)
-    _two_classes(y)
-    if min(int(y.sum()), int(len(y) - y.sum())) < 2:
-        raise UndefinedMetric("DeLong test undefined: needs at least 2 patients in each class")
-    aucs, cov = _delong_components(y, np.stack([a, b]))
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    diff = aucs[0] - aucs[1]
-    if var <= 0:
-        if diff == 0:
-            return 0.0, 1.0
-        raise UndefinedMetric("DeLong test undefined: zero variance of the AUC difference")
-    z = float(diff / np.sqrt(var))
-    return z, float(2 * stats.norm.sf(abs(z)))
+  """Paired two-sided DeLong test of AUC(a) = AUC(b) on the same patients: (z, p)."""
+  y = _binary(y)
+  a = _finite(score_a, 'score_a')
+  b = _finite(score_b, 'score_b')
+  _same_length(y=y, score_a=a, score_b=b)
+  _two_classes(y)
+  if min(int(y.sum()), int(len(y) - y.sum())) < 2:
+    raise UndefinedMetric('DeLong test undefined: needs at least 2 patients in each class')
+  aucs, cov = _delong_components(y, np.stack([a, b]))
+  var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+  diff = aucs[0] - aucs[1]
+  if var <= 0:
+    if diff == 0:
+      return 0.0, 1.0
+    raise UndefinedMetric('DeLong test undefined: zero variance of the AUC difference')
+  z = float(diff / np.sqrt(var))
+  return z, float(2 * stats.norm.sf(abs(z)))
 
 
 # --------------------------------------------------------------------------- threshold metrics
 
 
 def youden_threshold(y, score) -> float:
-    """Score threshold maximising sensitivity + specificity - 1 (positive when score >= threshold)."""
-    from sklearn.metrics import roc_curve
+  """Score threshold maximising sensitivity + specificity - 1 (positive when score >= threshold)."""
+  from sklearn.metrics import roc_curve
 
-    y = _binary(y)
-    score = _finite(score, "score")
-    _same_length(y=y, score=score)
-    _two_classes(y)
-    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
-    finite = np.isfinite(thresholds)
-    j = np.argmax(np.where(finite, tpr - fpr, -np.inf))
-    return float(thresholds[j])
+  y = _binary(y)
+  score = _finite(score, 'score')
+  _same_length(y=y, score=score)
+  _two_classes(y)
+  fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+  finite = np.isfinite(thresholds)
+  j = np.argmax(np.where(finite, tpr - fpr, -np.inf))
+  return float(thresholds[j])
 
 
 @dataclasses.dataclass(frozen=True)
 class ConfusionMetrics:
-    threshold: float
-    tp: int
-    fp: int
-    tn: int
-    fn: int
+  threshold: float
+  tp: int
+  fp: int
+  tn: int
+  fn: int
 
-    @staticmethod
-    def _ratio(a: int, b: int) -> float:
-        return a / b if b else float("nan")
+  @staticmethod
+  def _ratio(a: int, b: int) -> float:
+    return a / b if b else float('nan')
 
-    @property
-    def accuracy(self) -> float:
-        return self._ratio(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn)
+  @property
+  def accuracy(self) -> float:
+    return self._ratio(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn)
 
-    @property
-    def sensitivity(self) -> float:
-        return self._ratio(self.tp, self.tp + self.fn)
+  @property
+  def sensitivity(self) -> float:
+    return self._ratio(self.tp, self.tp + self.fn)
 
-    @property
-    def specificity(self) -> float:
-        return self._ratio(self.tn, self.tn + self.fp)
+  @property
+  def specificity(self) -> float:
+    return self._ratio(self.tn, self.tn + self.fp)
 
-    @property
-    def ppv(self) -> float:
-        return self._ratio(self.tp, self.tp + self.fp)
+  @property
+  def ppv(self) -> float:
+    return self._ratio(self.tp, self.tp + self.fp)
 
-    @property
-    def npv(self) -> float:
-        return self._ratio(self.tn, self.tn + self.fn)
+  @property
+  def npv(self) -> float:
+    return self._ratio(self.tn, self.tn + self.fn)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"threshold": self.threshold, "tp": self.tp, "fp": self.fp, "tn": self.tn,
-                "fn": self.fn, "accuracy": self.accuracy, "sensitivity": self.sensitivity,
-                "specificity": self.specificity, "ppv": self.ppv, "npv": self.npv}
+  def as_dict(self) -> dict[str, float]:
+    return {
+      'threshold': self.threshold,
+      'tp': self.tp,
+      'fp': self.fp,
+      'tn': self.tn,
+      'fn': self.fn,
+      'accuracy': self.accuracy,
+      'sensitivity': self.sensitivity,
+      'specificity': self.specificity,
+      'ppv': self.ppv,
+      'npv': self.npv,
+    }
 
 
 def confusion_at(y, score, threshold: float) -> ConfusionMetrics:
-    """Counts and rates with `score >= threshold` called positive (NaN rate when its denominator is 0)."""
-    y = _binary(y)
-    score = _finite(score, "score")
-    _same_length(y=y, score=score)
-    pred = score >= threshold
-    return ConfusionMetrics(
-        threshold=float(threshold),
-        tp=int((pred & (y == 1)).sum()), fp=int((pred & (y == 0)).sum()),
-        tn=int((~pred & (y == 0)).sum()), fn=int((~pred & (y == 1)).sum()))
+  """Counts and rates with `score >= threshold` called positive (NaN rate when its denominator is 0)."""
+  y = _binary(y)
+  score = _finite(score, 'score')
+  _same_length(y=y, score=score)
+  pred = score >= threshold
+  return ConfusionMetrics(
+    threshold=float(threshold),
+    tp=int((pred & (y == 1)).sum()),
+    fp=int((pred & (y == 0)).sum()),
+    tn=int((~pred & (y == 0)).sum()),
+    fn=int((~pred & (y == 1)).sum()),
+  )
 
 
 # --------------------------------------------------------------------------- calibration, decision curves
 
 
 def brier_score(y, prob) -> float:
-    y = _binary(y)
-    prob = _finite(prob, "prob")
-    _same_length(y=y, prob=prob)
-    return float(np.mean((prob - y) ** 2))
+  y = _binary(y)
+  prob = _finite(prob, 'prob')
+  _same_length(y=y, prob=prob)
+  return float(np.mean((prob - y) ** 2))
 
 
 def _logistic_fit(y: np.ndarray, x: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """Maximum-likelihood logistic regression y ~ x @ beta + offset (x includes the intercept)."""
+  """Maximum-likelihood logistic regression y ~ x @ beta + offset (x includes the intercept)."""
 
-    def nll(beta):
-        eta = x @ beta + offset
-        return float(np.sum(np.logaddexp(0.0, eta) - y * eta))
+  def nll(beta):
+    eta = x @ beta + offset
+    return float(np.sum(np.logaddexp(0.0, eta) - y * eta))
 
-    def grad(beta):
-        eta = x @ beta + offset
-        return x.T @ (1.0 / (1.0 + np.exp(-eta)) - y)
+  def grad(beta):
+    eta = x @ beta + offset
+    return x.T @ (1.0 / (1.0 + np.exp(-eta)) - y)
 
-    res = optimize.minimize(nll, np.zeros(x.shape[1]), jac=grad, method="BFGS",
-                            options={"gtol": 1e-10, "maxiter": 1000})
-    return res.x
+  res = optimize.minimize(
+    nll, np.zeros(x.shape[1]), jac=grad, method='BFGS', options={'gtol': 1e-10, 'maxiter': 1000}
+  )
+  return res.x
 
 
 def calibration_intercept_slope(y, prob, *, eps: float = 1e-12) -> tuple[float, float]:
-    """(calibration-in-the-large, calibration slope) as in Steyerberg's logistic recalibration.
+  """(calibration-in-the-large, calibration slope) as in Steyerberg's logistic recalibration.
 
-    Slope: b in logit P(y) = a + b * logit(p); intercept: a in logit P(y) = a + logit(p)
-    (slope fixed to 1). Ideal: intercept 0, slope 1; slope < 1 means overfitted predictions.
-    """
-    y = _binary(y)
-    prob = _finite(prob, "prob")
-    _same_length(y=y, prob=prob)
-    _two_classes(y)
-    lp = np.log(np.clip(prob, eps, 1 - eps)) - np.log1p(-np.clip(prob, eps, 1 - eps))
-    ones = np.ones((len(y), 1))
-    slope = _logistic_fit(y, np.hstack([ones, lp[:, None]]), np.zeros(len(y)))[1]
-    intercept = _logistic_fit(y, ones, lp)[0]
-    return float(intercept), float(slope)
+  Slope: b in logit P(y) = a + b * logit(p); intercept: a in logit P(y) = a + logit(p)
+  (slope fixed to 1). Ideal: intercept 0, slope 1; slope < 1 means overfitted predictions.
+  """
+  y = _binary(y)
+  prob = _finite(prob, 'prob')
+  _same_length(y=y, prob=prob)
+  _two_classes(y)
+  lp = np.log(np.clip(prob, eps, 1 - eps)) - np.log1p(-np.clip(prob, eps, 1 - eps))
+  ones = np.ones((len(y), 1))
+  slope = _logistic_fit(y, np.hstack([ones, lp[:, None]]), np.zeros(len(y)))[1]
+  intercept = _logistic_fit(y, ones, lp)[0]
+  return float(intercept), float(slope)
 
 
 def calibration_bins(y, prob, *, n_bins: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean predicted, observed fraction, count) per quantile bin, for calibration plots."""
-    y = _binary(y)
-    prob = _finite(prob, "prob")
-    _same_length(y=y, prob=prob)
-    edges = np.unique(np.quantile(prob, np.linspace(0, 1, n_bins + 1)))
-    which = np.clip(np.searchsorted(edges[1:-1], prob, side="right"), 0, max(len(edges) - 2, 0))
-    mean_pred, frac_pos, count = [], [], []
-    for b in np.unique(which):
-        sel = which == b
-        mean_pred.append(prob[sel].mean())
-        frac_pos.append(y[sel].mean())
-        count.append(int(sel.sum()))
-    return np.array(mean_pred), np.array(frac_pos), np.array(count)
+  """(mean predicted, observed fraction, count) per quantile bin, for calibration plots."""
+  y = _binary(y)
+  prob = _finite(prob, 'prob')
+  _same_length(y=y, prob=prob)
+  edges = np.unique(np.quantile(prob, np.linspace(0, 1, n_bins + 1)))
+  which = np.clip(np.searchsorted(edges[1:-1], prob, side='right'), 0, max(len(edges) - 2, 0))
+  mean_pred, frac_pos, count = [], [], []
+  for b in np.unique(which):
+    sel = which == b
+    mean_pred.append(prob[sel].mean())
+    frac_pos.append(y[sel].mean())
+    count.append(int(sel.sum()))
+  return np.array(mean_pred), np.array(frac_pos), np.array(count)
 
 
 def net_benefit(y, prob, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Decision-curve net benefit of the model and of treat-all at each threshold probability.
+  """Decision-curve net benefit of the model and of treat-all at each threshold probability.
 
-    NB(pt) = TP/n - FP/n * pt / (1 - pt), treating patients with prob >= pt (Vickers & Elkin 2006).
-    Treat-none has net benefit 0 everywhere.
-    """
-    y = _binary(y)
-    prob = _finite(prob, "prob")
-    _same_length(y=y, prob=prob)
-    pt = np.asarray(thresholds, np.float64)
-    if ((pt <= 0) | (pt >= 1)).any():
-        raise ValueError("threshold probabilities must lie strictly between 0 and 1")
-    n = len(y)
-    treat = prob[None, :] >= pt[:, None]
-    tp = (treat & (y[None] == 1)).sum(1) / n
-    fp = (treat & (y[None] == 0)).sum(1) / n
-    odds = pt / (1 - pt)
-    prevalence = y.mean()
-    return tp - fp * odds, prevalence - (1 - prevalence) * odds
+  NB(pt) = TP/n - FP/n * pt / (1 - pt), treating patients with prob >= pt (Vickers & Elkin 2006).
+  Treat-none has net benefit 0 everywhere.
+  """
+  y = _binary(y)
+  prob = _finite(prob, 'prob')
+  _same_length(y=y, prob=prob)
+  pt = np.asarray(thresholds, np.float64)
+  if ((pt <= 0) | (pt >= 1)).any():
+    raise ValueError('threshold probabilities must lie strictly between 0 and 1')
+  n = len(y)
+  treat = prob[None, :] >= pt[:, None]
+  tp = (treat & (y[None] == 1)).sum(1) / n
+  fp = (treat & (y[None] == 0)).sum(1) / n
+  odds = pt / (1 - pt)
+  prevalence = y.mean()
+  return tp - fp * odds, prevalence - (1 - prevalence) * odds
 
 
 # --------------------------------------------------------------------------- survival
 
 
 def concordance_index(time, event, risk) -> float:
-    """Harrell's C: fraction of comparable pairs where the higher risk has the earlier event."""
-    from lifelines.utils import concordance_index as lifelines_c
+  """Harrell's C: fraction of comparable pairs where the higher risk has the earlier event."""
+  from lifelines.utils import concordance_index as lifelines_c
 
-    t, e = _survival(time, event)
-    r = _finite(risk, "risk")
-    _same_length(time=t, risk=r)
-    if not e.any():
-        raise UndefinedMetric("C-index undefined: no events")
+  t, e = _survival(time, event)
+  r = _finite(risk, 'risk')
+  _same_length(time=t, risk=r)
+  if not e.any():
+    raise UndefinedMetric('C-index undefined: no events')
+  try:
+    return float(lifelines_c(t, -r, e))
+  except ZeroDivisionError as err:
+    raise UndefinedMetric('C-index undefined: no comparable pairs') from err
+
+
+def concordance_index_ci(
+  time, event, risk, *, alpha: float = 0.05, n_bootstrap: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+  """(C, lower, upper) with a percentile bootstrap CI over patients."""
+  from lifelines.utils import concordance_index as lifelines_c
+
+  c = concordance_index(time, event, risk)
+  t, e = _survival(time, event)
+  r = _finite(risk, 'risk')
+  rng = np.random.default_rng(seed)
+  boot = []
+  for _ in range(n_bootstrap):
+    idx = rng.integers(0, len(t), len(t))
+    if not e[idx].any():
+      continue
     try:
-        return float(lifelines_c(t, -r, e))
-    except ZeroDivisionError as err:
-        raise UndefinedMetric("C-index undefined: no comparable pairs") from err
-
-
-def concordance_index_ci(time, event, risk, *, alpha: float = 0.05, n_bootstrap: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
-    """(C, lower, upper) with a percentile bootstrap CI over patients."""
-    from lifelines.utils import concordance_index as lifelines_c
-
-    c = concordance_index(time, event, risk)
-    t, e = _survival(time, event)
-    r = _finite(risk, "risk")
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, len(t), len(t))
-        if not e[idx].any():
-            continue
-        try:
-            boot.append(lifelines_c(t[idx], -r[idx], e[idx]))
-        except ZeroDivisionError:
-            continue
-    if len(boot) < n_bootstrap // 2:
-        raise UndefinedMetric(f"C-index CI undefined: only {len(boot)} of {n_bootstrap} "
-                              "bootstrap resamples had comparable pairs")
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return c, float(lo), float(hi)
+      boot.append(lifelines_c(t[idx], -r[idx], e[idx]))
+    except ZeroDivisionError:
+      continue
+  if len(boot) < n_bootstrap // 2:
+    raise UndefinedMetric(
+      f'C-index CI undefined: only {len(boot)} of {n_bootstrap} '
+      'bootstrap resamples had comparable pairs'
+    )
+  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+  return c, float(lo), float(hi)
 
 
 def _groups(group, n: int) -> np.ndarray:
-    g = _binary(group, "group").astype(bool)
-    if len(g) != n:
-        raise ValueError(f"group has {len(g)} values, time has {n}")
-    return g
+  g = _binary(group, 'group').astype(bool)
+  if len(g) != n:
+    raise ValueError(f'group has {len(g)} values, time has {n}')
+  return g
 
 
 def logrank_test(time, event, group) -> tuple[float, float]:
-    """Log-rank test between group 1 and group 0: (chi2, p) with 1 degree of freedom.
+  """Log-rank test between group 1 and group 0: (chi2, p) with 1 degree of freedom.
 
-    Raises UndefinedMetric when a group is empty or there are no events.
-    """
-    from lifelines.statistics import logrank_test as lifelines_logrank
+  Raises UndefinedMetric when a group is empty or there are no events.
+  """
+  from lifelines.statistics import logrank_test as lifelines_logrank
 
-    t, e = _survival(time, event)
-    g = _groups(group, len(t))
-    if g.all() or not g.any():
-        raise UndefinedMetric(f"log-rank undefined: all {len(t)} patients are in one risk group")
-    if not e.any():
-        raise UndefinedMetric(f"log-rank undefined: no events among {len(t)} patients")
-    res = lifelines_logrank(t[g], t[~g], event_observed_A=e[g], event_observed_B=e[~g])
-    return float(res.test_statistic), float(res.p_value)
+  t, e = _survival(time, event)
+  g = _groups(group, len(t))
+  if g.all() or not g.any():
+    raise UndefinedMetric(f'log-rank undefined: all {len(t)} patients are in one risk group')
+  if not e.any():
+    raise UndefinedMetric(f'log-rank undefined: no events among {len(t)} patients')
+  res = lifelines_logrank(t[g], t[~g], event_observed_A=e[g], event_observed_B=e[~g])
+  return float(res.test_statistic), float(res.p_value)
 
 
 def hazard_ratio(time, event, group, *, alpha: float = 0.05) -> tuple[float, float, float, float]:
-    """Cox hazard ratio of group 1 against group 0: (HR, lower, upper, Wald p)."""
-    import pandas as pd
-    from lifelines import CoxPHFitter
+  """Cox hazard ratio of group 1 against group 0: (HR, lower, upper, Wald p)."""
+  import pandas as pd
+  from lifelines import CoxPHFitter
 
-    t, e = _survival(time, event)
-    g = _groups(group, len(t))
-    if g.all() or not g.any():
-        raise UndefinedMetric("hazard ratio undefined: all patients are in one risk group")
-    if not e[g].any() or not e[~g].any():
-        raise UndefinedMetric("hazard ratio undefined: a risk group has no events "
-                              f"(high: {int(e[g].sum())}, low: {int(e[~g].sum())})")
-    df = pd.DataFrame({"time": t, "event": e.astype(int), "group": g.astype(float)})
-    cph = CoxPHFitter(alpha=alpha).fit(df, "time", "event")
-    s = cph.summary.loc["group"]
-    lo_col = [c for c in s.index if c.startswith("exp(coef) lower")][0]
-    hi_col = [c for c in s.index if c.startswith("exp(coef) upper")][0]
-    return float(s["exp(coef)"]), float(s[lo_col]), float(s[hi_col]), float(s["p"])
+  t, e = _survival(time, event)
+  g = _groups(group, len(t))
+  if g.all() or not g.any():
+    raise UndefinedMetric('hazard ratio undefined: all patients are in one risk group')
+  if not e[g].any() or not e[~g].any():
+    raise UndefinedMetric(
+      'hazard ratio undefined: a risk group has no events '
+      f'(high: {int(e[g].sum())}, low: {int(e[~g].sum())})'
+    )
+  df = pd.DataFrame({'time': t, 'event': e.astype(int), 'group': g.astype(float)})
+  cph = CoxPHFitter(alpha=alpha).fit(df, 'time', 'event')
+  s = cph.summary.loc['group']
+  lo_col = [c for c in s.index if c.startswith('exp(coef) lower')][0]
+  hi_col = [c for c in s.index if c.startswith('exp(coef) upper')][0]
+  return float(s['exp(coef)']), float(s[lo_col]), float(s[hi_col]), float(s['p'])
 
 
 def _censoring_survival(train_time: np.ndarray, train_event: np.ndarray):
-    """Kaplan-Meier of the censoring distribution G(t) = P(C > t) as a step function.
+  """Kaplan-Meier of the censoring distribution G(t) = P(C > t) as a step function.
 
-    At tied times, events are taken to happen before censorings (the usual IPCW convention).
-    """
-    times = np.unique(train_time)
-    at_risk = np.array([(train_time >= s).sum() for s in times], np.float64)
-    deaths = np.array([((train_time == s) & train_event).sum() for s in times], np.float64)
-    censored = np.array([((train_time == s) & ~train_event).sum() for s in times], np.float64)
-    denom = at_risk - deaths
-    factor = np.where(censored > 0, 1.0 - censored / np.where(denom > 0, denom, 1.0), 1.0)
-    surv = np.cumprod(factor)
+  At tied times, events are taken to happen before censorings (the usual IPCW convention).
+  """
+  times = np.unique(train_time)
+  at_risk = np.array([(train_time >= s).sum() for s in times], np.float64)
+  deaths = np.array([((train_time == s) & train_event).sum() for s in times], np.float64)
+  censored = np.array([((train_time == s) & ~train_event).sum() for s in times], np.float64)
+  denom = at_risk - deaths
+  factor = np.where(censored > 0, 1.0 - censored / np.where(denom > 0, denom, 1.0), 1.0)
+  surv = np.cumprod(factor)
 
-    def g(t: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(times, t, side="right") - 1
-        return np.where(idx >= 0, surv[np.clip(idx, 0, None)], 1.0)
+  def g(t: np.ndarray) -> np.ndarray:
+    idx = np.searchsorted(times, t, side='right') - 1
+    return np.where(idx >= 0, surv[np.clip(idx, 0, None)], 1.0)
 
-    return g
+  return g
 
 
-def time_dependent_auc(train_time, train_event, time, event, risk, at: float, *,
-                       tied_tol: float = 1e-8) -> float:
-    """Cumulative/dynamic AUC at time `at` with inverse-probability-of-censoring weights (Uno 2007).
+def time_dependent_auc(
+  train_time, train_event, time, event, risk, at: float, *, tied_tol: float = 1e-8
+) -> float:
+  """Cumulative/dynamic AUC at time `at` with inverse-probability-of-censoring weights (Uno 2007).
 
-    Cases: event by `at`, weighted by 1/G(T_i) with G the censoring Kaplan-Meier of the training
-    set; controls: still event-free after `at`. Raises UndefinedMetric where follow-up does not
-    reach `at` or there are no cases or controls.
-    """
-    tt, te = _survival(train_time, train_event)
-    t, e = _survival(time, event)
-    r = _finite(risk, "risk")
-    _same_length(time=t, risk=r)
-    if at >= tt.max():
-        raise UndefinedMetric(f"time-dependent AUC at {at:g} undefined: training follow-up "
-                              f"ends at {tt.max():g}")
-    cases = e & (t <= at)
-    controls = t > at
-    if not cases.any():
-        raise UndefinedMetric(f"time-dependent AUC at {at:g} undefined: no events by {at:g}")
-    if not controls.any():
-        raise UndefinedMetric(f"time-dependent AUC at {at:g} undefined: nobody followed beyond {at:g}")
-    g = _censoring_survival(tt, te)(t[cases])
-    if (g <= 0).any():
-        raise UndefinedMetric(f"time-dependent AUC at {at:g} undefined: censoring survival is 0")
-    w = 1.0 / g
-    diff = r[cases][:, None] - r[controls][None, :]
-    tied = np.abs(diff) <= tied_tol
-    wins = np.where(tied, 0.5, (diff > 0).astype(np.float64))
-    return float((w[:, None] * wins).sum() / (w.sum() * controls.sum()))
+  Cases: event by `at`, weighted by 1/G(T_i) with G the censoring Kaplan-Meier of the training
+  set; controls: still event-free after `at`. Raises UndefinedMetric where follow-up does not
+  reach `at` or there are no cases or controls.
+  """
+  tt, te = _survival(train_time, train_event)
+  t, e = _survival(time, event)
+  r = _finite(risk, 'risk')
+  _same_length(time=t, risk=r)
+  if at >= tt.max():
+    raise UndefinedMetric(
+      f'time-dependent AUC at {at:g} undefined: training follow-up ends at {tt.max():g}'
+    )
+  cases = e & (t <= at)
+  controls = t > at
+  if not cases.any():
+    raise UndefinedMetric(f'time-dependent AUC at {at:g} undefined: no events by {at:g}')
+  if not controls.any():
+    raise UndefinedMetric(f'time-dependent AUC at {at:g} undefined: nobody followed beyond {at:g}')
+  g = _censoring_survival(tt, te)(t[cases])
+  if (g <= 0).any():
+    raise UndefinedMetric(f'time-dependent AUC at {at:g} undefined: censoring survival is 0')
+  w = 1.0 / g
+  diff = r[cases][:, None] - r[controls][None, :]
+  tied = np.abs(diff) <= tied_tol
+  wins = np.where(tied, 0.5, (diff > 0).astype(np.float64))
+  return float((w[:, None] * wins).sum() / (w.sum() * controls.sum()))

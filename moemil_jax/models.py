@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODALITIES = ("wsi", "radiomics", "mri_deep")
-TASKS = ("response", "survival")
+MODALITIES = ('wsi', 'radiomics', 'mri_deep')
+TASKS = ('response', 'survival')
 
 
 def masked_softmax(scores: jax.Array, valid: jax.Array) -> jax.Array:
@@ -50,8 +50,17 @@ class WSIBranch(nnx.Module):
   scores and per-class instance-classifier logits of every patch.
   """
 
-  def __init__(self, in_dim: int, dim: int, attn_dim: int, dropout: float, num_classes: int,
-               *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_dim: int,
+    dim: int,
+    attn_dim: int,
+    dropout: float,
+    num_classes: int,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.fc = nnx.Linear(in_dim, dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
     self.attention = GatedAttention(dim, attn_dim, dtype=dtype, rngs=rngs)
@@ -62,19 +71,28 @@ class WSIBranch(nnx.Module):
     h = self.dropout(jax.nn.relu(self.fc(patches)), deterministic=rngs is None, rngs=rngs)
     scores = self.attention(h).astype(jnp.float32)  # (B, N)
     weights = masked_softmax(scores, valid)
-    pooled = jnp.einsum("bn,bnd->bd", weights.astype(h.dtype), h)
+    pooled = jnp.einsum('bn,bnd->bd', weights.astype(h.dtype), h)
     inst = self.instance(h).reshape(*h.shape[:2], self.num_classes, 2)
-    return pooled, {"attention_scores": scores, "attention": weights, "patch_valid": valid,
-                    "instance_logits": inst}
+    return pooled, {
+      'attention_scores': scores,
+      'attention': weights,
+      'patch_valid': valid,
+      'instance_logits': inst,
+    }
 
 
 class MLP(nnx.Module):
   """Linear+ReLU+dropout layers."""
 
-  def __init__(self, dims: Sequence[int], dropout: float, *, dtype, rngs: nnx.Rngs,
-               use_bias: bool = True):
-    self.layers = nnx.List([nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, rngs=rngs)
-                            for i, o in zip(dims[:-1], dims[1:])])
+  def __init__(
+    self, dims: Sequence[int], dropout: float, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
+  ):
+    self.layers = nnx.List(
+      [
+        nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        for i, o in zip(dims[:-1], dims[1:])
+      ]
+    )
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None):
@@ -86,13 +104,15 @@ class MLP(nnx.Module):
 class MRIDeepBranch(nnx.Module):
   """Per-slice MLP on deep MRI features, pooled over all slices of all sequences."""
 
-  def __init__(self, in_dim: int, dim: int, pooling: str, dropout: float, *, dtype,
-               rngs: nnx.Rngs):
-    if pooling not in ("attention", "mean"):
+  def __init__(self, in_dim: int, dim: int, pooling: str, dropout: float, *, dtype, rngs: nnx.Rngs):
+    if pooling not in ('attention', 'mean'):
       raise ValueError(f"mri_deep pooling must be 'attention' or 'mean', got {pooling!r}")
     self.mlp = MLP((in_dim, dim), dropout, dtype=dtype, rngs=rngs)
-    self.attention = GatedAttention(dim, max(dim // 2, 1), dtype=dtype, rngs=rngs) \
-        if pooling == "attention" else None
+    self.attention = (
+      GatedAttention(dim, max(dim // 2, 1), dtype=dtype, rngs=rngs)
+      if pooling == 'attention'
+      else None
+    )
 
   def __call__(self, slices, valid, *, rngs):
     h = self.mlp(slices, rngs=rngs)
@@ -101,25 +121,40 @@ class MRIDeepBranch(nnx.Module):
     else:
       v = jnp.asarray(valid, jnp.float32)
       weights = v / jnp.maximum(jnp.sum(v, -1, keepdims=True), 1.0)
-    return jnp.einsum("bn,bnd->bd", weights.astype(h.dtype), h)
+    return jnp.einsum('bn,bnd->bd', weights.astype(h.dtype), h)
 
 
 class MMoE(nnx.Module):
   """E shared experts; one softmax gate per task mixes them for that task's tower."""
 
-  def __init__(self, in_dim: int, num_experts: int, expert_dim: int, tower_dim: int,
-               num_tasks: int, dropout: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_dim: int,
+    num_experts: int,
+    expert_dim: int,
+    tower_dim: int,
+    num_tasks: int,
+    dropout: float,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.experts = nnx.Linear(in_dim, num_experts * expert_dim, dtype=dtype, rngs=rngs)
     self.gates = nnx.Linear(in_dim, num_tasks * num_experts, dtype=dtype, rngs=rngs)
     # The survival tower and head have no biases: the Cox partial likelihood ignores a
     # constant shift of log-risk, so a head bias (or the bias of a tower unit active for
     # every patient) would get an exactly-zero gradient, and Adam would turn its round-off
     # into learning-rate-sized steps that change nothing but make equal programs disagree.
-    survival = [TASKS[t] == "survival" for t in range(num_tasks)]
-    self.towers = nnx.List([MLP((expert_dim, tower_dim), dropout, dtype=dtype, rngs=rngs,
-                                use_bias=not survival[t]) for t in range(num_tasks)])
-    self.heads = nnx.List([nnx.Linear(tower_dim, 1, use_bias=not survival[t], rngs=rngs)
-                           for t in range(num_tasks)])
+    survival = [TASKS[t] == 'survival' for t in range(num_tasks)]
+    self.towers = nnx.List(
+      [
+        MLP((expert_dim, tower_dim), dropout, dtype=dtype, rngs=rngs, use_bias=not survival[t])
+        for t in range(num_tasks)
+      ]
+    )
+    self.heads = nnx.List(
+      [nnx.Linear(tower_dim, 1, use_bias=not survival[t], rngs=rngs) for t in range(num_tasks)]
+    )
     self.dropout = nnx.Dropout(dropout)
     self.num_experts, self.expert_dim, self.num_tasks = num_experts, expert_dim, num_tasks
 
@@ -128,42 +163,79 @@ class MMoE(nnx.Module):
     experts = jax.nn.relu(self.experts(x)).reshape(b, self.num_experts, self.expert_dim)
     experts = self.dropout(experts, deterministic=rngs is None, rngs=rngs)
     gates = jax.nn.softmax(
-        self.gates(x).astype(jnp.float32).reshape(b, self.num_tasks, self.num_experts), -1)
-    mixed = jnp.einsum("bte,bed->btd", gates.astype(experts.dtype), experts)
-    outs = [head(tower(mixed[:, t], rngs=rngs).astype(jnp.float32))[:, 0]
-            for t, (tower, head) in enumerate(zip(self.towers, self.heads))]
+      self.gates(x).astype(jnp.float32).reshape(b, self.num_tasks, self.num_experts), -1
+    )
+    mixed = jnp.einsum('bte,bed->btd', gates.astype(experts.dtype), experts)
+    outs = [
+      head(tower(mixed[:, t], rngs=rngs).astype(jnp.float32))[:, 0]
+      for t, (tower, head) in enumerate(zip(self.towers, self.heads))
+    ]
     return outs, gates
 
 
 class MoEMIL(nnx.Module):
   """The full model; `modalities` picks the branches (MoEMIL, DLR or pathomics)."""
 
-  def __init__(self, config, *, radiomics_dim: int, wsi_dim: int = 1024,
-               mri_deep_dim: int = 2048, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config,
+    *,
+    radiomics_dim: int,
+    wsi_dim: int = 1024,
+    mri_deep_dim: int = 2048,
+    rngs: nnx.Rngs,
+  ):
     mods = tuple(config.modalities)
     unknown = set(mods) - set(MODALITIES)
     if unknown or not mods:
-      raise ValueError(f"model.modalities {mods}: choose a non-empty subset of {MODALITIES}")
+      raise ValueError(f'model.modalities {mods}: choose a non-empty subset of {MODALITIES}')
     self.modalities = mods
-    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-    self.modality_dropout = float(config.get("modality_dropout", 0.0))
-    self.wsi = WSIBranch(wsi_dim, config.wsi_dim, config.attention_dim, config.dropout,
-                         2, dtype=dtype, rngs=rngs) if "wsi" in mods else None
-    self.radiomics = MLP((radiomics_dim, *config.radiomics_dims), config.dropout,
-                         dtype=dtype, rngs=rngs) if "radiomics" in mods else None
-    self.mri_deep = MRIDeepBranch(mri_deep_dim, config.mri_deep_dim, config.mri_deep_pooling,
-                                  config.dropout, dtype=dtype, rngs=rngs) \
-        if "mri_deep" in mods else None
-    fused = (len(mods)  # one presence bit per modality
-             + (config.wsi_dim if self.wsi is not None else 0)
-             + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
-             + (config.mri_deep_dim if self.mri_deep is not None else 0))
-    self.mmoe = MMoE(fused, config.num_experts, config.expert_dim, config.tower_dim,
-                     len(TASKS), config.dropout, dtype=dtype, rngs=rngs)
+    dtype = jnp.dtype(config.get('compute_dtype', 'float32'))
+    self.modality_dropout = float(config.get('modality_dropout', 0.0))
+    self.wsi = (
+      WSIBranch(
+        wsi_dim, config.wsi_dim, config.attention_dim, config.dropout, 2, dtype=dtype, rngs=rngs
+      )
+      if 'wsi' in mods
+      else None
+    )
+    self.radiomics = (
+      MLP((radiomics_dim, *config.radiomics_dims), config.dropout, dtype=dtype, rngs=rngs)
+      if 'radiomics' in mods
+      else None
+    )
+    self.mri_deep = (
+      MRIDeepBranch(
+        mri_deep_dim,
+        config.mri_deep_dim,
+        config.mri_deep_pooling,
+        config.dropout,
+        dtype=dtype,
+        rngs=rngs,
+      )
+      if 'mri_deep' in mods
+      else None
+    )
+    fused = (
+      len(mods)  # one presence bit per modality
+      + (config.wsi_dim if self.wsi is not None else 0)
+      + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
+      + (config.mri_deep_dim if self.mri_deep is not None else 0)
+    )
+    self.mmoe = MMoE(
+      fused,
+      config.num_experts,
+      config.expert_dim,
+      config.tower_dim,
+      len(TASKS),
+      config.dropout,
+      dtype=dtype,
+      rngs=rngs,
+    )
 
   def _presence(self, inputs, rngs):
     """Modality masks (B, M); in training, drop whole modalities but keep at least one."""
-    present = jnp.stack([jnp.asarray(inputs[f"has_{m}"], bool) for m in self.modalities], -1)
+    present = jnp.stack([jnp.asarray(inputs[f'has_{m}'], bool) for m in self.modalities], -1)
     if rngs is None or self.modality_dropout <= 0 or len(self.modalities) < 2:
       return present
     drop = jax.random.bernoulli(rngs.dropout(), self.modality_dropout, present.shape)
@@ -176,16 +248,17 @@ class MoEMIL(nnx.Module):
     present = self._presence(inputs, rngs)
     parts, out = [], {}
     for i, m in enumerate(self.modalities):
-      if m == "wsi":
-        z, extra = self.wsi(inputs["wsi"], inputs["wsi_valid"], rngs=rngs)
+      if m == 'wsi':
+        z, extra = self.wsi(inputs['wsi'], inputs['wsi_valid'], rngs=rngs)
         out.update(extra)
-      elif m == "radiomics":
-        z = self.radiomics(inputs["radiomics"], rngs=rngs)
+      elif m == 'radiomics':
+        z = self.radiomics(inputs['radiomics'], rngs=rngs)
       else:
-        z = self.mri_deep(inputs["mri_deep"], inputs["mri_deep_valid"], rngs=rngs)
-      parts.append(z.astype(jnp.float32) * present[:, i:i + 1])
+        z = self.mri_deep(inputs['mri_deep'], inputs['mri_deep_valid'], rngs=rngs)
+      parts.append(z.astype(jnp.float32) * present[:, i : i + 1])
     parts.append(present.astype(jnp.float32))
     (response_logit, log_risk), gates = self.mmoe(jnp.concatenate(parts, -1), rngs=rngs)
-    out.update(response_logit=response_logit, log_risk=log_risk, gates=gates,
-               modality_present=present)
+    out.update(
+      response_logit=response_logit, log_risk=log_risk, gates=gates, modality_present=present
+    )
     return out

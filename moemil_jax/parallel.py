@@ -37,23 +37,25 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-DATA = "data"
+DATA = 'data'
 
 
 def mesh_config() -> ml_collections.ConfigDict:
   """Defaults for `config.mesh` (single device, no multi-host)."""
-  return ml_collections.ConfigDict({"data": 0, "distributed": False, "coordinator": "",
-                                    "num_processes": 0, "process_id": -1})
+  return ml_collections.ConfigDict(
+    {'data': 0, 'distributed': False, 'coordinator': '', 'num_processes': 0, 'process_id': -1}
+  )
 
 
 def _mesh_fields(config) -> ml_collections.ConfigDict | None:
-  mc = config.get("mesh") if hasattr(config, "get") else None
+  mc = config.get('mesh') if hasattr(config, 'get') else None
   if mc is None:
     return None
   merged = mesh_config()
-  merged.update(mc.to_dict() if hasattr(mc, "to_dict") else dict(mc))
+  merged.update(mc.to_dict() if hasattr(mc, 'to_dict') else dict(mc))
   return merged
 
 
@@ -67,28 +69,35 @@ def initialize_distributed(config) -> None:
     return
   kwargs: dict[str, Any] = {}
   if mc.coordinator:
-    kwargs["coordinator_address"] = mc.coordinator
+    kwargs['coordinator_address'] = mc.coordinator
   if mc.num_processes:
-    kwargs["num_processes"] = int(mc.num_processes)
+    kwargs['num_processes'] = int(mc.num_processes)
   if mc.process_id >= 0:
-    kwargs["process_id"] = int(mc.process_id)
+    kwargs['process_id'] = int(mc.process_id)
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh(data: int = -1) -> jax.sharding.Mesh:
   """A 1-D mesh over `data` devices (-1 = every device of every process)."""
   n = jax.device_count() if data in (-1, None) else int(data)
   if not 1 <= n <= jax.device_count():
-    raise ValueError(f"mesh.data={data}: this job has {jax.device_count()} devices "
-                     f"({jax.process_count()} processes)")
+    raise ValueError(
+      f'mesh.data={data}: this job has {jax.device_count()} devices '
+      f'({jax.process_count()} processes)'
+    )
   if jax.process_count() > 1 and n != jax.device_count():
-    raise ValueError(f"mesh.data={data}: with {jax.process_count()} processes the data axis "
-                     f"must span all {jax.device_count()} devices (use -1)")
-  return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:n])
+    raise ValueError(
+      f'mesh.data={data}: with {jax.process_count()} processes the data axis '
+      f'must span all {jax.device_count()} devices (use -1)'
+    )
+  return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
 def mesh_from_config(config) -> jax.sharding.Mesh | None:
@@ -109,8 +118,10 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None) -> None:
   if mesh is not None and batch_size % mesh.shape[DATA]:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {mesh.shape[DATA]} "
-                     "devices of mesh.data; pick a multiple")
+    raise ValueError(
+      f'train.batch_size={batch_size} is not divisible by the {mesh.shape[DATA]} '
+      'devices of mesh.data; pick a multiple'
+    )
 
 
 def replicate(tree, mesh: jax.sharding.Mesh | None):
@@ -150,12 +161,14 @@ def bag_groups(config, mesh: jax.sharding.Mesh | None) -> int:
   config.data.bag_groups > 0 asks for that many on a single device too, which reproduces
   the batches (and so the training) of a data-parallel run with that many devices.
   """
-  asked = int(config.data.get("bag_groups", 0) or 0)
+  asked = int(config.data.get('bag_groups', 0) or 0)
   if mesh is None:
     return asked or 1
   if asked and asked != mesh.shape[DATA]:
-    raise ValueError(f"data.bag_groups={asked} but the data axis has {mesh.shape[DATA]} "
-                     "devices; use 0 (one group per device)")
+    raise ValueError(
+      f'data.bag_groups={asked} but the data axis has {mesh.shape[DATA]} '
+      'devices; use 0 (one group per device)'
+    )
   return mesh.shape[DATA]
 
 
@@ -163,8 +176,9 @@ def local_groups(mesh: jax.sharding.Mesh | None, groups: int) -> np.ndarray:
   """Positions on the data axis whose devices belong to this process (all without a mesh)."""
   if mesh is None:
     return np.arange(groups)
-  return np.array([i for i, d in enumerate(mesh.devices.flat)
-                   if d.process_index == jax.process_index()])
+  return np.array(
+    [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+  )
 
 
 def gather_local_rows(table: jax.Array, index: jax.Array, mesh: jax.sharding.Mesh | None):
@@ -181,7 +195,8 @@ def gather_local_rows(table: jax.Array, index: jax.Array, mesh: jax.sharding.Mes
     return block[idx - jax.lax.axis_index(DATA) * block.shape[0]]
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(
-      table, index)
+    table, index
+  )
 
 
 def sum_over_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -193,6 +208,7 @@ def sum_over_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
   if jax.process_count() == 1:
     return arrays
   from jax.experimental import multihost_utils
+
   flat = np.concatenate([a.ravel() for a in arrays])
   gathered = np.asarray(multihost_utils.process_allgather(flat.view(np.int32)))
   total = gathered.view(np.float64).reshape(jax.process_count(), -1).sum(0)
@@ -206,7 +222,7 @@ def is_writer() -> bool:
 
 
 # Per-patient model outputs the losses combine across the whole batch.
-PATIENT_OUTPUTS = ("response_logit", "log_risk", "gates")
+PATIENT_OUTPUTS = ('response_logit', 'log_risk', 'gates')
 
 
 def gather_for_loss(outputs: dict, targets: dict, mesh: jax.sharding.Mesh | None):

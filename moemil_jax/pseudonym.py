@@ -24,15 +24,15 @@ import pandas as pd
 
 from feature_store.store import atomic_write_bytes
 
-SALT_ENV = "MOEMIL_PSEUDONYM_SALT"
-SALT_FILE = ".pseudonym_salt"
-PREDICTIONS_COPY = "predictions_pseudonymised.csv"
-_DATA_URI = re.compile(rb"data:[a-z/+-]+;base64,[A-Za-z0-9+/=]+")
+SALT_ENV = 'MOEMIL_PSEUDONYM_SALT'
+SALT_FILE = '.pseudonym_salt'
+PREDICTIONS_COPY = 'predictions_pseudonymised.csv'
+_DATA_URI = re.compile(rb'data:[a-z/+-]+;base64,[A-Za-z0-9+/=]+')
 
 
 def pseudonym(patient_id: str, salt: str) -> str:
   digest = hmac.new(salt.encode(), str(patient_id).encode(), hashlib.sha256).hexdigest()
-  return f"P-{digest[:16]}"
+  return f'P-{digest[:16]}'
 
 
 def salt_for(workdir: str | Path, salt: str | None = None) -> str:
@@ -49,7 +49,7 @@ def salt_for(workdir: str | Path, salt: str | None = None) -> str:
 
 def _replacer(ids: Iterable[str], salt: str):
   ids = sorted({str(i) for i in ids}, key=len, reverse=True)  # longest first: P12 before P1
-  pattern = re.compile("|".join(map(re.escape, ids))) if ids else None
+  pattern = re.compile('|'.join(map(re.escape, ids))) if ids else None
   return lambda text: pattern.sub(lambda m: pseudonym(m.group(0), salt), text) if pattern else text
 
 
@@ -65,19 +65,21 @@ def _walk(node: Any, fix) -> Any:
 
 def pseudonymise_evaluation(ev, salt: str):
   """A copy of an evaluation.Evaluation with patient IDs replaced everywhere it holds them."""
-  ids = {i for df in ev.predictions.values() for i in df["patient_id"].astype(str)}
+  ids = {i for df in ev.predictions.values() for i in df['patient_id'].astype(str)}
   fix = _replacer(ids, salt)
   predictions = {}
   for name, df in ev.predictions.items():
     df = df.copy()
-    df["patient_id"] = [pseudonym(i, salt) for i in df["patient_id"].astype(str)]
+    df['patient_id'] = [pseudonym(i, salt) for i in df['patient_id'].astype(str)]
     predictions[name] = df
   return dataclasses.replace(ev, predictions=predictions, results=_walk(ev.results, fix))
 
 
 def write_predictions_copy(ev, workdir: str | Path) -> Path:
   """All models' (already pseudonymised) per-patient predictions in one shareable CSV."""
-  frame = pd.concat([df.assign(model=name) for name, df in ev.predictions.items()], ignore_index=True)
+  frame = pd.concat(
+    [df.assign(model=name) for name, df in ev.predictions.items()], ignore_index=True
+  )
   path = Path(workdir) / PREDICTIONS_COPY
   atomic_write_bytes(path, frame.to_csv(index=False).encode())
   return path
@@ -88,8 +90,8 @@ def find_ids(paths: Iterable[str | Path], ids: Iterable[str]) -> list[tuple[Path
   ids = [str(i).encode() for i in ids]
   found = []
   for path in map(Path, paths):
-    if path.suffix.lower() == ".png":
+    if path.suffix.lower() == '.png':
       continue  # figures carry no per-patient text
-    data = _DATA_URI.sub(b"", path.read_bytes())
+    data = _DATA_URI.sub(b'', path.read_bytes())
     found += [(path, i.decode()) for i in ids if i in data]
   return found

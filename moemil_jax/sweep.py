@@ -49,10 +49,24 @@ from flax import nnx
 from moemil_jax import data as data_lib
 from moemil_jax import metrics, train
 
-SHARED = ("patches", "mri_deep", "mri_deep_count", "response", "has_response", "os_months",
-          "os_event", "has_survival")
-PER_FOLD = ("patch_mean", "patch_inv_std", "radiomics", "has_radiomics", "deep_mean",
-            "deep_inv_std")
+SHARED = (
+  'patches',
+  'mri_deep',
+  'mri_deep_count',
+  'response',
+  'has_response',
+  'os_months',
+  'os_event',
+  'has_survival',
+)
+PER_FOLD = (
+  'patch_mean',
+  'patch_inv_std',
+  'radiomics',
+  'has_radiomics',
+  'deep_mean',
+  'deep_inv_std',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +77,22 @@ class Member:
 
   @property
   def name(self) -> str:
-    return f"fold{self.fold}_seed{self.seed}_lr{self.learning_rate:g}"
+    return f'fold{self.fold}_seed{self.seed}_lr{self.learning_rate:g}'
 
 
-def grid(*, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
-         learning_rates: Sequence[float] = (3e-4,)) -> list[Member]:
+def grid(
+  *,
+  folds: Sequence[int] = (0,),
+  seeds: Sequence[int] = (0,),
+  learning_rates: Sequence[float] = (3e-4,),
+) -> list[Member]:
   """Every combination, fold-major."""
-  return [Member(int(f), int(s), float(lr)) for f in folds for s in seeds
-          for lr in learning_rates]
+  return [Member(int(f), int(s), float(lr)) for f in folds for s in seeds for lr in learning_rates]
 
 
 def load(config) -> data_lib.Cohort:
   if not config.store:
-    raise ValueError("config.store is empty: pass --store or --config.store")
+    raise ValueError('config.store is empty: pass --store or --config.store')
   cohort = data_lib.load_store(config.store)
   return data_lib.harmonise_centers(cohort) if config.data.harmonise_centers else cohort
 
@@ -83,11 +100,11 @@ def load(config) -> data_lib.Cohort:
 @dataclasses.dataclass
 class SweepResult:
   members: list[Member]
-  params: Any                 # nnx.State, every leaf with a leading K axis
-  logits: np.ndarray          # (K, P) response logits, every patient
-  log_risk: np.ndarray        # (K, P)
-  splits: np.ndarray          # (K, P) "train" / "val" / "test"
-  train_loss: np.ndarray      # (K, epochs) mean training loss per epoch
+  params: Any  # nnx.State, every leaf with a leading K axis
+  logits: np.ndarray  # (K, P) response logits, every patient
+  log_risk: np.ndarray  # (K, P)
+  splits: np.ndarray  # (K, P) "train" / "val" / "test"
+  train_loss: np.ndarray  # (K, epochs) mean training loss per epoch
   metrics: pd.DataFrame
   fold_metrics: pd.DataFrame
   ensemble: dict[str, float]
@@ -103,38 +120,48 @@ def _splits(config, cohort, folds: Sequence[int]) -> dict[int, np.ndarray]:
   out = {}
   for f in folds:
     if sc.folds <= 1 and f != 0:
-      raise ValueError(f"member fold {f}: config.split.folds={sc.folds} means one hold-out "
-                       "split (fold 0); set split.folds > 1 for k-fold")
-    out[f] = data_lib.assign_splits(cohort, test_center=sc.test_center,
-                                    val_fraction=sc.val_fraction, seed=sc.seed,
-                                    folds=sc.folds, fold=f)
+      raise ValueError(
+        f'member fold {f}: config.split.folds={sc.folds} means one hold-out '
+        'split (fold 0); set split.folds > 1 for k-fold'
+      )
+    out[f] = data_lib.assign_splits(
+      cohort,
+      test_center=sc.test_center,
+      val_fraction=sc.val_fraction,
+      seed=sc.seed,
+      folds=sc.folds,
+      fold=f,
+    )
   return out
 
 
 def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
   """Shared arrays (once) and per-fold preprocessing stacked along a leading fold axis."""
-  cpu = jax.devices("cpu")[0]
+  cpu = jax.devices('cpu')[0]
   per_fold = {k: [] for k in PER_FOLD}
   for f, split in splits.items():
     c = dataclasses.replace(cohort, split=split)
     d = data_lib.prepare(c, config.data, seed=config.seed, device=cpu)
-    mean, std = data_lib.masked_mean_std(cohort.mri_deep, split == "train",
-                                         cohort.mri_deep_count)
-    per_fold["patch_mean"].append(np.asarray(d.patch_mean))
-    per_fold["patch_inv_std"].append(np.asarray(d.patch_inv_std))
-    per_fold["radiomics"].append(np.asarray(d.radiomics))
-    per_fold["has_radiomics"].append(np.asarray(d.has_radiomics))
-    per_fold["deep_mean"].append(mean.astype(np.float32))
-    per_fold["deep_inv_std"].append((1.0 / std).astype(np.float32))
+    mean, std = data_lib.masked_mean_std(cohort.mri_deep, split == 'train', cohort.mri_deep_count)
+    per_fold['patch_mean'].append(np.asarray(d.patch_mean))
+    per_fold['patch_inv_std'].append(np.asarray(d.patch_inv_std))
+    per_fold['radiomics'].append(np.asarray(d.radiomics))
+    per_fold['has_radiomics'].append(np.asarray(d.has_radiomics))
+    per_fold['deep_mean'].append(mean.astype(np.float32))
+    per_fold['deep_inv_std'].append((1.0 / std).astype(np.float32))
     if f == next(iter(splits)):
-      shared = {k: np.asarray(getattr(d, k)) for k in SHARED if k != "mri_deep"}
+      shared = {k: np.asarray(getattr(d, k)) for k in SHARED if k != 'mri_deep'}
     del d
-  width = max(r.shape[1] for r in per_fold["radiomics"])
-  per_fold["radiomics"] = [np.pad(r, ((0, 0), (0, width - r.shape[1])))
-                           for r in per_fold["radiomics"]]
-  shared["mri_deep"] = cohort.mri_deep.astype(np.float32)
-  return (jax.device_put(shared), jax.device_put({k: np.stack(v) for k, v in per_fold.items()}),
-          width)
+  width = max(r.shape[1] for r in per_fold['radiomics'])
+  per_fold['radiomics'] = [
+    np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in per_fold['radiomics']
+  ]
+  shared['mri_deep'] = cohort.mri_deep.astype(np.float32)
+  return (
+    jax.device_put(shared),
+    jax.device_put({k: np.stack(v) for k, v in per_fold.items()}),
+    width,
+  )
 
 
 def _member_data(shared, per_fold, fold_index):
@@ -144,9 +171,9 @@ def _member_data(shared, per_fold, fold_index):
 def _inputs(data, batch, dtype, mesh=None):
   """data_lib.gather_inputs, with deep MRI features z-scored by the member's own fold."""
   inputs, targets = data_lib.gather_inputs(data, batch, dtype, mesh)
-  raw = data["mri_deep"][batch["patient"]]
-  z = (raw - data["deep_mean"]) * data["deep_inv_std"]
-  inputs["mri_deep"] = (z * inputs["mri_deep_valid"][..., None]).astype(dtype)
+  raw = data['mri_deep'][batch['patient']]
+  z = (raw - data['deep_mean']) * data['deep_inv_std']
+  inputs['mri_deep'] = (z * inputs['mri_deep_valid'][..., None]).astype(dtype)
   return inputs, targets
 
 
@@ -155,10 +182,10 @@ def _inputs(data, batch, dtype, mesh=None):
 
 def _pad_batch(b: data_lib.Batch, n: int, pad_row: int) -> dict[str, np.ndarray]:
   t = b.tree()
-  extra = n - t["patch_index"].shape[1]
+  extra = n - t['patch_index'].shape[1]
   if extra:
-    t["patch_index"] = np.pad(t["patch_index"], ((0, 0), (0, extra)), constant_values=pad_row)
-    t["patch_valid"] = np.pad(t["patch_valid"], ((0, 0), (0, extra)))
+    t['patch_index'] = np.pad(t['patch_index'], ((0, 0), (0, extra)), constant_values=pad_row)
+    t['patch_valid'] = np.pad(t['patch_valid'], ((0, 0), (0, extra)))
   return t
 
 
@@ -167,20 +194,30 @@ def _epoch_plan(config, members, splits, epoch, layout, patch_counts):
   tc, dc = config.train, config.data
   per_member = []
   for m in members:
-    ids = np.flatnonzero(splits[m.fold] == "train")
-    per_member.append(data_lib.train_batches(
-        ids, patch_counts, layout, batch_size=tc.batch_size,
-        buckets=dc.bag_buckets, max_patches=dc.max_train_patches,
-        rng=np.random.default_rng([m.seed, epoch])))
+    ids = np.flatnonzero(splits[m.fold] == 'train')
+    per_member.append(
+      data_lib.train_batches(
+        ids,
+        patch_counts,
+        layout,
+        batch_size=tc.batch_size,
+        buckets=dc.bag_buckets,
+        max_patches=dc.max_train_patches,
+        rng=np.random.default_rng([m.seed, epoch]),
+      )
+    )
   steps = max(len(b) for b in per_member)
   pad_row = layout.pad_row(0)  # the sweep runs on one device: one bag group
   plan = []
   for i in range(steps):
     here = [b[i] if i < len(b) else None for b in per_member]
     n = max(b.patch_index.shape[1] for b in here if b is not None)
-    empty = data_lib.Batch(np.zeros(tc.batch_size, np.int32), np.zeros(tc.batch_size, bool),
-                           np.full((tc.batch_size, n), pad_row, np.int32),
-                           np.zeros((tc.batch_size, n), bool))
+    empty = data_lib.Batch(
+      np.zeros(tc.batch_size, np.int32),
+      np.zeros(tc.batch_size, bool),
+      np.full((tc.batch_size, n), pad_row, np.int32),
+      np.zeros((tc.batch_size, n), bool),
+    )
     trees = [_pad_batch(b if b is not None else empty, n, pad_row) for b in here]
     stacked = {k: np.stack([t[k] for t in trees]) for k in trees[0]}
     plan.append((stacked, np.array([b is not None for b in here])))
@@ -197,33 +234,41 @@ def _steps(config, graphdef, steps_per_epoch: int, vectorize: bool):
   dtype = jnp.dtype(config.model.compute_dtype)
   loss_fn = train.make_loss_fn(config, graphdef, gather_inputs=_inputs)
 
-  def member_step(params, opt_state, rest, lr, fold_index, active, shared, per_fold, batch,
-                  key):
+  def member_step(params, opt_state, rest, lr, fold_index, active, shared, per_fold, batch, key):
     data = _member_data(shared, per_fold, fold_index)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data,
-                                                                     batch, key)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data, batch, key)
     updates, new_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-    return keep(new_params, params), keep(new_state, opt_state), {"loss": loss, **terms}
+
+    def keep(new, old):
+      return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+
+    return keep(new_params, params), keep(new_state, opt_state), {'loss': loss, **terms}
 
   def member_eval(params, rest, fold_index, shared, per_fold, batch):
     model = nnx.merge(graphdef, params, rest)
     inputs, _ = _inputs(_member_data(shared, per_fold, fold_index), batch, dtype)
     out = model(inputs, rngs=None)
-    return out["response_logit"], out["log_risk"]
+    return out['response_logit'], out['log_risk']
 
-  step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None, None, 0, 0)),
-                 donate_argnums=(0, 1))
+  step = jax.jit(
+    jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, 0, None, None, 0, 0)), donate_argnums=(0, 1)
+  )
   evaluate = jax.jit(jax.vmap(member_eval, in_axes=(0, 0, 0, None, None, None)))
   if not vectorize:  # one member at a time through the same program (a batch of one)
-    one = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-    step_one = lambda p, o, r, lr, f, a, shared, per_fold, b, k: _take(
-        step(one(p), one(o), one(r), one(lr), one(f), one(a), shared, per_fold, one(b),
-             one(k)), 0)
-    eval_one = lambda p, r, f, shared, per_fold, b: _take(
-        evaluate(one(p), one(r), one(f), shared, per_fold, b), 0)
+
+    def one(tree):
+      return jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+
+    def step_one(p, o, r, lr, f, a, shared, per_fold, b, k):
+      return _take(
+        step(one(p), one(o), one(r), one(lr), one(f), one(a), shared, per_fold, one(b), one(k)), 0
+      )
+
+    def eval_one(p, r, f, shared, per_fold, b):
+      return _take(evaluate(one(p), one(r), one(f), shared, per_fold, b), 0)
+
     return tx, step_one, eval_one
   return tx, step, evaluate
 
@@ -239,25 +284,31 @@ def _take(tree, k):
 # --------------------------------------------------------------------------- the sweep
 
 
-def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
-                members: Sequence[Member], *, vectorize: bool = True) -> SweepResult:
+def train_sweep(
+  config: ml_collections.ConfigDict,
+  cohort: data_lib.Cohort,
+  members: Sequence[Member],
+  *,
+  vectorize: bool = True,
+) -> SweepResult:
   """Trains every member for config.train.epochs epochs; see the module docstring."""
   members = list(members)
   if not members:
-    raise ValueError("train_sweep: no members")
+    raise ValueError('train_sweep: no members')
   t0 = time.time()
   tc, dc = config.train, config.data
   folds = sorted({m.fold for m in members})
   splits = _splits(config, cohort, folds)
   for f, s in splits.items():
-    if not (s == "train").any():
-      raise ValueError(f"{config.store}: fold {f} has no training patients")
+    if not (s == 'train').any():
+      raise ValueError(f'{config.store}: fold {f} has no training patients')
   fold_index = np.array([folds.index(m.fold) for m in members], np.int32)
   shared, per_fold, radiomics_dim = _fold_data(config, cohort, splits)
   layout = data_lib.bag_layout(cohort.patch_count)
-  patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
-      np.zeros_like(cohort.patch_count)
-  steps_per_epoch = max(math.ceil((s == "train").sum() / tc.batch_size) for s in splits.values())
+  patch_counts = (
+    cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
+  )
+  steps_per_epoch = max(math.ceil((s == 'train').sum() / tc.batch_size) for s in splits.values())
 
   inits = []
   for m in members:
@@ -272,42 +323,81 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
   lrs = np.array([m.learning_rate for m in members], np.float32)
   if vectorize:
     params, states, rests = _stack(params), _stack(states), _stack(rests)
-  logging.info("sweep: %d members (%s), %d folds, radiomics width %d, %s", len(members),
-               "vmapped" if vectorize else "sequential", len(folds), radiomics_dim,
-               f"{steps_per_epoch} steps/epoch")
+  logging.info(
+    'sweep: %d members (%s), %d folds, radiomics width %d, %s',
+    len(members),
+    'vmapped' if vectorize else 'sequential',
+    len(folds),
+    radiomics_dim,
+    f'{steps_per_epoch} steps/epoch',
+  )
 
   base_keys = [jax.random.key(m.seed) for m in members]
   train_loss = np.zeros((len(members), tc.epochs))
   for epoch in range(tc.epochs):
     plan = _epoch_plan(config, members, splits, epoch, layout, patch_counts)
-    keys = [[jax.random.fold_in(jax.random.fold_in(k, epoch), i) for k in base_keys]
-            for i in range(len(plan))]
-    sums = np.zeros(len(members)); counts = np.zeros(len(members))
+    keys = [
+      [jax.random.fold_in(jax.random.fold_in(k, epoch), i) for k in base_keys]
+      for i in range(len(plan))
+    ]
+    sums = np.zeros(len(members))
+    counts = np.zeros(len(members))
     outs = []
     if vectorize:
       for i, (batch, active) in enumerate(plan):
-        params, states, m = step(params, states, rests, lrs, fold_index, active, shared,
-                                 per_fold, batch, jnp.stack(keys[i]))
-        outs.append((active, m["loss"]))
+        params, states, m = step(
+          params,
+          states,
+          rests,
+          lrs,
+          fold_index,
+          active,
+          shared,
+          per_fold,
+          batch,
+          jnp.stack(keys[i]),
+        )
+        outs.append((active, m['loss']))
     else:
       for k in range(len(members)):
         for i, (batch, active) in enumerate(plan):
-          params[k], states[k], m = step(params[k], states[k], rests[k], lrs[k],
-                                         fold_index[k], active[k], shared, per_fold,
-                                         _take(batch, k), keys[i][k])
-          outs.append((np.eye(len(members), dtype=bool)[k] & active[k],
-                       jnp.full(len(members), m["loss"])))
+          params[k], states[k], m = step(
+            params[k],
+            states[k],
+            rests[k],
+            lrs[k],
+            fold_index[k],
+            active[k],
+            shared,
+            per_fold,
+            _take(batch, k),
+            keys[i][k],
+          )
+          outs.append(
+            (np.eye(len(members), dtype=bool)[k] & active[k], jnp.full(len(members), m['loss']))
+          )
     for active, loss in jax.device_get(outs):
-      sums += np.where(active, loss, 0.0); counts += active
+      sums += np.where(active, loss, 0.0)
+      counts += active
     train_loss[:, epoch] = sums / np.maximum(counts, 1)
-    logging.info("sweep epoch %d/%d: mean train loss %.4f [%.1fs]", epoch + 1, tc.epochs,
-                 train_loss[:, epoch].mean(), time.time() - t0)
+    logging.info(
+      'sweep epoch %d/%d: mean train loss %.4f [%.1fs]',
+      epoch + 1,
+      tc.epochs,
+      train_loss[:, epoch].mean(),
+      time.time() - t0,
+    )
 
   # Predictions for every patient from every member.
-  batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts, layout,
-                                  batch_size=tc.batch_size,
-                                  buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
-                                  seed=config.seed)
+  batches = data_lib.eval_batches(
+    np.arange(cohort.num_patients),
+    patch_counts,
+    layout,
+    batch_size=tc.batch_size,
+    buckets=dc.bag_buckets,
+    max_patches=dc.max_eval_patches,
+    seed=config.seed,
+  )
   logits = np.full((len(members), cohort.num_patients), np.nan)
   risks = np.full_like(logits, np.nan)
   for b in batches:
@@ -315,8 +405,12 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
     if vectorize:
       lg, rk = jax.device_get(evaluate(params, rests, fold_index, shared, per_fold, b.tree()))
     else:
-      got = jax.device_get([evaluate(params[k], rests[k], fold_index[k], shared, per_fold,
-                                     b.tree()) for k in range(len(members))])
+      got = jax.device_get(
+        [
+          evaluate(params[k], rests[k], fold_index[k], shared, per_fold, b.tree())
+          for k in range(len(members))
+        ]
+      )
       lg, rk = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
     logits[:, rows] = lg[:, b.patient_mask]
     risks[:, rows] = rk[:, b.patient_mask]
@@ -325,9 +419,10 @@ def train_sweep(config: ml_collections.ConfigDict, cohort: data_lib.Cohort,
   split_rows = np.stack([splits[m.fold] for m in members])
   seconds = time.time() - t0
   table, by_fold, ensemble, frame = _report(config, cohort, members, logits, risks, split_rows)
-  logging.info("sweep done in %.1fs: ensemble %s", seconds, ensemble)
-  return SweepResult(members, params, logits, risks, split_rows, train_loss, table, by_fold,
-                     ensemble, frame, seconds)
+  logging.info('sweep done in %.1fs: ensemble %s', seconds, ensemble)
+  return SweepResult(
+    members, params, logits, risks, split_rows, train_loss, table, by_fold, ensemble, frame, seconds
+  )
 
 
 # --------------------------------------------------------------------------- reporting
@@ -337,68 +432,98 @@ def _report(config, cohort, members, logits, risks, splits):
   y, t, e = cohort.response, cohort.os_months, cohort.os_event
   rows = []
   for k, m in enumerate(members):
-    row = {"member": m.name, "fold": m.fold, "seed": m.seed, "learning_rate": m.learning_rate}
-    for split in ("val", "test"):
+    row = {'member': m.name, 'fold': m.fold, 'seed': m.seed, 'learning_rate': m.learning_rate}
+    for split in ('val', 'test'):
       ids = splits[k] == split
-      row[f"{split}_auc"] = metrics.labelled_auc_or_nan(y[ids], logits[k, ids])
-      row[f"{split}_cindex"] = metrics.cindex_or_nan(t[ids], e[ids], risks[k, ids])
+      row[f'{split}_auc'] = metrics.labelled_auc_or_nan(y[ids], logits[k, ids])
+      row[f'{split}_cindex'] = metrics.cindex_or_nan(t[ids], e[ids], risks[k, ids])
     rows.append(row)
   table = pd.DataFrame(rows)
-  by_fold = table.groupby("fold")[["val_auc", "val_cindex", "test_auc", "test_cindex"]].agg(
-      ["mean", "std"])
-  by_fold.columns = [f"{a}_{b}" for a, b in by_fold.columns]
+  by_fold = table.groupby('fold')[['val_auc', 'val_cindex', 'test_auc', 'test_cindex']].agg(
+    ['mean', 'std']
+  )
+  by_fold.columns = [f'{a}_{b}' for a, b in by_fold.columns]
   by_fold = by_fold.reset_index()
 
   # Ensemble: mean logit; log-risks centred on each member's training median first (the Cox
   # likelihood fixes a member's log-risk only up to a constant).
-  centred = risks - np.array([np.median(risks[k, splits[k] == "train"])
-                              for k in range(len(members))])[:, None]
+  centred = (
+    risks
+    - np.array([np.median(risks[k, splits[k] == 'train']) for k in range(len(members))])[:, None]
+  )
   ens_logit, ens_risk = logits.mean(0), centred.mean(0)
   test = cohort.center == config.split.test_center
-  val = splits == "val"
+  val = splits == 'val'
   oof = np.where(val.any(0), np.where(val, logits, 0).sum(0) / np.maximum(val.sum(0), 1), np.nan)
   has_oof = ~np.isnan(oof)
-  ensemble = {"members": len(members),
-              "test_auc": metrics.labelled_auc_or_nan(y[test], ens_logit[test]),
-              "test_cindex": metrics.cindex_or_nan(t[test], e[test], ens_risk[test]),
-              "oof_val_auc": metrics.labelled_auc_or_nan(y[has_oof], oof[has_oof])}
+  ensemble = {
+    'members': len(members),
+    'test_auc': metrics.labelled_auc_or_nan(y[test], ens_logit[test]),
+    'test_cindex': metrics.cindex_or_nan(t[test], e[test], ens_risk[test]),
+    'oof_val_auc': metrics.labelled_auc_or_nan(y[has_oof], oof[has_oof]),
+  }
 
   frames = []
   for k, m in enumerate(members):
-    frames.append(pd.DataFrame({"member": m.name, "fold": m.fold, "seed": m.seed,
-                                "learning_rate": m.learning_rate,
-                                "patient_id": cohort.patient_id.astype(str),
-                                "center": cohort.center.astype(str), "split": splits[k],
-                                "response_logit": logits[k], "log_risk": risks[k]}))
-  frames.append(pd.DataFrame({"member": "ensemble", "fold": -1, "seed": -1,
-                              "learning_rate": np.nan,
-                              "patient_id": cohort.patient_id.astype(str),
-                              "center": cohort.center.astype(str),
-                              "split": np.where(test, "test", "dev"),
-                              "response_logit": ens_logit, "log_risk": ens_risk}))
+    frames.append(
+      pd.DataFrame(
+        {
+          'member': m.name,
+          'fold': m.fold,
+          'seed': m.seed,
+          'learning_rate': m.learning_rate,
+          'patient_id': cohort.patient_id.astype(str),
+          'center': cohort.center.astype(str),
+          'split': splits[k],
+          'response_logit': logits[k],
+          'log_risk': risks[k],
+        }
+      )
+    )
+  frames.append(
+    pd.DataFrame(
+      {
+        'member': 'ensemble',
+        'fold': -1,
+        'seed': -1,
+        'learning_rate': np.nan,
+        'patient_id': cohort.patient_id.astype(str),
+        'center': cohort.center.astype(str),
+        'split': np.where(test, 'test', 'dev'),
+        'response_logit': ens_logit,
+        'log_risk': ens_risk,
+      }
+    )
+  )
   frame = pd.concat(frames, ignore_index=True)
-  frame["response_prob"] = 1.0 / (1.0 + np.exp(-frame.response_logit))
-  frame["ic_response"] = np.tile(cohort.response, len(members) + 1)
-  frame["os_months"] = np.tile(t, len(members) + 1)
-  frame["os_event"] = np.tile(e, len(members) + 1).astype(np.int64)
+  frame['response_prob'] = 1.0 / (1.0 + np.exp(-frame.response_logit))
+  frame['ic_response'] = np.tile(cohort.response, len(members) + 1)
+  frame['os_months'] = np.tile(t, len(members) + 1)
+  frame['os_event'] = np.tile(e, len(members) + 1).astype(np.int64)
   return table, by_fold, ensemble, frame
 
 
 def write(result: SweepResult, workdir) -> None:
   """sweep.json (members, per-member, per-fold and ensemble metrics) + predictions.parquet."""
   from pathlib import Path
+
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  clean = lambda x: None if isinstance(x, float) and not math.isfinite(x) else x
+
+  def clean(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
   summary = {
-      "members": [dataclasses.asdict(m) for m in result.members],
-      "seconds": result.seconds,
-      "metrics": [{k: clean(v) for k, v in r.items()}
-                  for r in result.metrics.to_dict(orient="records")],
-      "fold_metrics": [{k: clean(v) for k, v in r.items()}
-                       for r in result.fold_metrics.to_dict(orient="records")],
-      "ensemble": {k: clean(v) for k, v in result.ensemble.items()},
-      "train_loss": result.train_loss.tolist(),
+    'members': [dataclasses.asdict(m) for m in result.members],
+    'seconds': result.seconds,
+    'metrics': [
+      {k: clean(v) for k, v in r.items()} for r in result.metrics.to_dict(orient='records')
+    ],
+    'fold_metrics': [
+      {k: clean(v) for k, v in r.items()} for r in result.fold_metrics.to_dict(orient='records')
+    ],
+    'ensemble': {k: clean(v) for k, v in result.ensemble.items()},
+    'train_loss': result.train_loss.tolist(),
   }
-  (workdir / "sweep.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-  result.predictions.to_parquet(workdir / "predictions.parquet", index=False)
+  (workdir / 'sweep.json').write_text(json.dumps(summary, indent=2, default=float) + '\n')
+  result.predictions.to_parquet(workdir / 'predictions.parquet', index=False)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODALITIES = ("wsi", "radiomics", "mri_deep")
-TASKS = ("response", "survival")
+MODALITIES = ('wsi', 'radiomics', 'mri_deep')
+TASKS = ('response', 'survival')
 
 
 class GatedAttention(nn.Module):
@@ -50,9 +50,9 @@ class WSIBranch(nn.Module):
 
   def forward(self, patches: torch.Tensor):
     h = self.dropout(F.relu(self.fc(patches)))
-    scores = self.attention(h)                       # (N,)
+    scores = self.attention(h)  # (N,)
     weights = torch.softmax(scores, 0)
-    pooled = weights @ h                             # (dim,)
+    pooled = weights @ h  # (dim,)
     inst = self.instance(h).reshape(h.shape[0], self.num_classes, 2)
     return pooled, scores, inst
 
@@ -73,7 +73,7 @@ class MRIDeepBranch(nn.Module):
   def __init__(self, in_dim: int, dim: int, pooling: str, dropout: float):
     super().__init__()
     self.mlp = MLP((in_dim, dim), dropout)
-    self.attention = GatedAttention(dim, max(dim // 2, 1)) if pooling == "attention" else None
+    self.attention = GatedAttention(dim, max(dim // 2, 1)) if pooling == 'attention' else None
     self.dim = dim
 
   def forward(self, slices):  # (S, in_dim), real slices only
@@ -90,10 +90,12 @@ class MMoE(nn.Module):
     super().__init__()
     self.experts = nn.Linear(in_dim, num_experts * expert_dim)
     self.gates = nn.Linear(in_dim, num_tasks * num_experts)
-    self.towers = nn.ModuleList([MLP((expert_dim, tower_dim), dropout, bias=TASKS[t] != "survival")
-                                 for t in range(num_tasks)])
-    self.heads = nn.ModuleList([nn.Linear(tower_dim, 1, bias=TASKS[t] != "survival")
-                                for t in range(num_tasks)])
+    self.towers = nn.ModuleList(
+      [MLP((expert_dim, tower_dim), dropout, bias=TASKS[t] != 'survival') for t in range(num_tasks)]
+    )
+    self.heads = nn.ModuleList(
+      [nn.Linear(tower_dim, 1, bias=TASKS[t] != 'survival') for t in range(num_tasks)]
+    )
     self.dropout = nn.Dropout(dropout)
     self.num_experts, self.expert_dim, self.num_tasks = num_experts, expert_dim, num_tasks
 
@@ -101,7 +103,9 @@ class MMoE(nn.Module):
     experts = self.dropout(F.relu(self.experts(x)).reshape(self.num_experts, self.expert_dim))
     gates = torch.softmax(self.gates(x).reshape(self.num_tasks, self.num_experts), -1)
     mixed = gates @ experts  # (T, D)
-    outs = [head(tower(mixed[t]))[0] for t, (tower, head) in enumerate(zip(self.towers, self.heads))]
+    outs = [
+      head(tower(mixed[t]))[0] for t, (tower, head) in enumerate(zip(self.towers, self.heads))
+    ]
     return outs, gates
 
 
@@ -112,38 +116,49 @@ class TorchMoEMIL(nn.Module):
     super().__init__()
     mods = tuple(config.modalities)
     self.modalities = mods
-    self.modality_dropout = float(config.get("modality_dropout", 0.0))
-    self.wsi = WSIBranch(wsi_dim, config.wsi_dim, config.attention_dim, config.dropout, 2) \
-        if "wsi" in mods else None
-    self.radiomics = MLP((radiomics_dim, *config.radiomics_dims), config.dropout) \
-        if "radiomics" in mods else None
-    self.mri_deep = MRIDeepBranch(mri_deep_dim, config.mri_deep_dim, config.mri_deep_pooling,
-                                  config.dropout) if "mri_deep" in mods else None
-    fused = (len(mods) + (config.wsi_dim if self.wsi is not None else 0)
-             + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
-             + (config.mri_deep_dim if self.mri_deep is not None else 0))
-    self.mmoe = MMoE(fused, config.num_experts, config.expert_dim, config.tower_dim, len(TASKS),
-                     config.dropout)
+    self.modality_dropout = float(config.get('modality_dropout', 0.0))
+    self.wsi = (
+      WSIBranch(wsi_dim, config.wsi_dim, config.attention_dim, config.dropout, 2)
+      if 'wsi' in mods
+      else None
+    )
+    self.radiomics = (
+      MLP((radiomics_dim, *config.radiomics_dims), config.dropout) if 'radiomics' in mods else None
+    )
+    self.mri_deep = (
+      MRIDeepBranch(mri_deep_dim, config.mri_deep_dim, config.mri_deep_pooling, config.dropout)
+      if 'mri_deep' in mods
+      else None
+    )
+    fused = (
+      len(mods)
+      + (config.wsi_dim if self.wsi is not None else 0)
+      + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
+      + (config.mri_deep_dim if self.mri_deep is not None else 0)
+    )
+    self.mmoe = MMoE(
+      fused, config.num_experts, config.expert_dim, config.tower_dim, len(TASKS), config.dropout
+    )
 
   def forward(self, patient: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """patient: wsi (N, 1024) real patches, radiomics (F,), mri_deep (S, 2048) real slices,
     has_<modality> bools. Returns scalars response_logit, log_risk and the bag's outputs."""
-    present = torch.tensor([bool(patient[f"has_{m}"]) for m in self.modalities])
+    present = torch.tensor([bool(patient[f'has_{m}']) for m in self.modalities])
     if self.training and self.modality_dropout > 0 and len(self.modalities) > 1:
       kept = present & (torch.rand(len(self.modalities)) >= self.modality_dropout)
       present = kept if kept.any() else present
     parts, out = [], {}
     for i, m in enumerate(self.modalities):
-      if m == "wsi":
-        if patient["wsi"].shape[0] > 0:  # instance clustering sees the bag even if dropped
-          z, scores, inst = self.wsi(patient["wsi"])
+      if m == 'wsi':
+        if patient['wsi'].shape[0] > 0:  # instance clustering sees the bag even if dropped
+          z, scores, inst = self.wsi(patient['wsi'])
           out.update(attention_scores=scores, instance_logits=inst)
         else:
           z = torch.zeros(self.wsi.fc.out_features)
-      elif m == "radiomics":
-        z = self.radiomics(patient["radiomics"])
+      elif m == 'radiomics':
+        z = self.radiomics(patient['radiomics'])
       else:
-        z = self.mri_deep(patient["mri_deep"])
+        z = self.mri_deep(patient['mri_deep'])
       parts.append(z * present[i].float())
     parts.append(present.float())
     (logit, log_risk), gates = self.mmoe(torch.cat(parts))
@@ -172,33 +187,34 @@ def copy_flax_params(torch_model: TorchMoEMIL, flax_model) -> TorchMoEMIL:
   with torch.no_grad():
     for path, value in _flatten(pure):
       *module, leaf = path
-      name = ".".join(module) + {"kernel": ".weight", "bias": ".bias"}[leaf]
+      name = '.'.join(module) + {'kernel': '.weight', 'bias': '.bias'}[leaf]
       if name not in target:
-        raise KeyError(f"flax parameter {'/'.join(path)} has no torch counterpart {name!r}")
+        raise KeyError(f'flax parameter {"/".join(path)} has no torch counterpart {name!r}')
       array = np.array(value, np.float32)  # a writable copy
-      if leaf == "kernel":
+      if leaf == 'kernel':
         array = array.T
       if tuple(target[name].shape) != array.shape:
-        raise ValueError(f"{name}: torch shape {tuple(target[name].shape)} != flax {array.shape}")
+        raise ValueError(f'{name}: torch shape {tuple(target[name].shape)} != flax {array.shape}')
       target[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
       seen.add(name)
   missing = sorted(set(target) - seen)
   if missing:
-    raise KeyError(f"torch parameters without a flax value: {missing}")
+    raise KeyError(f'torch parameters without a flax value: {missing}')
   return torch_model
 
 
 # --------------------------------------------------------------------------- losses
 
 
-def cox_nll(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *,
-            ties: str = "efron") -> torch.Tensor:
+def cox_nll(
+  log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, ties: str = 'efron'
+) -> torch.Tensor:
   """Minus the Cox log partial likelihood / max(events, 1), written as survival repos do
   (an at-risk matrix; Efron by looping over tied event times)."""
-  at_risk = (time[None, :] >= time[:, None]).float()           # (i, j): j at risk at t_i
+  at_risk = (time[None, :] >= time[:, None]).float()  # (i, j): j at risk at t_i
   risk_sum = at_risk @ torch.exp(log_risk)
   ev = event > 0
-  if ties == "breslow":
+  if ties == 'breslow':
     nll = -torch.sum(torch.where(ev, log_risk - torch.log(risk_sum), torch.zeros_like(log_risk)))
   else:
     nll = log_risk.new_zeros(())
@@ -212,7 +228,9 @@ def cox_nll(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *,
   return nll / max(int(ev.sum()), 1)
 
 
-def instance_loss(scores: torch.Tensor, inst: torch.Tensor, label: int, k: int) -> tuple[torch.Tensor, int]:
+def instance_loss(
+  scores: torch.Tensor, inst: torch.Tensor, label: int, k: int
+) -> tuple[torch.Tensor, int]:
   """CLAM inst_eval for one bag: (summed CE, number of instances); k shrinks for small bags."""
   k = min(k, scores.shape[0] // 2)
   if k == 0:
@@ -221,35 +239,46 @@ def instance_loss(scores: torch.Tensor, inst: torch.Tensor, label: int, k: int) 
   bot = torch.topk(-scores, k).indices
   logits = torch.cat([inst[top, label], inst[bot, label]])
   targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)])
-  return F.cross_entropy(logits, targets, reduction="sum"), 2 * k
+  return F.cross_entropy(logits, targets, reduction='sum'), 2 * k
 
 
-def total_loss(outputs: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, np.ndarray],
-               weights: Mapping[str, float], *, ties: str = "efron", k: int = 8) -> torch.Tensor:
+def total_loss(
+  outputs: Sequence[Mapping[str, torch.Tensor]],
+  targets: Mapping[str, np.ndarray],
+  weights: Mapping[str, float],
+  *,
+  ties: str = 'efron',
+  k: int = 8,
+) -> torch.Tensor:
   """The same weighted loss as `moemil_jax.losses.total_loss`, from per-patient outputs.
 
   targets: response, has_response, os_months, os_event, has_survival for the B patients.
   """
-  logit = torch.stack([o["response_logit"] for o in outputs])
-  log_risk = torch.stack([o["log_risk"] for o in outputs])
-  has_resp = torch.as_tensor(np.asarray(targets["has_response"], bool))
-  has_surv = torch.as_tensor(np.asarray(targets["has_survival"], bool))
-  resp = torch.as_tensor(np.asarray(targets["response"], np.float32))
+  logit = torch.stack([o['response_logit'] for o in outputs])
+  log_risk = torch.stack([o['log_risk'] for o in outputs])
+  has_resp = torch.as_tensor(np.asarray(targets['has_response'], bool))
+  has_surv = torch.as_tensor(np.asarray(targets['has_survival'], bool))
+  resp = torch.as_tensor(np.asarray(targets['response'], np.float32))
   loss = logit.new_zeros(())
   if has_resp.any():
-    loss = loss + weights["response"] * F.binary_cross_entropy_with_logits(logit[has_resp], resp[has_resp])
+    loss = loss + weights['response'] * F.binary_cross_entropy_with_logits(
+      logit[has_resp], resp[has_resp]
+    )
   if has_surv.any():
-    loss = loss + weights["survival"] * cox_nll(
-        log_risk[has_surv], torch.as_tensor(np.asarray(targets["os_months"], np.float32))[has_surv],
-        torch.as_tensor(np.asarray(targets["os_event"]))[has_surv], ties=ties)
-  if weights.get("instance", 0.0):
+    loss = loss + weights['survival'] * cox_nll(
+      log_risk[has_surv],
+      torch.as_tensor(np.asarray(targets['os_months'], np.float32))[has_surv],
+      torch.as_tensor(np.asarray(targets['os_event']))[has_surv],
+      ties=ties,
+    )
+  if weights.get('instance', 0.0):
     inst_sum, inst_n = logit.new_zeros(()), 0
     for o, labelled, y in zip(outputs, has_resp.tolist(), resp.tolist()):
-      if labelled and "attention_scores" in o:
-        s, n = instance_loss(o["attention_scores"], o["instance_logits"], int(y), k)
+      if labelled and 'attention_scores' in o:
+        s, n = instance_loss(o['attention_scores'], o['instance_logits'], int(y), k)
         inst_sum, inst_n = inst_sum + s, inst_n + n
-    loss = loss + weights["instance"] * inst_sum / max(inst_n, 1)
-  if weights.get("gate_balance", 0.0):
-    p = torch.stack([o["gates"] for o in outputs]).mean(0)  # (T, E)
-    loss = loss + weights["gate_balance"] * torch.mean(p.shape[-1] * (p * p).sum(-1) - 1.0)
+    loss = loss + weights['instance'] * inst_sum / max(inst_n, 1)
+  if weights.get('gate_balance', 0.0):
+    p = torch.stack([o['gates'] for o in outputs]).mean(0)  # (T, E)
+    loss = loss + weights['gate_balance'] * torch.mean(p.shape[-1] * (p * p).sum(-1) - 1.0)
   return loss

@@ -28,26 +28,30 @@ from flax import nnx
 from moemil_jax import data as data_lib
 from moemil_jax import losses, metrics, models, parallel
 
-PREDICTIONS = "predictions.parquet"
-RUN_JSON = "run.json"
+PREDICTIONS = 'predictions.parquet'
+RUN_JSON = 'run.json'
 
 
 # --------------------------------------------------------------------------- model, optimizer, steps
 
 
 def build_model(config, radiomics_dim: int) -> models.MoEMIL:
-  return models.MoEMIL(config.model, radiomics_dim=radiomics_dim,
-                       rngs=nnx.Rngs(params=config.seed))
+  return models.MoEMIL(config.model, radiomics_dim=radiomics_dim, rngs=nnx.Rngs(params=config.seed))
 
 
 def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
   total = max(tc.epochs * steps_per_epoch, 1)
   warmup = min(int(tc.warmup_epochs * steps_per_epoch), total - 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.learning_rate, warmup_steps=max(warmup, 0), decay_steps=total,
-      end_value=tc.learning_rate * 0.01)
-  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(schedule, weight_decay=tc.weight_decay))
+    0.0,
+    tc.learning_rate,
+    warmup_steps=max(warmup, 0),
+    decay_steps=total,
+    end_value=tc.learning_rate * 0.01,
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(tc.grad_clip), optax.adamw(schedule, weight_decay=tc.weight_decay)
+  )
 
 
 def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=data_lib.gather_inputs):
@@ -56,10 +60,10 @@ def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=data_lib.gather_i
   Shared by training and sweeps (which pass their own per-fold `gather_inputs`).
   """
   dtype = jnp.dtype(config.model.compute_dtype)
-  weights = {k: float(config.loss[k]) for k in ("response", "survival", "instance",
-                                                 "gate_balance")}
-  loss_kw = dict(ties=config.loss.ties, k=config.loss.instance_k,
-                 subtyping=config.loss.instance_subtyping)
+  weights = {k: float(config.loss[k]) for k in ('response', 'survival', 'instance', 'gate_balance')}
+  loss_kw = dict(
+    ties=config.loss.ties, k=config.loss.instance_k, subtyping=config.loss.instance_subtyping
+  )
 
   def loss_fn(params, rest, data, batch, key):
     model = nnx.merge(graphdef, params, rest)
@@ -83,12 +87,11 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, rest, data, batch, key):
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data,
-                                                                     batch, key)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data, batch, key)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     params, opt_state = parallel.constrain_replicated((params, opt_state), mesh)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}
+    return params, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **terms}
 
   @jax.jit
   def eval_step(params, rest, data, batch):
@@ -96,7 +99,8 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
     inputs, _ = data_lib.gather_inputs(data, batch, dtype, mesh)
     out = model(inputs, rngs=None)
     return parallel.constrain_replicated(
-        {k: out[k] for k in ("response_logit", "log_risk", "gates")}, mesh)
+      {k: out[k] for k in ('response_logit', 'log_risk', 'gates')}, mesh
+    )
 
   return tx, train_step, eval_step
 
@@ -105,13 +109,13 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
 
 
 def validation_metric(name: str, auc: float, cindex: float) -> float:
-  if name == "auc":
+  if name == 'auc':
     return auc
-  if name == "cindex":
+  if name == 'cindex':
     return cindex
-  if name == "auc+cindex":
+  if name == 'auc+cindex':
     vals = [v for v in (auc, cindex) if not math.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(vals)) if vals else float('nan')
   raise ValueError(f"train.val_metric {name!r}: use 'auc', 'cindex' or 'auc+cindex'")
 
 
@@ -120,52 +124,64 @@ def validation_metric(name: str, auc: float, cindex: float) -> float:
 
 def checkpoint_managers(workdir: Path):
   """(latest, best) orbax managers under <workdir>/checkpoints, one checkpoint each."""
-  opts = lambda: ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-  root = workdir / "checkpoints"
-  return (ocp.CheckpointManager((root / "latest").resolve(), options=opts()),
-          ocp.CheckpointManager((root / "best").resolve(), options=opts()))
+
+  def opts():
+    return ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+
+  root = workdir / 'checkpoints'
+  return (
+    ocp.CheckpointManager((root / 'latest').resolve(), options=opts()),
+    ocp.CheckpointManager((root / 'best').resolve(), options=opts()),
+  )
 
 
 def save_checkpoint(mgr, step, params, opt_state, meta):
   """Async save of parameters, optimiser state and the JSON run state (epoch, best, history)."""
-  tree = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                         meta=ocp.args.JsonSave(meta)))
+  tree = {'params': nnx.to_pure_dict(params), 'opt_state': opt_state}
+  mgr.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+  )
 
 
 def restore_checkpoint(mgr, step, params, opt_state):
   """Restores into the given structures; returns (params, opt_state, run state)."""
-  target = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
+  target = {'params': nnx.to_pure_dict(params), 'opt_state': opt_state}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                  meta=ocp.args.JsonRestore()))
-  nnx.replace_by_pure_dict(params, got.state["params"])
-  return params, got.state["opt_state"], dict(got.meta)
+  got = mgr.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+  )
+  nnx.replace_by_pure_dict(params, got.state['params'])
+  return params, got.state['opt_state'], dict(got.meta)
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts,
-             mesh=None):
+def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts, mesh=None):
   logit = np.full(num_patients, np.nan)
   risk = np.full(num_patients, np.nan)
   gates = np.full((num_patients, len(models.TASKS), num_experts), np.nan)
   data_tree = device_data.tree()
-  outs = [(b, eval_step(params, rest, data_tree, parallel.shard_batch(b.tree(), mesh)))
-          for b in batches]
+  outs = [
+    (b, eval_step(params, rest, data_tree, parallel.shard_batch(b.tree(), mesh))) for b in batches
+  ]
   for b, out in outs:
     out = jax.device_get(out)
     rows, mask = b.patient[b.patient_mask], b.patient_mask
-    logit[rows] = out["response_logit"][mask]
-    risk[rows] = out["log_risk"][mask]
-    gates[rows] = out["gates"][mask]
+    logit[rows] = out['response_logit'][mask]
+    risk[rows] = out['log_risk'][mask]
+    gates[rows] = out['gates'][mask]
   return logit, risk, gates
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       resume: bool = False, stop_after_epochs: int | None = None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  *,
+  resume: bool = False,
+  stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
   """Trains, keeps best/latest checkpoints, writes predictions.parquet and run.json.
 
   stop_after_epochs: end this call after that many epochs (as if the job were killed);
@@ -176,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not config.store:
-    raise ValueError("config.store is empty: pass --store or --config.store")
+    raise ValueError('config.store is empty: pass --store or --config.store')
   store_dir = Path(config.store).resolve()
   tc, dc = config.train, config.data
   parallel.initialize_distributed(config)  # multi-host: before any other JAX call
@@ -186,24 +202,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   groups = parallel.bag_groups(config, mesh)
   own_groups = parallel.local_groups(mesh, groups)
   cohort = data_lib.load_store(  # with several processes, each reads its own devices' bags
-      store_dir, bags_to_read=None if jax.process_count() == 1 else
-      lambda counts: np.isin(data_lib.bag_layout(counts, groups).group, own_groups))
+    store_dir,
+    bags_to_read=None
+    if jax.process_count() == 1
+    else lambda counts: np.isin(data_lib.bag_layout(counts, groups).group, own_groups),
+  )
   layout = data_lib.bag_layout(cohort.patch_count, groups)
   if dc.harmonise_centers:
     data_lib.harmonise_centers(cohort)
   cohort.split = data_lib.assign_splits(
-      cohort, test_center=config.split.test_center, val_fraction=config.split.val_fraction,
-      seed=config.split.seed, folds=config.split.folds, fold=config.split.fold)
+    cohort,
+    test_center=config.split.test_center,
+    val_fraction=config.split.val_fraction,
+    seed=config.split.seed,
+    folds=config.split.folds,
+    fold=config.split.fold,
+  )
   counts = {s: int((cohort.split == s).sum()) for s in data_lib.SPLITS}
-  logging.info("split: %s", counts)
-  if counts["train"] == 0:
-    raise ValueError(f"{store_dir}: no training patients (center != {config.split.test_center})")
+  logging.info('split: %s', counts)
+  if counts['train'] == 0:
+    raise ValueError(f'{store_dir}: no training patients (center != {config.split.test_center})')
   device_data = data_lib.prepare(cohort, dc, seed=config.seed, layout=layout, mesh=mesh)
   radiomics_dim = int(device_data.radiomics.shape[1])
-  patch_counts = cohort.patch_count if "wsi" in config.model.modalities else \
-      np.zeros_like(cohort.patch_count)
-  train_ids = np.flatnonzero(cohort.split == "train")
-  val_ids = np.flatnonzero(cohort.split == "val")
+  patch_counts = (
+    cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
+  )
+  train_ids = np.flatnonzero(cohort.split == 'train')
+  val_ids = np.flatnonzero(cohort.split == 'val')
   steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
 
   config_json = json.dumps(config.to_dict(), sort_keys=True)
@@ -213,118 +238,209 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   opt_state = tx.init(params)
   params, rest, opt_state = parallel.replicate((params, rest, opt_state), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  logging.info("model %s: %d parameters, modalities %s", config.name, n_params,
-               tuple(config.model.modalities))
+  logging.info(
+    'model %s: %d parameters, modalities %s', config.name, n_params, tuple(config.model.modalities)
+  )
 
   latest_mgr, best_mgr = checkpoint_managers(workdir)
-  meta = {"epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0,
-          "done": False, "history": []}
+  meta = {
+    'epoch': 0,
+    'step': 0,
+    'best_metric': None,
+    'best_epoch': None,
+    'bad_epochs': 0,
+    'done': False,
+    'history': [],
+  }
   if resume and latest_mgr.latest_step() is not None:
-    params, opt_state, meta = restore_checkpoint(latest_mgr, latest_mgr.latest_step(), params, opt_state)
-    logging.info("resumed from epoch %d (step %d)", meta["epoch"], meta["step"])
+    params, opt_state, meta = restore_checkpoint(
+      latest_mgr, latest_mgr.latest_step(), params, opt_state
+    )
+    logging.info('resumed from epoch %d (step %d)', meta['epoch'], meta['step'])
   elif not resume and latest_mgr.latest_step() is not None:
-    raise FileExistsError(f"{workdir}/checkpoints already holds a run: pass --resume or use "
-                          "a fresh --workdir")
+    raise FileExistsError(
+      f'{workdir}/checkpoints already holds a run: pass --resume or use a fresh --workdir'
+    )
 
-  writer = SummaryWriter(str(workdir / "tensorboard")) if parallel.is_writer() else _NoWriter()
+  writer = SummaryWriter(str(workdir / 'tensorboard')) if parallel.is_writer() else _NoWriter()
   data_tree = device_data.tree()
-  val_batches = data_lib.eval_batches(val_ids, patch_counts, layout,
-                                      batch_size=tc.batch_size, buckets=dc.bag_buckets,
-                                      max_patches=dc.max_eval_patches, seed=config.seed)
+  val_batches = data_lib.eval_batches(
+    val_ids,
+    patch_counts,
+    layout,
+    batch_size=tc.batch_size,
+    buckets=dc.bag_buckets,
+    max_patches=dc.max_eval_patches,
+    seed=config.seed,
+  )
   shapes = data_lib.batch_shapes(val_batches)
   base_key = jax.random.key(config.seed)
   epochs_this_call = 0
   t0 = time.time()
-  while not meta["done"] and meta["epoch"] < tc.epochs:
-    epoch = meta["epoch"]
+  while not meta['done'] and meta['epoch'] < tc.epochs:
+    epoch = meta['epoch']
     rng = np.random.default_rng([config.seed, epoch])
-    batches = data_lib.train_batches(train_ids, patch_counts, layout,
-                                     batch_size=tc.batch_size, buckets=dc.bag_buckets,
-                                     max_patches=dc.max_train_patches, rng=rng)
+    batches = data_lib.train_batches(
+      train_ids,
+      patch_counts,
+      layout,
+      batch_size=tc.batch_size,
+      buckets=dc.bag_buckets,
+      max_patches=dc.max_train_patches,
+      rng=rng,
+    )
     shapes |= data_lib.batch_shapes(batches)
     epoch_key = jax.random.fold_in(base_key, epoch)
     step_metrics = []
     for i, batch in enumerate(batches):
-      params, opt_state, m = train_step(params, opt_state, rest, data_tree,
-                                        parallel.shard_batch(batch.tree(), mesh),
-                                        jax.random.fold_in(epoch_key, i))
+      params, opt_state, m = train_step(
+        params,
+        opt_state,
+        rest,
+        data_tree,
+        parallel.shard_batch(batch.tree(), mesh),
+        jax.random.fold_in(epoch_key, i),
+      )
       step_metrics.append(m)
-      meta["step"] += 1
-      if meta["step"] % tc.log_every == 0:
+      meta['step'] += 1
+      if meta['step'] % tc.log_every == 0:
         for k, v in jax.device_get(m).items():
-          writer.add_scalar(f"train/{k}", float(v), meta["step"])
-    train_means = {k: float(np.mean([float(x[k]) for x in jax.device_get(step_metrics)]))
-                   for k in step_metrics[0]}
-    logit, risk, _ = _predict(eval_step, params, rest, device_data, val_batches,
-                              cohort.num_patients, config.model.num_experts, mesh)
+          writer.add_scalar(f'train/{k}', float(v), meta['step'])
+    train_means = {
+      k: float(np.mean([float(x[k]) for x in jax.device_get(step_metrics)]))
+      for k in step_metrics[0]
+    }
+    logit, risk, _ = _predict(
+      eval_step,
+      params,
+      rest,
+      device_data,
+      val_batches,
+      cohort.num_patients,
+      config.model.num_experts,
+      mesh,
+    )
     auc = metrics.labelled_auc_or_nan(cohort.response[val_ids], logit[val_ids])
     cidx = metrics.cindex_or_nan(cohort.os_months[val_ids], cohort.os_event[val_ids], risk[val_ids])
     metric = validation_metric(tc.val_metric, auc, cidx)
     for k, v in train_means.items():
-      writer.add_scalar(f"epoch/train_{k}", v, epoch + 1)
-    writer.add_scalar("epoch/val_auc", auc, epoch + 1)
-    writer.add_scalar("epoch/val_cindex", cidx, epoch + 1)
-    meta["epoch"] = epoch + 1
-    meta["history"].append({"epoch": epoch + 1, "train_loss": _finite_or_none(train_means["loss"]),
-                            "val_auc": _finite_or_none(auc), "val_cindex": _finite_or_none(cidx),
-                            "val_metric": _finite_or_none(metric)})
-    improved = meta["best_metric"] is None or math.isnan(metric) or metric > meta["best_metric"]
+      writer.add_scalar(f'epoch/train_{k}', v, epoch + 1)
+    writer.add_scalar('epoch/val_auc', auc, epoch + 1)
+    writer.add_scalar('epoch/val_cindex', cidx, epoch + 1)
+    meta['epoch'] = epoch + 1
+    meta['history'].append(
+      {
+        'epoch': epoch + 1,
+        'train_loss': _finite_or_none(train_means['loss']),
+        'val_auc': _finite_or_none(auc),
+        'val_cindex': _finite_or_none(cidx),
+        'val_metric': _finite_or_none(metric),
+      }
+    )
+    improved = meta['best_metric'] is None or math.isnan(metric) or metric > meta['best_metric']
     if improved:
-      meta.update(best_metric=None if math.isnan(metric) else metric,
-                  best_epoch=meta["epoch"], bad_epochs=0)
-      save_checkpoint(best_mgr, meta["epoch"], params, opt_state, meta)
+      meta.update(
+        best_metric=None if math.isnan(metric) else metric, best_epoch=meta['epoch'], bad_epochs=0
+      )
+      save_checkpoint(best_mgr, meta['epoch'], params, opt_state, meta)
     else:
-      meta["bad_epochs"] += 1
-      if tc.patience and meta["bad_epochs"] >= tc.patience:
-        meta["done"] = True
-        logging.info("early stopping: no improvement for %d epochs", tc.patience)
-    logging.info("epoch %d/%d: loss %.4f (resp %.4f, surv %.4f) val auc %.3f cindex %.3f%s "
-                 "[%.1fs]", meta["epoch"], tc.epochs, train_means["loss"],
-                 train_means["response"], train_means["survival"], auc, cidx,
-                 " *" if improved else "", time.time() - t0)
-    save_checkpoint(latest_mgr, meta["epoch"], params, opt_state, meta)
+      meta['bad_epochs'] += 1
+      if tc.patience and meta['bad_epochs'] >= tc.patience:
+        meta['done'] = True
+        logging.info('early stopping: no improvement for %d epochs', tc.patience)
+    logging.info(
+      'epoch %d/%d: loss %.4f (resp %.4f, surv %.4f) val auc %.3f cindex %.3f%s [%.1fs]',
+      meta['epoch'],
+      tc.epochs,
+      train_means['loss'],
+      train_means['response'],
+      train_means['survival'],
+      auc,
+      cidx,
+      ' *' if improved else '',
+      time.time() - t0,
+    )
+    save_checkpoint(latest_mgr, meta['epoch'], params, opt_state, meta)
     epochs_this_call += 1
     if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
       latest_mgr.wait_until_finished()
       best_mgr.wait_until_finished()
       writer.close()
-      logging.info("stopping after %d epochs as asked", epochs_this_call)
-      return {"stopped_at_epoch": meta["epoch"]}
+      logging.info('stopping after %d epochs as asked', epochs_this_call)
+      return {'stopped_at_epoch': meta['epoch']}
   latest_mgr.wait_until_finished()
   best_mgr.wait_until_finished()
-  logging.info("%d distinct batch shapes %s; train_step compiled %d times", len(shapes),
-               sorted(shapes), train_step._cache_size())
+  logging.info(
+    '%d distinct batch shapes %s; train_step compiled %d times',
+    len(shapes),
+    sorted(shapes),
+    train_step._cache_size(),
+  )
 
   # Predictions with the best checkpoint, for every patient.
   params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
-  all_batches = data_lib.eval_batches(np.arange(cohort.num_patients), patch_counts, layout,
-                                      batch_size=tc.batch_size,
-                                      buckets=dc.bag_buckets, max_patches=dc.max_eval_patches,
-                                      seed=config.seed)
-  logit, risk, gates = _predict(eval_step, params, rest, device_data, all_batches,
-                                cohort.num_patients, config.model.num_experts, mesh)
+  all_batches = data_lib.eval_batches(
+    np.arange(cohort.num_patients),
+    patch_counts,
+    layout,
+    batch_size=tc.batch_size,
+    buckets=dc.bag_buckets,
+    max_patches=dc.max_eval_patches,
+    seed=config.seed,
+  )
+  logit, risk, gates = _predict(
+    eval_step,
+    params,
+    rest,
+    device_data,
+    all_batches,
+    cohort.num_patients,
+    config.model.num_experts,
+    mesh,
+  )
   frame = predictions_frame(config.name, cohort, logit, risk, gates)
-  run_info = {"model": config.name, "store": str(store_dir), "seed": int(config.seed),
-              "config": config.to_dict(), "best_step": int(best_meta["epoch"]),
-              "best_train_step": int(best_meta["step"]), "val_metric": best_meta["best_metric"],
-              "val_metric_name": tc.val_metric, "epochs_run": int(meta["epoch"]),
-              "split_counts": counts, "batch_shapes": len(shapes),
-              "history": meta["history"],
-              "radiomics_columns": device_data.radiomics_columns,
-              "processes": jax.process_count(), "bag_groups": groups}
+  run_info = {
+    'model': config.name,
+    'store': str(store_dir),
+    'seed': int(config.seed),
+    'config': config.to_dict(),
+    'best_step': int(best_meta['epoch']),
+    'best_train_step': int(best_meta['step']),
+    'val_metric': best_meta['best_metric'],
+    'val_metric_name': tc.val_metric,
+    'epochs_run': int(meta['epoch']),
+    'split_counts': counts,
+    'batch_shapes': len(shapes),
+    'history': meta['history'],
+    'radiomics_columns': device_data.radiomics_columns,
+    'processes': jax.process_count(),
+    'bag_groups': groups,
+  }
   if parallel.is_writer():
     frame.to_parquet(workdir / PREDICTIONS, index=False)
-    (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + "\n")
+    (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + '\n')
   for split in data_lib.SPLITS:
     ids = np.flatnonzero(cohort.split == split)
-    writer.add_scalar(f"final/{split}_auc", metrics.labelled_auc_or_nan(
-        cohort.response[ids], frame.response_prob.to_numpy()[ids]), meta["epoch"])
+    writer.add_scalar(
+      f'final/{split}_auc',
+      metrics.labelled_auc_or_nan(cohort.response[ids], frame.response_prob.to_numpy()[ids]),
+      meta['epoch'],
+    )
   writer.close()
-  logging.info("%s %s and %s (best epoch %d, val %s %s)",
-               "wrote" if parallel.is_writer() else "process 0 writes", workdir / PREDICTIONS,
-               workdir / RUN_JSON, best_meta["epoch"], tc.val_metric, best_meta["best_metric"])
-  return {**run_info, "process_index": jax.process_index(),
-          "patches_read": int(len(cohort.patches))}
+  logging.info(
+    '%s %s and %s (best epoch %d, val %s %s)',
+    'wrote' if parallel.is_writer() else 'process 0 writes',
+    workdir / PREDICTIONS,
+    workdir / RUN_JSON,
+    best_meta['epoch'],
+    tc.val_metric,
+    best_meta['best_metric'],
+  )
+  return {
+    **run_info,
+    'process_index': jax.process_index(),
+    'patches_read': int(len(cohort.patches)),
+  }
 
 
 class _NoWriter:
@@ -351,21 +467,24 @@ def _jsonable(x):
 
 def predictions_frame(name, cohort: data_lib.Cohort, logit, risk, gates) -> pd.DataFrame:
   """One row per patient, columns as the evaluation contract asks (plus gate weights)."""
-  frame = pd.DataFrame({
-      "patient_id": cohort.patient_id.astype(str),
-      "center": cohort.center.astype(str),
-      "split": cohort.split.astype(str),
-      "model": name,
-      "response_logit": logit.astype(np.float64),
-      "response_prob": (1.0 / (1.0 + np.exp(-logit))).astype(np.float64),
-      "log_risk": risk.astype(np.float64),
-      "ic_response": pd.array(np.where(np.isnan(cohort.response), None,
-                                       np.nan_to_num(cohort.response).astype(int)),
-                              dtype="Int64"),
-      "os_months": cohort.os_months.astype(np.float64),
-      "os_event": cohort.os_event.astype(np.int64),
-  })
+  frame = pd.DataFrame(
+    {
+      'patient_id': cohort.patient_id.astype(str),
+      'center': cohort.center.astype(str),
+      'split': cohort.split.astype(str),
+      'model': name,
+      'response_logit': logit.astype(np.float64),
+      'response_prob': (1.0 / (1.0 + np.exp(-logit))).astype(np.float64),
+      'log_risk': risk.astype(np.float64),
+      'ic_response': pd.array(
+        np.where(np.isnan(cohort.response), None, np.nan_to_num(cohort.response).astype(int)),
+        dtype='Int64',
+      ),
+      'os_months': cohort.os_months.astype(np.float64),
+      'os_event': cohort.os_event.astype(np.int64),
+    }
+  )
   for t, task in enumerate(models.TASKS):
     for e in range(gates.shape[-1]):
-      frame[f"gate_{task}_e{e}"] = gates[:, t, e].astype(np.float64)
+      frame[f'gate_{task}_e{e}'] = gates[:, t, e].astype(np.float64)
   return frame

@@ -26,15 +26,28 @@ import pandas as pd
 
 from feature_store import synthetic, synthetic_store
 from moemil_jax import evaluation, metrics, train
-from moemil_jax.configs import dlr, moemil, pathomics, test as test_config
+from moemil_jax.configs import dlr, moemil, pathomics
+from moemil_jax.configs import test as test_config
 
 STORE_SEED = 0
 MARGIN = 0.01  # MoEMIL must lead each comparator by at least this, in AUC and in C-index
-KNOBS = synthetic.Knobs(wsi_signal=0.6, mri_signal=0.6, response_strength=8.0,
-                        hazard_strength=3.0, censoring_rate=0.3, center_b_fraction=0.5)
-STORE_SHAPE = dict(median_patches=32, bag_sigma=0.3, min_patches=16, max_patches=64,
-                   key_fraction=0.25, wsi_key_gain=2.0)
-MODELS = {"moemil": moemil, "dlr": dlr, "pathomics": pathomics}
+KNOBS = synthetic.Knobs(
+  wsi_signal=0.6,
+  mri_signal=0.6,
+  response_strength=8.0,
+  hazard_strength=3.0,
+  censoring_rate=0.3,
+  center_b_fraction=0.5,
+)
+STORE_SHAPE = dict(
+  median_patches=32,
+  bag_sigma=0.3,
+  min_patches=16,
+  max_patches=64,
+  key_fraction=0.25,
+  wsi_key_gain=2.0,
+)
+MODELS = {'moemil': moemil, 'dlr': dlr, 'pathomics': pathomics}
 
 
 def _flat(d, prefix=()):
@@ -65,7 +78,7 @@ def _config(module, store):
 
 
 def test_variants_follow_the_baseline_configs():
-  store = "unused"
+  store = 'unused'
   for name, module in MODELS.items():
     c = _config(module, store)
     assert c.name == name
@@ -77,33 +90,39 @@ def test_variants_follow_the_baseline_configs():
 
 def _external(pred):
   """(AUC, C-index) of one model's predictions on the test center."""
-  test = pred[pred.split == "test"]
-  assert len(test) and (test.center == "B").all()
-  return (metrics.labelled_auc_or_nan(test.ic_response.astype(float), test.response_prob),
-          metrics.cindex_or_nan(test.os_months, test.os_event, test.log_risk))
+  test = pred[pred.split == 'test']
+  assert len(test) and (test.center == 'B').all()
+  return (
+    metrics.labelled_auc_or_nan(test.ic_response.astype(float), test.response_prob),
+    metrics.cindex_or_nan(test.os_months, test.os_event, test.log_risk),
+  )
 
 
 def external_figures(root, seed=STORE_SEED):
   """{model: (AUC, C-index)} on the test center, for the three models and the oracle."""
-  store = synthetic_store.make_store(root / "store", patients=1000, seed=seed, knobs=KNOBS,
-                                     **STORE_SHAPE)
+  store = synthetic_store.make_store(
+    root / 'store', patients=1000, seed=seed, knobs=KNOBS, **STORE_SHAPE
+  )
   figures = {}
   for name, module in MODELS.items():
     train.train_and_evaluate(_config(module, store), root / name)
-    pred = pd.read_parquet(root / name / "predictions.parquet")
+    pred = pd.read_parquet(root / name / 'predictions.parquet')
     figures[name] = _external(pred)
-  figures["oracle"] = _external(
-      evaluation.oracle_predictions(synthetic_store.read_truth(store), pred))
+  figures['oracle'] = _external(
+    evaluation.oracle_predictions(synthetic_store.read_truth(store), pred)
+  )
   return figures
 
 
 def test_moemil_beats_single_modality_models_on_external_center(tmp_path):
   figures = external_figures(tmp_path)
-  table = "\n".join(f"  {name:<10} AUC {auc:.3f}  C-index {c:.3f}"
-                    for name, (auc, c) in figures.items())
+  table = '\n'.join(
+    f'  {name:<10} AUC {auc:.3f}  C-index {c:.3f}' for name, (auc, c) in figures.items()
+  )
   assert np.isfinite(np.array(list(figures.values()))).all(), table
-  auc, cindex = figures["moemil"]
-  for rival in ("dlr", "pathomics"):
-    assert auc >= figures[rival][0] + MARGIN, f"AUC: moemil vs {rival} (margin {MARGIN})\n{table}"
-    assert cindex >= figures[rival][1] + MARGIN, \
-        f"C-index: moemil vs {rival} (margin {MARGIN})\n{table}"
+  auc, cindex = figures['moemil']
+  for rival in ('dlr', 'pathomics'):
+    assert auc >= figures[rival][0] + MARGIN, f'AUC: moemil vs {rival} (margin {MARGIN})\n{table}'
+    assert cindex >= figures[rival][1] + MARGIN, (
+      f'C-index: moemil vs {rival} (margin {MARGIN})\n{table}'
+    )

@@ -11,13 +11,14 @@ from moemil_jax import data
 from moemil_jax.configs import test as test_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def store(tmp_path_factory):
-  return synthetic_store.make_store(tmp_path_factory.mktemp("store"), patients=40, seed=1,
-                                    median_patches=50, max_patches=300)
+  return synthetic_store.make_store(
+    tmp_path_factory.mktemp('store'), patients=40, seed=1, median_patches=50, max_patches=300
+  )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def cohort(store):
   c = data.load_store(store)
   c.split = data.assign_splits(c, val_fraction=0.25, seed=0)
@@ -25,7 +26,7 @@ def cohort(store):
 
 
 def test_load_store_one_bag_per_patient(store, cohort):
-  clinical = pd.read_parquet(store / "clinical.parquet")
+  clinical = pd.read_parquet(store / 'clinical.parquet')
   assert list(cohort.patient_id) == list(clinical.patient_id)
   per_patient = {}
   for path in store_lib.slide_files(store):
@@ -34,7 +35,7 @@ def test_load_store_one_bag_per_patient(store, cohort):
   assert any(len(v) > 1 for v in per_patient.values())  # multi-slide patients exist
   for i, pid in enumerate(cohort.patient_id):
     want = np.concatenate(per_patient[pid]) if pid in per_patient else np.zeros((0, 1024))
-    got = cohort.patches[cohort.patch_offset[i]:cohort.patch_offset[i] + cohort.patch_count[i]]
+    got = cohort.patches[cohort.patch_offset[i] : cohort.patch_offset[i] + cohort.patch_count[i]]
     np.testing.assert_array_equal(got, want)
   assert (cohort.patch_count[~clinical.has_wsi.to_numpy()] == 0).all()
   assert (cohort.mri_deep_count[~clinical.has_mri.to_numpy()] == 0).all()
@@ -43,16 +44,16 @@ def test_load_store_one_bag_per_patient(store, cohort):
 
 
 def test_splits_external_center_and_stratified(cohort):
-  assert ((cohort.split == "test") == (cohort.center == "B")).all()
-  a = cohort.center == "A"
+  assert ((cohort.split == 'test') == (cohort.center == 'B')).all()
+  a = cohort.center == 'A'
   for label in (0.0, 1.0):
     members = a & (cohort.response == label)
-    n_val = (members & (cohort.split == "val")).sum()
+    n_val = (members & (cohort.split == 'val')).sum()
     assert n_val == round(0.25 * members.sum())
   again = data.assign_splits(cohort, val_fraction=0.25, seed=0)
   np.testing.assert_array_equal(again, cohort.split)
   folds = [data.assign_splits(cohort, folds=3, fold=f) for f in range(3)]
-  val_sets = [set(np.flatnonzero(f == "val")) for f in folds]
+  val_sets = [set(np.flatnonzero(f == 'val')) for f in folds]
   assert set().union(*val_sets) == set(np.flatnonzero(a))
   assert sum(len(v) for v in val_sets) == a.sum()
 
@@ -61,37 +62,42 @@ def test_radiomics_preprocessing_fitted_on_train_only():
   rng = np.random.default_rng(0)
   n = 60
   y = (rng.random(n) < 0.5).astype(float)
-  wide = pd.DataFrame({
-      "t1:signal": y * 2 + rng.normal(size=n),
-      "t1:copy": None, "t1:const": 3.0, "t1:gaps": rng.normal(size=n),
-      "t2:noise": rng.normal(size=n),
-  })
-  wide["t1:copy"] = wide["t1:signal"] * 5 + 1  # |r| = 1 with signal
-  wide.loc[3, "t1:gaps"] = np.nan
+  wide = pd.DataFrame(
+    {
+      't1:signal': y * 2 + rng.normal(size=n),
+      't1:copy': None,
+      't1:const': 3.0,
+      't1:gaps': rng.normal(size=n),
+      't2:noise': rng.normal(size=n),
+    }
+  )
+  wide['t1:copy'] = wide['t1:signal'] * 5 + 1  # |r| = 1 with signal
+  wide.loc[3, 't1:gaps'] = np.nan
   train = np.arange(n) < 40
   sel = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=False)
-  assert sel.columns == ["t1:signal", "t2:noise"]
+  assert sel.columns == ['t1:signal', 't2:noise']
   np.testing.assert_allclose(sel.mean, wide.loc[train, sel.columns].mean())
   moved = wide.copy()
-  moved.loc[~train, "t1:signal"] += 100  # validation values must not move the statistics
+  moved.loc[~train, 't1:signal'] += 100  # validation values must not move the statistics
   assert np.allclose(data.fit_radiomics(moved, train, y, lasso=False).mean, sel.mean)
   lasso = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=True, lasso_cs=5)
-  assert "t1:signal" in lasso.columns
+  assert 't1:signal' in lasso.columns
   z = sel.transform(wide)
   assert z.shape == (n, 2) and np.isfinite(z).all()
 
 
 def test_prepare_normalises_with_train_statistics(cohort):
   dev = data.prepare(cohort, test_config.get_config().data)
-  train = cohort.split == "train"
-  rows = np.concatenate([np.arange(o, o + c) for o, c in
-                         zip(cohort.patch_offset[train], cohort.patch_count[train])])
+  train = cohort.split == 'train'
+  rows = np.concatenate(
+    [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[train], cohort.patch_count[train])]
+  )
   mean = cohort.patches[rows].astype(np.float64).mean(0)
   np.testing.assert_allclose(np.asarray(dev.patch_mean), mean, rtol=1e-4, atol=1e-5)
   assert dev.patches.shape[0] == cohort.patches.shape[0] + 1  # zero pad row
   deep = np.asarray(dev.mri_deep)
   has = (cohort.mri_deep_count > 0) & train
-  vals = np.concatenate([deep[i, :cohort.mri_deep_count[i]] for i in np.flatnonzero(has)])
+  vals = np.concatenate([deep[i, : cohort.mri_deep_count[i]] for i in np.flatnonzero(has)])
   np.testing.assert_allclose(vals.mean(0), 0.0, atol=1e-4)
   assert not np.asarray(dev.has_radiomics)[cohort.mri_deep_count == 0].any()
 
@@ -103,10 +109,16 @@ def test_bucketed_batches(cohort):
   layout = data.bag_layout(cohort.patch_count)
   assert layout.pad_row(0) == pad
   np.testing.assert_array_equal(layout.offset, cohort.patch_offset)  # one group: store order
-  train_ids = np.flatnonzero(cohort.split == "train")
-  batches = data.train_batches(train_ids, cohort.patch_count, layout,
-                               batch_size=4, buckets=buckets, max_patches=64,
-                               rng=np.random.default_rng(0))
+  train_ids = np.flatnonzero(cohort.split == 'train')
+  batches = data.train_batches(
+    train_ids,
+    cohort.patch_count,
+    layout,
+    batch_size=4,
+    buckets=buckets,
+    max_patches=64,
+    rng=np.random.default_rng(0),
+  )
   seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
   assert sorted(seen) == sorted(train_ids)
   assert data.batch_shapes(batches) <= {(4, 32), (4, 64)}
@@ -121,11 +133,13 @@ def test_bucketed_batches(cohort):
       lo, hi = cohort.patch_offset[p], cohort.patch_offset[p] + cohort.patch_count[p]
       assert ((idx >= lo) & (idx < hi)).all()
       assert (b.patch_index[row][~b.patch_valid[row]] == pad).all()
-  full = data.eval_batches(np.arange(cohort.num_patients), cohort.patch_count, layout,
-                           batch_size=8, buckets=buckets)
+  full = data.eval_batches(
+    np.arange(cohort.num_patients), cohort.patch_count, layout, batch_size=8, buckets=buckets
+  )
   for b in full:
-    np.testing.assert_array_equal(b.patch_valid.sum(1)[b.patient_mask],
-                                  cohort.patch_count[b.patient[b.patient_mask]])
+    np.testing.assert_array_equal(
+      b.patch_valid.sum(1)[b.patient_mask], cohort.patch_count[b.patient[b.patient_mask]]
+    )
 
 
 def test_bag_groups_layout_batches_and_device_array(cohort):
@@ -141,12 +155,21 @@ def test_bag_groups_layout_batches_and_device_array(cohort):
   assert dev.shape == (groups * layout.rows, cohort.patches.shape[1])
   for p in range(cohort.num_patients):  # every bag where the layout says, pad rows zero
     o, c = cohort.patch_offset[p], cohort.patch_count[p]
-    np.testing.assert_array_equal(dev[layout.offset[p]:layout.offset[p] + c], cohort.patches[o:o + c])
+    np.testing.assert_array_equal(
+      dev[layout.offset[p] : layout.offset[p] + c], cohort.patches[o : o + c]
+    )
   for g in range(groups):
     assert not dev[layout.pad_row(g)].any()
-  train_ids = np.flatnonzero(cohort.split == "train")
-  batches = data.train_batches(train_ids, cohort.patch_count, layout, batch_size=8,
-                               buckets=buckets, max_patches=64, rng=np.random.default_rng(0))
+  train_ids = np.flatnonzero(cohort.split == 'train')
+  batches = data.train_batches(
+    train_ids,
+    cohort.patch_count,
+    layout,
+    batch_size=8,
+    buckets=buckets,
+    max_patches=64,
+    rng=np.random.default_rng(0),
+  )
   seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
   assert sorted(seen) == sorted(train_ids)
   per_group_train = np.bincount(layout.group[train_ids], minlength=groups)
@@ -159,7 +182,7 @@ def test_bag_groups_layout_batches_and_device_array(cohort):
       if b.patient_mask[row]:
         assert layout.group[b.patient[row]] == g
       assert (b.patch_index[row][~b.patch_valid[row]] == layout.pad_row(g)).all()
-  with pytest.raises(ValueError, match="not divisible by 4 bag groups"):
+  with pytest.raises(ValueError, match='not divisible by 4 bag groups'):
     data.eval_batches(train_ids, cohort.patch_count, layout, batch_size=6, buckets=buckets)
 
 
@@ -172,40 +195,50 @@ def test_load_store_reads_only_the_bags_asked_for(store, cohort):
   assert (part.patch_offset[~want] == -1).all()
   for p in np.flatnonzero(want):
     o, c = part.patch_offset[p], part.patch_count[p]
-    np.testing.assert_array_equal(part.patches[o:o + c], cohort.patches[
-        cohort.patch_offset[p]:cohort.patch_offset[p] + c])
+    np.testing.assert_array_equal(
+      part.patches[o : o + c], cohort.patches[cohort.patch_offset[p] : cohort.patch_offset[p] + c]
+    )
   layout = data.bag_layout(part.patch_count, 3)
-  with pytest.raises(ValueError, match="bag not read"):
-    data.prepare(data.dataclasses.replace(part, split=cohort.split),
-                 test_config.get_config().data, layout=layout)
+  with pytest.raises(ValueError, match='bag not read'):
+    data.prepare(
+      data.dataclasses.replace(part, split=cohort.split),
+      test_config.get_config().data,
+      layout=layout,
+    )
 
 
 def test_bad_clinical_names_the_file(store, tmp_path):
   import shutil
-  bad = tmp_path / "store"
+
+  bad = tmp_path / 'store'
   shutil.copytree(store, bad)
-  table = pq.read_table(bad / "clinical.parquet").to_pandas()
-  table.loc[2, "center"] = "C"
-  table.to_parquet(bad / "clinical.parquet")
-  with pytest.raises(store_lib.StoreError, match="clinical.parquet: row 2"):
+  table = pq.read_table(bad / 'clinical.parquet').to_pandas()
+  table.loc[2, 'center'] = 'C'
+  table.to_parquet(bad / 'clinical.parquet')
+  with pytest.raises(store_lib.StoreError, match='clinical.parquet: row 2'):
     data.load_store(bad)
 
 
 def test_harmonise_centers_standardises_within_each_center(store):
   cohort = data.harmonise_centers(data.load_store(store))
   raw = data.load_store(store)
-  assert set(cohort.center) == {"A", "B"}
-  for center in ("A", "B"):
+  assert set(cohort.center) == {'A', 'B'}
+  for center in ('A', 'B'):
     rows = cohort.center == center
-    patch_rows = np.concatenate([np.arange(o, o + c) for o, c in
-                                 zip(cohort.patch_offset[rows], cohort.patch_count[rows])])
+    patch_rows = np.concatenate(
+      [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[rows], cohort.patch_count[rows])]
+    )
     p = cohort.patches[patch_rows].astype(np.float64)
     live = raw.patches[patch_rows].astype(np.float64).std(0) > 1e-3  # non-constant features
     np.testing.assert_allclose(p.mean(0), 0.0, atol=2e-3)
     np.testing.assert_allclose(p.std(0)[live], 1.0, atol=2e-3)
-    rad = cohort.radiomics.loc[rows].dropna(how="all")
+    rad = cohort.radiomics.loc[rows].dropna(how='all')
     np.testing.assert_allclose(rad.mean(), 0.0, atol=1e-9)
-    deep = np.concatenate([cohort.mri_deep[i, :cohort.mri_deep_count[i]] for i in np.flatnonzero(rows)])
+    deep = np.concatenate(
+      [cohort.mri_deep[i, : cohort.mri_deep_count[i]] for i in np.flatnonzero(rows)]
+    )
     np.testing.assert_allclose(deep.mean(0), 0.0, atol=1e-4)
   # Padded MRI slots stay zero.
-  assert not cohort.mri_deep[np.arange(cohort.mri_deep.shape[1])[None] >= cohort.mri_deep_count[:, None]].any()
+  assert not cohort.mri_deep[
+    np.arange(cohort.mri_deep.shape[1])[None] >= cohort.mri_deep_count[:, None]
+  ].any()

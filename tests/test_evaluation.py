@@ -16,241 +16,288 @@ from feature_store import store as store_lib
 from moemil_jax import evaluation, metrics
 
 # Noise added to the latent truth for each model's scores: MoEMIL is the sharpest.
-MODEL_NOISE = {"moemil": 0.5, "dlr": 1.0, "pathomics": 1.5}
+MODEL_NOISE = {'moemil': 0.5, 'dlr': 1.0, 'pathomics': 1.5}
 
 
 def make_cohort(n: int = 240, seed: int = 0) -> pd.DataFrame:
-    """Clinical table with a planted latent signal driving response, OS and stage."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=n)
-    center = np.where(rng.random(n) < 0.35, "B", "A")
-    response = (rng.random(n) < 1 / (1 + np.exp(-1.5 * z))).astype(float)
-    response[rng.random(n) < 0.05] = np.nan
-    event_time = rng.exponential(60 * np.exp(-0.8 * z))
-    censor_time = rng.uniform(20, 100, n)
-    t_stage = np.clip(np.round(2.5 + 0.7 * z + rng.normal(0, 0.8, n)), 1, 4).astype(int)
-    n_stage = np.clip(np.round(1.5 + 0.7 * z + rng.normal(0, 0.8, n)), 0, 3).astype(int)
-    overall = np.where((t_stage == 4) | (n_stage == 3), np.where(n_stage == 3, "IVB", "IVA"),
-                       np.where((t_stage == 3) | (n_stage == 2), "III", "II"))
-    return pd.DataFrame({
-        "patient_id": [f"P{i:03d}" for i in range(n)], "center": center,
-        "age": rng.integers(20, 70, n).astype(float), "sex": rng.choice(["M", "F"], n),
-        "ebv_dna": rng.lognormal(6, 2, n), "t_stage": t_stage, "n_stage": n_stage,
-        "overall_stage": overall, "ic_response": pd.array(response, dtype="Float64").astype("Int64"),
-        "os_months": np.minimum(event_time, censor_time).round(1),
-        "os_event": (event_time <= censor_time).astype(int), "_latent": z,
-    })
+  """Clinical table with a planted latent signal driving response, OS and stage."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=n)
+  center = np.where(rng.random(n) < 0.35, 'B', 'A')
+  response = (rng.random(n) < 1 / (1 + np.exp(-1.5 * z))).astype(float)
+  response[rng.random(n) < 0.05] = np.nan
+  event_time = rng.exponential(60 * np.exp(-0.8 * z))
+  censor_time = rng.uniform(20, 100, n)
+  t_stage = np.clip(np.round(2.5 + 0.7 * z + rng.normal(0, 0.8, n)), 1, 4).astype(int)
+  n_stage = np.clip(np.round(1.5 + 0.7 * z + rng.normal(0, 0.8, n)), 0, 3).astype(int)
+  overall = np.where(
+    (t_stage == 4) | (n_stage == 3),
+    np.where(n_stage == 3, 'IVB', 'IVA'),
+    np.where((t_stage == 3) | (n_stage == 2), 'III', 'II'),
+  )
+  return pd.DataFrame(
+    {
+      'patient_id': [f'P{i:03d}' for i in range(n)],
+      'center': center,
+      'age': rng.integers(20, 70, n).astype(float),
+      'sex': rng.choice(['M', 'F'], n),
+      'ebv_dna': rng.lognormal(6, 2, n),
+      't_stage': t_stage,
+      'n_stage': n_stage,
+      'overall_stage': overall,
+      'ic_response': pd.array(response, dtype='Float64').astype('Int64'),
+      'os_months': np.minimum(event_time, censor_time).round(1),
+      'os_event': (event_time <= censor_time).astype(int),
+      '_latent': z,
+    }
+  )
 
 
 def assign_splits(cohort: pd.DataFrame, seed: int = 0) -> pd.Series:
-    rng = np.random.default_rng(seed + 1)
-    split = np.where(cohort["center"] == "B", "test", np.where(rng.random(len(cohort)) < 0.65, "train", "val"))
-    return pd.Series(split, index=cohort.index)
+  rng = np.random.default_rng(seed + 1)
+  split = np.where(
+    cohort['center'] == 'B', 'test', np.where(rng.random(len(cohort)) < 0.65, 'train', 'val')
+  )
+  return pd.Series(split, index=cohort.index)
 
 
-def write_workdir(root: Path, cohort: pd.DataFrame | None = None, seed: int = 0,
-                  models=tuple(MODEL_NOISE)) -> Path:
-    """A workdir in the training contract: <model>/predictions.parquet + run.json, and a store."""
-    cohort = make_cohort(seed=seed) if cohort is None else cohort
-    split = assign_splits(cohort, seed)
-    store = root / "store"
-    store_lib.write_clinical(store, pa.Table.from_pandas(
-        cohort[list(store_lib.CLINICAL_COLUMNS)], preserve_index=False))
-    rng = np.random.default_rng(seed + 2)
-    workdir = root / "workdir"
-    for model in models:
-        score = cohort["_latent"].to_numpy() + rng.normal(0, MODEL_NOISE[model], len(cohort))
-        logit = 1.5 * score
-        df = pd.DataFrame({
-            "patient_id": cohort["patient_id"], "center": cohort["center"], "split": split,
-            "model": model, "response_logit": logit, "response_prob": 1 / (1 + np.exp(-logit)),
-            "log_risk": 0.8 * score, "ic_response": cohort["ic_response"],
-            "os_months": cohort["os_months"].astype(float), "os_event": cohort["os_event"]})
-        (workdir / model).mkdir(parents=True, exist_ok=True)
-        df.to_parquet(workdir / model / "predictions.parquet", index=False)
-        (workdir / model / "run.json").write_text(json.dumps({"model": model, "store": str(store.resolve())}))
-    return workdir
+def write_workdir(
+  root: Path, cohort: pd.DataFrame | None = None, seed: int = 0, models=tuple(MODEL_NOISE)
+) -> Path:
+  """A workdir in the training contract: <model>/predictions.parquet + run.json, and a store."""
+  cohort = make_cohort(seed=seed) if cohort is None else cohort
+  split = assign_splits(cohort, seed)
+  store = root / 'store'
+  store_lib.write_clinical(
+    store, pa.Table.from_pandas(cohort[list(store_lib.CLINICAL_COLUMNS)], preserve_index=False)
+  )
+  rng = np.random.default_rng(seed + 2)
+  workdir = root / 'workdir'
+  for model in models:
+    score = cohort['_latent'].to_numpy() + rng.normal(0, MODEL_NOISE[model], len(cohort))
+    logit = 1.5 * score
+    df = pd.DataFrame(
+      {
+        'patient_id': cohort['patient_id'],
+        'center': cohort['center'],
+        'split': split,
+        'model': model,
+        'response_logit': logit,
+        'response_prob': 1 / (1 + np.exp(-logit)),
+        'log_risk': 0.8 * score,
+        'ic_response': cohort['ic_response'],
+        'os_months': cohort['os_months'].astype(float),
+        'os_event': cohort['os_event'],
+      }
+    )
+    (workdir / model).mkdir(parents=True, exist_ok=True)
+    df.to_parquet(workdir / model / 'predictions.parquet', index=False)
+    (workdir / model / 'run.json').write_text(
+      json.dumps({'model': model, 'store': str(store.resolve())})
+    )
+  return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def evaluated(tmp_path_factory):
-    workdir = write_workdir(tmp_path_factory.mktemp("eval"))
-    return workdir, evaluation.evaluate(workdir, n_bootstrap=200)
+  workdir = write_workdir(tmp_path_factory.mktemp('eval'))
+  return workdir, evaluation.evaluate(workdir, n_bootstrap=200)
 
 
 def test_models_and_metrics_match_libraries(evaluated):
-    workdir, ev = evaluated
-    assert ev.models == ["moemil", "dlr", "pathomics", "tnm"]
-    for name in ev.models:
-        df = ev.predictions[name]
-        r = ev.results["per_model"][name]
-        for split in evaluation.SPLITS:
-            part = df[df["split"] == split]
-            lab = part[part["ic_response"].notna()]
-            assert r["response"][split]["auc"] == pytest.approx(
-                roc_auc_score(lab["ic_response"].astype(int), lab["response_prob"]))
-            s = r["survival"][split]
-            assert s["c_index"] == pytest.approx(
-                lifelines_c(part["os_months"], -part["log_risk"], part["os_event"]))
-    # The planted signal ranks the models as it should on the test split.
-    auc = {m: ev.results["per_model"][m]["response"]["test"]["auc"] for m in ev.models}
-    assert auc["moemil"] > auc["pathomics"] and auc["moemil"] > 0.75
-    json.dumps(ev.results)   # JSON-serialisable, NaN-free
+  workdir, ev = evaluated
+  assert ev.models == ['moemil', 'dlr', 'pathomics', 'tnm']
+  for name in ev.models:
+    df = ev.predictions[name]
+    r = ev.results['per_model'][name]
+    for split in evaluation.SPLITS:
+      part = df[df['split'] == split]
+      lab = part[part['ic_response'].notna()]
+      assert r['response'][split]['auc'] == pytest.approx(
+        roc_auc_score(lab['ic_response'].astype(int), lab['response_prob'])
+      )
+      s = r['survival'][split]
+      assert s['c_index'] == pytest.approx(
+        lifelines_c(part['os_months'], -part['log_risk'], part['os_event'])
+      )
+  # The planted signal ranks the models as it should on the test split.
+  auc = {m: ev.results['per_model'][m]['response']['test']['auc'] for m in ev.models}
+  assert auc['moemil'] > auc['pathomics'] and auc['moemil'] > 0.75
+  json.dumps(ev.results)  # JSON-serialisable, NaN-free
 
 
 def test_cutoffs_fixed_on_training_and_applied_unchanged(evaluated):
-    _, ev = evaluated
-    df = ev.predictions["moemil"]
-    surv = ev.results["per_model"]["moemil"]["survival"]
-    cutoff = np.median(df.loc[df["split"] == "train", "log_risk"])
-    assert surv["cutoff"] == pytest.approx(cutoff)
-    for split in ("val", "test"):
-        part = df[df["split"] == split]
-        high = part["log_risk"] > cutoff
-        assert (part["high_risk"] == high.astype(int)).all()
-        ref = lifelines_logrank(part["os_months"][high], part["os_months"][~high],
-                                part["os_event"][high], part["os_event"][~high])
-        assert surv[split]["logrank_p"] == pytest.approx(ref.p_value)
-        cph = CoxPHFitter().fit(pd.DataFrame({"t": part["os_months"], "e": part["os_event"],
-                                              "g": high.astype(float)}), "t", "e")
-        assert surv[split]["hr"] == pytest.approx(cph.hazard_ratios_["g"], rel=1e-6)
-    resp = ev.results["per_model"]["moemil"]["response"]
-    train = df[(df["split"] == "train") & df["ic_response"].notna()]
-    assert resp["threshold"] == pytest.approx(
-        metrics.youden_threshold(train["ic_response"].astype(int), train["response_prob"]))
-    test = df[(df["split"] == "test") & df["ic_response"].notna()]
-    called = test["response_prob"] >= resp["threshold"]
-    assert resp["test"]["tp"] == int((called & (test["ic_response"] == 1)).sum())
+  _, ev = evaluated
+  df = ev.predictions['moemil']
+  surv = ev.results['per_model']['moemil']['survival']
+  cutoff = np.median(df.loc[df['split'] == 'train', 'log_risk'])
+  assert surv['cutoff'] == pytest.approx(cutoff)
+  for split in ('val', 'test'):
+    part = df[df['split'] == split]
+    high = part['log_risk'] > cutoff
+    assert (part['high_risk'] == high.astype(int)).all()
+    ref = lifelines_logrank(
+      part['os_months'][high],
+      part['os_months'][~high],
+      part['os_event'][high],
+      part['os_event'][~high],
+    )
+    assert surv[split]['logrank_p'] == pytest.approx(ref.p_value)
+    cph = CoxPHFitter().fit(
+      pd.DataFrame({'t': part['os_months'], 'e': part['os_event'], 'g': high.astype(float)}),
+      't',
+      'e',
+    )
+    assert surv[split]['hr'] == pytest.approx(cph.hazard_ratios_['g'], rel=1e-6)
+  resp = ev.results['per_model']['moemil']['response']
+  train = df[(df['split'] == 'train') & df['ic_response'].notna()]
+  assert resp['threshold'] == pytest.approx(
+    metrics.youden_threshold(train['ic_response'].astype(int), train['response_prob'])
+  )
+  test = df[(df['split'] == 'test') & df['ic_response'].notna()]
+  called = test['response_prob'] >= resp['threshold']
+  assert resp['test']['tp'] == int((called & (test['ic_response'] == 1)).sum())
 
 
 def test_delong_comparisons_and_tables(evaluated):
-    _, ev = evaluated
-    for split in evaluation.SPLITS:
-        assert set(ev.results["delong"][split]) == {"dlr", "pathomics", "tnm"}
-        assert 0 <= ev.results["delong"][split]["pathomics"]["p"] <= 1
-    table = evaluation.comparison_table(ev)
-    assert list(table.index) == ["MoEMIL", "DLR", "Pathomics", "TNM"]
-    assert "AUC External test (95% CI)" in table.columns
-    assert "Log-rank P Validation" in table.columns
-    text = evaluation.format_comparison(table)
-    for name in ("MoEMIL", "DLR", "Pathomics", "TNM", "C-index", "Log-rank P", "External test"):
-        assert name in text
-    assert evaluation.survival_table(ev, "test").shape[0] == 4
-    assert "DeLong P vs MoEMIL" in evaluation.response_table(ev, "val").columns
+  _, ev = evaluated
+  for split in evaluation.SPLITS:
+    assert set(ev.results['delong'][split]) == {'dlr', 'pathomics', 'tnm'}
+    assert 0 <= ev.results['delong'][split]['pathomics']['p'] <= 1
+  table = evaluation.comparison_table(ev)
+  assert list(table.index) == ['MoEMIL', 'DLR', 'Pathomics', 'TNM']
+  assert 'AUC External test (95% CI)' in table.columns
+  assert 'Log-rank P Validation' in table.columns
+  text = evaluation.format_comparison(table)
+  for name in ('MoEMIL', 'DLR', 'Pathomics', 'TNM', 'C-index', 'Log-rank P', 'External test'):
+    assert name in text
+  assert evaluation.survival_table(ev, 'test').shape[0] == 4
+  assert 'DeLong P vs MoEMIL' in evaluation.response_table(ev, 'val').columns
 
 
 def test_tnm_uses_training_patients_only(tmp_path):
-    cohort = make_cohort(seed=1)
-    split = assign_splits(cohort, seed=1)
-    split_of = pd.Series(split.to_numpy(), index=cohort["patient_id"])
-    clinical = cohort.drop(columns="_latent")
-    before = evaluation.tnm_predictions(clinical, split_of)
-    # Scramble the outcomes of validation and test patients: the TNM fit must not move.
-    scrambled = clinical.copy()
-    held_out = (split != "train").to_numpy()
-    scrambled.loc[held_out, "os_months"] = scrambled.loc[held_out, "os_months"].to_numpy()[::-1]
-    scrambled.loc[held_out, "ic_response"] = 1 - scrambled.loc[held_out, "ic_response"]
-    after = evaluation.tnm_predictions(scrambled, split_of)
-    np.testing.assert_allclose(before["response_prob"], after["response_prob"])
-    np.testing.assert_allclose(before["log_risk"], after["log_risk"])
-    # Higher stage means higher predicted risk (the stage signal is planted).
-    assert np.corrcoef(before["log_risk"], clinical["t_stage"] + clinical["n_stage"])[0, 1] > 0.5
-    bad = clinical.copy()
-    bad.loc[3, "overall_stage"] = "V"
-    with pytest.raises(evaluation.EvaluationError, match="P003"):
-        evaluation.tnm_predictions(bad, split_of)
+  cohort = make_cohort(seed=1)
+  split = assign_splits(cohort, seed=1)
+  split_of = pd.Series(split.to_numpy(), index=cohort['patient_id'])
+  clinical = cohort.drop(columns='_latent')
+  before = evaluation.tnm_predictions(clinical, split_of)
+  # Scramble the outcomes of validation and test patients: the TNM fit must not move.
+  scrambled = clinical.copy()
+  held_out = (split != 'train').to_numpy()
+  scrambled.loc[held_out, 'os_months'] = scrambled.loc[held_out, 'os_months'].to_numpy()[::-1]
+  scrambled.loc[held_out, 'ic_response'] = 1 - scrambled.loc[held_out, 'ic_response']
+  after = evaluation.tnm_predictions(scrambled, split_of)
+  np.testing.assert_allclose(before['response_prob'], after['response_prob'])
+  np.testing.assert_allclose(before['log_risk'], after['log_risk'])
+  # Higher stage means higher predicted risk (the stage signal is planted).
+  assert np.corrcoef(before['log_risk'], clinical['t_stage'] + clinical['n_stage'])[0, 1] > 0.5
+  bad = clinical.copy()
+  bad.loc[3, 'overall_stage'] = 'V'
+  with pytest.raises(evaluation.EvaluationError, match='P003'):
+    evaluation.tnm_predictions(bad, split_of)
 
 
 def test_one_class_split_reports_undefined_auc(tmp_path):
-    cohort = make_cohort(seed=2)
-    split = assign_splits(cohort, seed=2)
-    cohort.loc[(split == "val").to_numpy(), "ic_response"] = 1
-    ev = evaluation.evaluate(write_workdir(tmp_path, cohort, seed=2), n_bootstrap=50)
-    val = ev.results["per_model"]["moemil"]["response"]["val"]
-    assert "auc" not in val
-    assert "one class" in val["auc_undefined"]
-    assert ev.results["delong"]["val"]["dlr"]["undefined"]
-    assert evaluation.comparison_table(ev).loc["MoEMIL", "AUC Validation (95% CI)"] == "n/a"
-    assert any("one class" in line for line in evaluation.undefined_notes(ev))
-    assert "auc" in ev.results["per_model"]["moemil"]["response"]["test"]
+  cohort = make_cohort(seed=2)
+  split = assign_splits(cohort, seed=2)
+  cohort.loc[(split == 'val').to_numpy(), 'ic_response'] = 1
+  ev = evaluation.evaluate(write_workdir(tmp_path, cohort, seed=2), n_bootstrap=50)
+  val = ev.results['per_model']['moemil']['response']['val']
+  assert 'auc' not in val
+  assert 'one class' in val['auc_undefined']
+  assert ev.results['delong']['val']['dlr']['undefined']
+  assert evaluation.comparison_table(ev).loc['MoEMIL', 'AUC Validation (95% CI)'] == 'n/a'
+  assert any('one class' in line for line in evaluation.undefined_notes(ev))
+  assert 'auc' in ev.results['per_model']['moemil']['response']['test']
 
 
 def test_nan_predictions_are_refused_naming_patients(tmp_path):
-    workdir = write_workdir(tmp_path)
-    path = workdir / "dlr" / "predictions.parquet"
-    df = pd.read_parquet(path)
-    df.loc[[5, 7], "log_risk"] = np.nan
-    df.to_parquet(path, index=False)
-    with pytest.raises(evaluation.EvaluationError, match=r"dlr.*log_risk.*2 patients: P005, P007"):
-        evaluation.evaluate(workdir)
+  workdir = write_workdir(tmp_path)
+  path = workdir / 'dlr' / 'predictions.parquet'
+  df = pd.read_parquet(path)
+  df.loc[[5, 7], 'log_risk'] = np.nan
+  df.to_parquet(path, index=False)
+  with pytest.raises(evaluation.EvaluationError, match=r'dlr.*log_risk.*2 patients: P005, P007'):
+    evaluation.evaluate(workdir)
 
 
 def test_few_events_are_said(tmp_path):
-    cohort = make_cohort(seed=3)
-    split = assign_splits(cohort, seed=3)
-    test_idx = np.flatnonzero((split == "test").to_numpy())
-    cohort.loc[test_idx, "os_event"] = 0
-    cohort.loc[test_idx[:4], "os_event"] = 1          # 4 events on the external test
-    val_idx = np.flatnonzero((split == "val").to_numpy())
-    cohort.loc[val_idx, "os_event"] = 0               # no events on validation
-    ev = evaluation.evaluate(write_workdir(tmp_path, cohort, seed=3), n_bootstrap=50)
-    s = ev.results["per_model"]["moemil"]["survival"]
-    assert "4 events" in s["test"]["logrank_warning"] and s["test"]["logrank_p"] is not None
-    assert "no events" in s["val"]["logrank_undefined"]
-    assert "no events" in s["val"]["c_index_undefined"]
-    assert evaluation.comparison_table(ev).loc["MoEMIL", "Log-rank P External test"].endswith("*")
-    assert "unreliable" in evaluation.format_comparison(evaluation.comparison_table(ev))
+  cohort = make_cohort(seed=3)
+  split = assign_splits(cohort, seed=3)
+  test_idx = np.flatnonzero((split == 'test').to_numpy())
+  cohort.loc[test_idx, 'os_event'] = 0
+  cohort.loc[test_idx[:4], 'os_event'] = 1  # 4 events on the external test
+  val_idx = np.flatnonzero((split == 'val').to_numpy())
+  cohort.loc[val_idx, 'os_event'] = 0  # no events on validation
+  ev = evaluation.evaluate(write_workdir(tmp_path, cohort, seed=3), n_bootstrap=50)
+  s = ev.results['per_model']['moemil']['survival']
+  assert '4 events' in s['test']['logrank_warning'] and s['test']['logrank_p'] is not None
+  assert 'no events' in s['val']['logrank_undefined']
+  assert 'no events' in s['val']['c_index_undefined']
+  assert evaluation.comparison_table(ev).loc['MoEMIL', 'Log-rank P External test'].endswith('*')
+  assert 'unreliable' in evaluation.format_comparison(evaluation.comparison_table(ev))
 
 
 def test_split_disagreement_is_refused(tmp_path):
-    workdir = write_workdir(tmp_path)
-    path = workdir / "pathomics" / "predictions.parquet"
-    df = pd.read_parquet(path)
-    df.loc[df["split"] == "train", "split"] = "val"
-    df.to_parquet(path, index=False)
-    with pytest.raises(evaluation.EvaluationError, match="different splits"):
-        evaluation.evaluate(workdir)
+  workdir = write_workdir(tmp_path)
+  path = workdir / 'pathomics' / 'predictions.parquet'
+  df = pd.read_parquet(path)
+  df.loc[df['split'] == 'train', 'split'] = 'val'
+  df.to_parquet(path, index=False)
+  with pytest.raises(evaluation.EvaluationError, match='different splits'):
+    evaluation.evaluate(workdir)
 
 
 def test_missing_store_skips_tnm_with_a_note(tmp_path):
-    workdir = write_workdir(tmp_path)
-    (tmp_path / "store" / "clinical.parquet").unlink()
-    ev = evaluation.evaluate(workdir, n_bootstrap=20)
-    assert "tnm" not in ev.models
-    assert any("TNM comparator skipped" in n for n in ev.results["notes"])
+  workdir = write_workdir(tmp_path)
+  (tmp_path / 'store' / 'clinical.parquet').unlink()
+  ev = evaluation.evaluate(workdir, n_bootstrap=20)
+  assert 'tnm' not in ev.models
+  assert any('TNM comparator skipped' in n for n in ev.results['notes'])
 
 
 def test_bad_outcome_values_are_refused_naming_patients(tmp_path):
-    workdir = write_workdir(tmp_path)
-    path = workdir / "moemil" / "predictions.parquet"
-    df = pd.read_parquet(path)
-    df["os_event"] = df["os_event"].astype(int)
-    df.loc[11, "os_event"] = 2
-    df.to_parquet(path, index=False)
-    with pytest.raises(evaluation.EvaluationError, match=r"os_event not 0 or 1 for P011"):
-        evaluation.evaluate(workdir)
+  workdir = write_workdir(tmp_path)
+  path = workdir / 'moemil' / 'predictions.parquet'
+  df = pd.read_parquet(path)
+  df['os_event'] = df['os_event'].astype(int)
+  df.loc[11, 'os_event'] = 2
+  df.to_parquet(path, index=False)
+  with pytest.raises(evaluation.EvaluationError, match=r'os_event not 0 or 1 for P011'):
+    evaluation.evaluate(workdir)
 
 
 def test_oracle_row_from_truth_is_the_ceiling(tmp_path):
-    cohort = make_cohort()
-    workdir = write_workdir(tmp_path, cohort)
-    prob = 1 / (1 + np.exp(-1.5 * cohort["_latent"]))
-    truth = tmp_path / "truth.csv"
-    pd.DataFrame({"patient_id": cohort["patient_id"], "latent": cohort["_latent"],
-                  "response_prob": prob, "log_hazard": 0.8 * cohort["_latent"]}).to_csv(truth, index=False)
-    ev = evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
-    assert ev.models[-1] == "oracle"
-    test = ev.predictions["oracle"].query("split == 'test'")
-    lab = test[test["ic_response"].notna()]
-    oracle = ev.results["per_model"]["oracle"]
-    assert oracle["response"]["test"]["auc"] == pytest.approx(roc_auc_score(lab["ic_response"].astype(int),
-                                                                            lab["response_prob"]))
-    assert oracle["survival"]["test"]["c_index"] == pytest.approx(
-        lifelines_c(test["os_months"], -test["log_risk"], test["os_event"]))
-    # The oracle scores are the noise-free truth, so they beat every noisy model on the test split.
-    assert oracle["response"]["test"]["auc"] >= ev.results["per_model"]["moemil"]["response"]["test"]["auc"]
-    assert "Oracle (truth)" in evaluation.comparison_table(ev).index
+  cohort = make_cohort()
+  workdir = write_workdir(tmp_path, cohort)
+  prob = 1 / (1 + np.exp(-1.5 * cohort['_latent']))
+  truth = tmp_path / 'truth.csv'
+  pd.DataFrame(
+    {
+      'patient_id': cohort['patient_id'],
+      'latent': cohort['_latent'],
+      'response_prob': prob,
+      'log_hazard': 0.8 * cohort['_latent'],
+    }
+  ).to_csv(truth, index=False)
+  ev = evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
+  assert ev.models[-1] == 'oracle'
+  test = ev.predictions['oracle'].query("split == 'test'")
+  lab = test[test['ic_response'].notna()]
+  oracle = ev.results['per_model']['oracle']
+  assert oracle['response']['test']['auc'] == pytest.approx(
+    roc_auc_score(lab['ic_response'].astype(int), lab['response_prob'])
+  )
+  assert oracle['survival']['test']['c_index'] == pytest.approx(
+    lifelines_c(test['os_months'], -test['log_risk'], test['os_event'])
+  )
+  # The oracle scores are the noise-free truth, so they beat every noisy model on the test split.
+  assert (
+    oracle['response']['test']['auc']
+    >= ev.results['per_model']['moemil']['response']['test']['auc']
+  )
+  assert 'Oracle (truth)' in evaluation.comparison_table(ev).index
 
-    pd.read_csv(truth).iloc[1:].to_csv(truth, index=False)  # a patient without truth
-    with pytest.raises(evaluation.EvaluationError, match="truth.csv has no row for"):
-        evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
+  pd.read_csv(truth).iloc[1:].to_csv(truth, index=False)  # a patient without truth
+  with pytest.raises(evaluation.EvaluationError, match='truth.csv has no row for'):
+    evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)

@@ -14,79 +14,101 @@ from moemil_jax.configs import test as test_config
 
 # Tiny on purpose: ResNet50 runs a few patches/s on this CPU (see tests/test_extract.py).
 CFG = extract.ExtractConfig(
-    encoder_weights="random", target_mpp=4.0, patch_px=32, batch_size=8, workers=2, mri_slices=1,
-    tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.25),
-    radiomics_params={"imageType": {"Original": {}}, "featureClass": {"firstorder": None},
-                      "setting": {"binWidth": 25, "label": 1}})
+  encoder_weights='random',
+  target_mpp=4.0,
+  patch_px=32,
+  batch_size=8,
+  workers=2,
+  mri_slices=1,
+  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.25),
+  radiomics_params={
+    'imageType': {'Original': {}},
+    'featureClass': {'firstorder': None},
+    'setting': {'binWidth': 25, 'label': 1},
+  },
+)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  out = tmp_path_factory.mktemp("cohort")
-  manifest = make_cohort(out, patients=6, seed=5, slide_px=512, mri_px=32, mri_slices=6,
-                         progress=False)
-  with open(manifest, newline="") as f:
+  out = tmp_path_factory.mktemp('cohort')
+  manifest = make_cohort(
+    out, patients=6, seed=5, slide_px=512, mri_px=32, mri_slices=6, progress=False
+  )
+  with open(manifest, newline='') as f:
     rows = list(csv.DictReader(f))
-  rows = [dict(r, mri_t1="", mri_t2="") for r in rows]  # contrast T1 only: fewer CNN passes
-  with open(manifest, "w", newline="") as f:
+  rows = [dict(r, mri_t1='', mri_t2='') for r in rows]  # contrast T1 only: fewer CNN passes
+  with open(manifest, 'w', newline='') as f:
     w = csv.DictWriter(f, list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  store_dir = out / "store"
+  store_dir = out / 'store'
   extract.extract(manifest, store_dir, CFG)
   c = test_config.get_config()
   c.store = str(store_dir)
   c.train.epochs = 2
   c.data.bag_buckets = (16,)
-  workdir = out / "runs" / "moemil"
+  workdir = out / 'runs' / 'moemil'
   train.train_and_evaluate(c, workdir)
-  pid = next(r["patient_id"] for r in rows if r["slides"] and r["mri_mask"])
+  pid = next(r['patient_id'] for r in rows if r['slides'] and r['mri_mask'])
   return manifest, workdir, pid
 
 
 def test_explain_writes_heatmaps_gradcam_and_report_section(trained, monkeypatch):
   manifest, workdir, pid = trained
-  monkeypatch.setattr(openslide.OpenSlide, "associated_images",
-                      property(lambda self: pytest.fail("associated images must never be read")))
-  report_html = workdir.parent / "report.html"
-  report_html.write_text("<!DOCTYPE html><html><body><h1>Report</h1>\n</body></html>")
+  monkeypatch.setattr(
+    openslide.OpenSlide,
+    'associated_images',
+    property(lambda self: pytest.fail('associated images must never be read')),
+  )
+  report_html = workdir.parent / 'report.html'
+  report_html.write_text('<!DOCTYPE html><html><body><h1>Report</h1>\n</body></html>')
 
-  paths = explain.explain(workdir, [pid], manifest=manifest, task="survival", top_k=2, blur=0.5)
+  paths = explain.explain(workdir, [pid], manifest=manifest, task='survival', top_k=2, blur=0.5)
   names = sorted(p.name for p in paths)
-  assert f"{pid}_gradcam_survival.png" in names
-  heat = [n for n in names if n.endswith("_attention.png")]
-  assert heat and all(n.startswith(f"{pid}_{pid}_s") for n in heat)
+  assert f'{pid}_gradcam_survival.png' in names
+  heat = [n for n in names if n.endswith('_attention.png')]
+  assert heat and all(n.startswith(f'{pid}_{pid}_s') for n in heat)
   for p in paths:
-    assert p.parent == workdir / "explain" and p.stat().st_size > 0
-  tiles = sorted((workdir / "explain" / "tiles").rglob("*_top2.csv"))
+    assert p.parent == workdir / 'explain' and p.stat().st_size > 0
+  tiles = sorted((workdir / 'explain' / 'tiles').rglob('*_top2.csv'))
   assert len(tiles) == len(heat)
   top = pd.read_csv(tiles[0])
-  assert list(top["rank"]) == [1, 2] and (top.raw_score.diff().dropna() <= 0).all()
+  assert list(top['rank']) == [1, 2] and (top.raw_score.diff().dropna() <= 0).all()
   for row in top.itertuples():
-    assert row.file == f"{row.slide_id}_top{row.rank:02d}_x{row.x}_y{row.y}.png"
-  written = [p.name.lower() for p in (workdir / "explain").rglob("*")]
-  assert not any(w in n for n in written for w in ("label", "macro", "thumbnail"))
+    assert row.file == f'{row.slide_id}_top{row.rank:02d}_x{row.x}_y{row.y}.png'
+  written = [p.name.lower() for p in (workdir / 'explain').rglob('*')]
+  assert not any(w in n for n in written for w in ('label', 'macro', 'thumbnail'))
 
   html = report_html.read_text()
-  assert html.count("<h2>Interpretation</h2>") == 1
-  assert html.count("data:image/png;base64") == len(paths)
-  explain.explain(workdir, [pid], manifest=manifest, task="survival", top_k=2, heatmaps=False, gradcam=False)
-  assert report_html.read_text().count("<h2>Interpretation</h2>") == 1  # replaced, not repeated
+  assert html.count('<h2>Interpretation</h2>') == 1
+  assert html.count('data:image/png;base64') == len(paths)
+  explain.explain(
+    workdir, [pid], manifest=manifest, task='survival', top_k=2, heatmaps=False, gradcam=False
+  )
+  assert report_html.read_text().count('<h2>Interpretation</h2>') == 1  # replaced, not repeated
 
 
 def test_gradcam_output_is_the_trained_models_prediction(trained):
   """Embeddings recomputed from the MRI reproduce the stored ones, so the task output the
   Grad-CAM explains is the prediction the trained model made for this patient."""
+  from feature_store import encoders
   from feature_store import manifest as manifest_lib
   from moemil_jax import gradcam, heatmaps
-  from feature_store import encoders
 
   manifest, workdir, pid = trained
   run = heatmaps.load_run(workdir)
   patient = next(p for p in manifest_lib.read_manifest(manifest).patients if p.patient_id == pid)
-  res = gradcam.explain_mri(run, encoders.Encoder("mri", "random"), pid, dict(patient.mri),
-                            patient.mri_mask, "response", workdir / "cam.png",
-                            slices=CFG.mri_slices)
-  pred = pd.read_parquet(workdir / train.PREDICTIONS).set_index("patient_id")
-  assert res["output"] == pytest.approx(pred.loc[pid, "response_logit"], rel=1e-3, abs=1e-4)
-  assert res["slices"] == CFG.mri_slices
+  res = gradcam.explain_mri(
+    run,
+    encoders.Encoder('mri', 'random'),
+    pid,
+    dict(patient.mri),
+    patient.mri_mask,
+    'response',
+    workdir / 'cam.png',
+    slices=CFG.mri_slices,
+  )
+  pred = pd.read_parquet(workdir / train.PREDICTIONS).set_index('patient_id')
+  assert res['output'] == pytest.approx(pred.loc[pid, 'response_logit'], rel=1e-3, abs=1e-4)
+  assert res['slices'] == CFG.mri_slices

@@ -10,13 +10,13 @@ from feature_store import encoders
 from moemil_jax import gradcam
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def resnet():
   torch.manual_seed(0)
   return torchvision.models.resnet50(weights=None).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def images():
   rng = np.random.default_rng(0)
   return rng.random((2, 48, 48, 3), dtype=np.float32)  # two small "slices" in [0, 1]
@@ -40,19 +40,24 @@ def test_two_step_gradient_equals_torch_autograd_for_linear_head(resnet, images)
   sign = 1.0 if signed.max() > 0 else -1.0  # pick the head's sign whose CAM is not all zero
 
   # The same head in JAX, then torch.autograd.backward(embedding, grad).
-  fn = lambda e: sign * head(((e - mean) / std).mean(0, keepdims=True))[0, 0]
+  def fn(e):
+    return sign * head(((e - mean) / std).mean(0, keepdims=True))[0, 0]
+
   two_step = gradcam.gradcam(resnet, images, fn, input_px=64)
 
   assert two_step.output == pytest.approx(sign * out.item(), rel=1e-4, abs=1e-5)
   # JAX's gradient is the analytic one, w / (S * std) on every slice.
-  np.testing.assert_allclose(two_step.embedding_grad,
-                             np.broadcast_to(sign * w.numpy() / (2 * std), (2, 2048)), rtol=1e-5)
+  np.testing.assert_allclose(
+    two_step.embedding_grad, np.broadcast_to(sign * w.numpy() / (2 * std), (2, 2048)), rtol=1e-5
+  )
   assert np.abs(ref).max() > 0
-  np.testing.assert_allclose(two_step.layer4_grad, sign * ref, rtol=1e-4,
-                             atol=1e-6 * np.abs(ref).max())
+  np.testing.assert_allclose(
+    two_step.layer4_grad, sign * ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max()
+  )
   cam = torch.relu(sign * signed)
-  cam = torch.nn.functional.interpolate(cam, size=images.shape[1:3], mode="bilinear",
-                                        align_corners=False)[:, 0]
+  cam = torch.nn.functional.interpolate(
+    cam, size=images.shape[1:3], mode='bilinear', align_corners=False
+  )[:, 0]
   cam = (cam / cam.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]).numpy()
   assert cam.max() == pytest.approx(1.0)
   np.testing.assert_allclose(two_step.cams, cam, atol=1e-4)
@@ -60,7 +65,7 @@ def test_two_step_gradient_equals_torch_autograd_for_linear_head(resnet, images)
 
 
 def test_recomputed_embeddings_match_the_store_encoder(images):
-  enc = encoders.Encoder("mri", "random")
+  enc = encoders.Encoder('mri', 'random')
   with torch.no_grad():
     emb, _ = gradcam.embed_with_layer4(enc, gradcam.preprocess(images))
   np.testing.assert_allclose(emb.numpy(), enc(images), rtol=1e-4, atol=1e-5)

@@ -9,17 +9,20 @@ from jax.test_util import check_grads
 
 from moemil_jax import losses
 
-lifelines = pytest.importorskip("lifelines")
+lifelines = pytest.importorskip('lifelines')
 from lifelines.datasets import load_rossi  # noqa: E402
 
-COVARIATES = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
+COVARIATES = ['fin', 'age', 'race', 'wexp', 'mar', 'paro', 'prio']
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def rossi():
   df = load_rossi()
-  return (df[COVARIATES].to_numpy(np.float64), df["week"].to_numpy(np.float64),
-          df["arrest"].to_numpy(np.int32))
+  return (
+    df[COVARIATES].to_numpy(np.float64),
+    df['week'].to_numpy(np.float64),
+    df['arrest'].to_numpy(np.int32),
+  )
 
 
 def cox_nll_quadratic(log_risk, time, event, ties, mask=None):
@@ -34,48 +37,53 @@ def cox_nll_quadratic(log_risk, time, event, ties, mask=None):
     r = np.exp(log_risk[at_risk]).sum()
     dsum = np.exp(log_risk[tied]).sum()
     total += log_risk[tied].sum()
-    for l in range(d):
-      total -= np.log(r - (l / d) * dsum) if ties == "efron" else np.log(r)
+    for j in range(d):
+      total -= np.log(r - (j / d) * dsum) if ties == 'efron' else np.log(r)
   return -total
 
 
-@pytest.mark.parametrize("ties,expected", [("efron", 675.3806), ("breslow", 675.6834)])
+@pytest.mark.parametrize('ties,expected', [('efron', 675.3806), ('breslow', 675.6834)])
 def test_rossi_null_loglik_published(rossi, ties, expected):
   _, time, event = rossi
-  nll = losses.cox_nll(jnp.zeros(len(time)), time, event, ties=ties, reduction="sum")
+  nll = losses.cox_nll(jnp.zeros(len(time)), time, event, ties=ties, reduction='sum')
   assert float(nll) == pytest.approx(expected, abs=1e-3)
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_rossi_matches_statsmodels_at_fitted_coefficients(rossi, ties):
   from statsmodels.duration.hazard_regression import PHReg
+
   x, time, event = rossi
   model = PHReg(time, x, status=event, ties=ties)
   beta = model.fit().params
   with jax.enable_x64(True):
-    nll = losses.cox_nll(jnp.asarray(x @ beta), jnp.asarray(time), jnp.asarray(event),
-                         ties=ties, reduction="sum")
+    nll = losses.cox_nll(
+      jnp.asarray(x @ beta), jnp.asarray(time), jnp.asarray(event), ties=ties, reduction='sum'
+    )
     assert float(nll) == pytest.approx(-model.loglike(beta), rel=1e-10)
 
 
 def test_rossi_lifelines_efron_loglik_and_refit(rossi):
   x, time, event = rossi
   df = load_rossi()
-  cph = lifelines.CoxPHFitter().fit(df, duration_col="week", event_col="arrest")
+  cph = lifelines.CoxPHFitter().fit(df, duration_col='week', event_col='arrest')
   beta_ll = cph.params_[COVARIATES].to_numpy()
   with jax.enable_x64(True):
     xj, tj, ej = jnp.asarray(x), jnp.asarray(time), jnp.asarray(event)
-    f = jax.jit(lambda b: losses.cox_nll(xj @ b, tj, ej, ties="efron", reduction="sum"))
+    f = jax.jit(lambda b: losses.cox_nll(xj @ b, tj, ej, ties='efron', reduction='sum'))
     assert float(f(jnp.asarray(beta_ll))) == pytest.approx(-cph.log_likelihood_, rel=1e-8)
-    g = jax.jit(jax.grad(lambda b: losses.cox_nll(xj @ b, tj, ej, ties="efron",
-                                                  reduction="sum")))
-    res = scipy.optimize.minimize(lambda b: float(f(b)), np.zeros(x.shape[1]),
-                                  jac=lambda b: np.asarray(g(b)), method="BFGS",
-                                  options={"gtol": 1e-9})
+    g = jax.jit(jax.grad(lambda b: losses.cox_nll(xj @ b, tj, ej, ties='efron', reduction='sum')))
+    res = scipy.optimize.minimize(
+      lambda b: float(f(b)),
+      np.zeros(x.shape[1]),
+      jac=lambda b: np.asarray(g(b)),
+      method='BFGS',
+      options={'gtol': 1e-9},
+    )
   np.testing.assert_allclose(res.x, beta_ll, atol=1e-4)
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_matches_quadratic_reference_with_ties_and_mask(ties):
   rng = np.random.default_rng(0)
   n = 60
@@ -84,9 +92,9 @@ def test_matches_quadratic_reference_with_ties_and_mask(ties):
   log_risk = rng.normal(size=n) * 2
   mask = rng.random(n) < 0.8
   with jax.enable_x64(True):
-    fn = jax.jit(losses.cox_nll, static_argnames=("ties", "reduction"))
-    got = fn(log_risk, time, event, ties=ties, mask=mask, reduction="sum")
-    mean = fn(log_risk, time, event, ties=ties, mask=mask, reduction="mean")
+    fn = jax.jit(losses.cox_nll, static_argnames=('ties', 'reduction'))
+    got = fn(log_risk, time, event, ties=ties, mask=mask, reduction='sum')
+    mean = fn(log_risk, time, event, ties=ties, mask=mask, reduction='mean')
   want = cox_nll_quadratic(log_risk, time, event, ties, mask)
   assert float(got) == pytest.approx(want, rel=1e-10)
   assert float(mean) == pytest.approx(want / (event & mask).sum(), rel=1e-10)
@@ -97,42 +105,45 @@ def test_censored_at_event_time_is_at_risk():
   time = np.array([1.0, 1.0, 2.0])
   event = np.array([1, 0, 1])
   want = -((eta[0] - np.log(np.exp(eta).sum())) + (eta[2] - eta[2]))
-  for ties in ("breslow", "efron"):
-    got = losses.cox_nll(eta, time, event, ties=ties, reduction="sum")
+  for ties in ('breslow', 'efron'):
+    got = losses.cox_nll(eta, time, event, ties=ties, reduction='sum')
     assert float(got) == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_gradient_matches_finite_differences(ties):
   rng = np.random.default_rng(1)
   time = rng.integers(1, 6, 20).astype(np.float64)
   event = (rng.random(20) < 0.5).astype(np.int32)
   with jax.enable_x64(True):
     fn = jax.jit(lambda e: losses.cox_nll(e, jnp.asarray(time), jnp.asarray(event), ties=ties))
-    check_grads(fn, (jnp.asarray(rng.normal(size=20)),), order=1, modes=["rev"])
+    check_grads(fn, (jnp.asarray(rng.normal(size=20)),), order=1, modes=['rev'])
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_no_events_gives_zero_and_zero_gradient(ties):
   eta = jnp.array([0.5, -2.0, 3.0])
   time = jnp.array([1.0, 2.0, 3.0])
   event = jnp.zeros(3)
-  loss, grad = jax.jit(jax.value_and_grad(
-      lambda e: losses.cox_nll(e, time, event, ties=ties)))(eta)
+  loss, grad = jax.jit(jax.value_and_grad(lambda e: losses.cox_nll(e, time, event, ties=ties)))(eta)
   assert float(loss) == 0.0
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
   # Everything masked out: also zero, never NaN.
-  loss, grad = jax.jit(jax.value_and_grad(lambda e: losses.cox_nll(
-      e, time, jnp.ones(3), ties=ties, mask=jnp.zeros(3, bool))))(eta)
+  loss, grad = jax.jit(
+    jax.value_and_grad(
+      lambda e: losses.cox_nll(e, time, jnp.ones(3), ties=ties, mask=jnp.zeros(3, bool))
+    )
+  )(eta)
   assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0.0)
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_shift_invariant_and_finite_at_large_log_risk(rossi, ties):
   x, time, event = rossi
   eta = jnp.asarray((x - x.mean(0)) @ np.linspace(-0.3, 0.3, x.shape[1]), jnp.float32)
-  fn = jax.jit(jax.value_and_grad(
-      lambda e: losses.cox_nll(e, time, event, ties=ties, reduction="sum")))
+  fn = jax.jit(
+    jax.value_and_grad(lambda e: losses.cox_nll(e, time, event, ties=ties, reduction='sum'))
+  )
   base, _ = fn(eta)
   shifted, grad = fn(eta + 1000.0)
   assert float(shifted) == pytest.approx(float(base), rel=1e-4)
@@ -159,7 +170,7 @@ def _instance_reference(scores, valid, inst_logits, label, k):
     kb = min(k, len(idx) // 2)
     if kb == 0:
       continue
-    order = idx[np.argsort(-scores[b, idx], kind="stable")]
+    order = idx[np.argsort(-scores[b, idx], kind='stable')]
     for i, target in [(j, 1) for j in order[:kb]] + [(j, 0) for j in order[::-1][:kb]]:
       lg = inst_logits[b, i, label[b]]
       total += -(lg[target] - np.log(np.exp(lg).sum()))
@@ -177,7 +188,7 @@ def test_instance_clustering_small_and_padded_bags():
   scores[~valid] = 100.0  # padded patches must never be picked
   inst = rng.normal(size=(b, n, 2, 2)).astype(np.float32)
   label = np.array([1, 0, 1, 0])
-  fn = jax.jit(losses.instance_clustering, static_argnames=("k",))
+  fn = jax.jit(losses.instance_clustering, static_argnames=('k',))
   got = fn(scores, valid, inst, label, np.ones(b, bool), k=k)
   want = _instance_reference(scores, valid, inst, label, k)
   assert float(got) == pytest.approx(want, rel=1e-5)

@@ -10,237 +10,251 @@ from moemil_jax import metrics
 
 # Hanley & McNeil (1982), Radiology 143:29-36, Table 1: 109 CT images rated on a 5-point scale
 # (1 = definitely normal ... 5 = definitely abnormal). Published AUC 0.893, SE 0.032 (their formula).
-HM_NORMAL = [33, 6, 6, 11, 2]     # 58 truly normal
-HM_ABNORMAL = [3, 2, 2, 11, 33]   # 51 truly abnormal
+HM_NORMAL = [33, 6, 6, 11, 2]  # 58 truly normal
+HM_ABNORMAL = [3, 2, 2, 11, 33]  # 51 truly abnormal
 
 
 def hanley_mcneil_data():
-    ratings = np.arange(1, 6)
-    y = np.r_[np.zeros(sum(HM_NORMAL)), np.ones(sum(HM_ABNORMAL))].astype(int)
-    score = np.r_[np.repeat(ratings, HM_NORMAL), np.repeat(ratings, HM_ABNORMAL)].astype(float)
-    return y, score
+  ratings = np.arange(1, 6)
+  y = np.r_[np.zeros(sum(HM_NORMAL)), np.ones(sum(HM_ABNORMAL))].astype(int)
+  score = np.r_[np.repeat(ratings, HM_NORMAL), np.repeat(ratings, HM_ABNORMAL)].astype(float)
+  return y, score
 
 
 def brute_force_placements(y, score):
-    """DeLong's structural components straight from the definition (O(m n)), for cross-checking."""
-    pos, neg = score[y == 1], score[y == 0]
-    psi = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])
-    return psi.mean(1), psi.mean(0)
+  """DeLong's structural components straight from the definition (O(m n)), for cross-checking."""
+  pos, neg = score[y == 1], score[y == 0]
+  psi = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])
+  return psi.mean(1), psi.mean(0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def rossi():
-    df = load_rossi()
-    rng = np.random.default_rng(0)
-    # A noisy risk score with real signal (prior convictions, youth) and ties.
-    risk = 0.3 * df["prio"] - 0.05 * df["age"] + rng.normal(0, 0.5, len(df))
-    return df, risk.to_numpy()
+  df = load_rossi()
+  rng = np.random.default_rng(0)
+  # A noisy risk score with real signal (prior convictions, youth) and ties.
+  risk = 0.3 * df['prio'] - 0.05 * df['age'] + rng.normal(0, 0.5, len(df))
+  return df, risk.to_numpy()
 
 
 def test_delong_reproduces_hanley_mcneil():
-    y, score = hanley_mcneil_data()
-    assert len(y) == 109
-    auc, var = metrics.delong_auc_variance(y, score)
-    assert round(auc, 3) == 0.893
-    assert auc == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
-    v10, v01 = brute_force_placements(y, score)
-    se_reference = np.sqrt(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
-    assert np.sqrt(var) == pytest.approx(se_reference, rel=1e-10)
-    # DeLong's SE on these data is 0.0307; Hanley-McNeil's published exponential approximation 0.032.
-    assert np.sqrt(var) == pytest.approx(0.0307, abs=5e-5)
-    assert abs(np.sqrt(var) - 0.032) < 0.003
-    auc2, lo, hi = metrics.roc_auc_ci(y, score)
-    assert auc2 == auc and lo == pytest.approx(auc - 1.959964 * np.sqrt(var)) and hi > auc
+  y, score = hanley_mcneil_data()
+  assert len(y) == 109
+  auc, var = metrics.delong_auc_variance(y, score)
+  assert round(auc, 3) == 0.893
+  assert auc == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+  v10, v01 = brute_force_placements(y, score)
+  se_reference = np.sqrt(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
+  assert np.sqrt(var) == pytest.approx(se_reference, rel=1e-10)
+  # DeLong's SE on these data is 0.0307; Hanley-McNeil's published exponential approximation 0.032.
+  assert np.sqrt(var) == pytest.approx(0.0307, abs=5e-5)
+  assert abs(np.sqrt(var) - 0.032) < 0.003
+  auc2, lo, hi = metrics.roc_auc_ci(y, score)
+  assert auc2 == auc and lo == pytest.approx(auc - 1.959964 * np.sqrt(var)) and hi > auc
 
 
 def test_roc_auc_matches_sklearn_on_rossi(rossi):
-    df, risk = rossi
-    y = df["arrest"].to_numpy()
-    for score in (risk, df["prio"].to_numpy(float)):   # prio has many ties
-        auc, lo, hi = metrics.roc_auc_ci(y, score)
-        assert auc == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
-        assert lo < auc < hi
-        assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  for score in (risk, df['prio'].to_numpy(float)):  # prio has many ties
+    auc, lo, hi = metrics.roc_auc_ci(y, score)
+    assert auc == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+    assert lo < auc < hi
+    assert metrics.roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
 
 
 def test_training_curve_metrics_skip_unlabelled_rows_and_say_nan_when_undefined(rossi):
-    df, risk = rossi
-    y = df["arrest"].to_numpy(float)
-    y[::7] = np.nan
-    ok = ~np.isnan(y)
-    assert metrics.labelled_auc_or_nan(y, risk) == pytest.approx(skm.roc_auc_score(y[ok], risk[ok]))
-    # One positive only: the point AUC exists (DeLong's variance would not).
-    one = np.r_[1.0, np.zeros(9)]
-    assert metrics.labelled_auc_or_nan(one, np.arange(10.0)) == pytest.approx(0.0)
-    assert np.isnan(metrics.labelled_auc_or_nan(np.zeros(5), np.arange(5.0)))
-    t = df["week"].to_numpy(float)
-    assert metrics.cindex_or_nan(t, df["arrest"], risk) == pytest.approx(
-        metrics.concordance_index(t, df["arrest"], risk))
-    assert np.isnan(metrics.cindex_or_nan(t, np.zeros(len(t)), risk))
+  df, risk = rossi
+  y = df['arrest'].to_numpy(float)
+  y[::7] = np.nan
+  ok = ~np.isnan(y)
+  assert metrics.labelled_auc_or_nan(y, risk) == pytest.approx(skm.roc_auc_score(y[ok], risk[ok]))
+  # One positive only: the point AUC exists (DeLong's variance would not).
+  one = np.r_[1.0, np.zeros(9)]
+  assert metrics.labelled_auc_or_nan(one, np.arange(10.0)) == pytest.approx(0.0)
+  assert np.isnan(metrics.labelled_auc_or_nan(np.zeros(5), np.arange(5.0)))
+  t = df['week'].to_numpy(float)
+  assert metrics.cindex_or_nan(t, df['arrest'], risk) == pytest.approx(
+    metrics.concordance_index(t, df['arrest'], risk)
+  )
+  assert np.isnan(metrics.cindex_or_nan(t, np.zeros(len(t)), risk))
 
 
 def test_bootstrap_ci_agrees_with_delong(rossi):
-    df, risk = rossi
-    y = df["arrest"].to_numpy()
-    auc, lo, hi = metrics.roc_auc_ci(y, risk, method="delong")
-    auc_b, lo_b, hi_b = metrics.roc_auc_ci(y, risk, method="bootstrap", n_bootstrap=1000)
-    assert auc_b == pytest.approx(auc)
-    assert lo_b == pytest.approx(lo, abs=0.02) and hi_b == pytest.approx(hi, abs=0.02)
-    with pytest.raises(ValueError, match="method"):
-        metrics.roc_auc_ci(y, risk, method="wald")
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  auc, lo, hi = metrics.roc_auc_ci(y, risk, method='delong')
+  auc_b, lo_b, hi_b = metrics.roc_auc_ci(y, risk, method='bootstrap', n_bootstrap=1000)
+  assert auc_b == pytest.approx(auc)
+  assert lo_b == pytest.approx(lo, abs=0.02) and hi_b == pytest.approx(hi, abs=0.02)
+  with pytest.raises(ValueError, match='method'):
+    metrics.roc_auc_ci(y, risk, method='wald')
 
 
 def test_delong_test_paired(rossi):
-    df, risk = rossi
-    y = df["arrest"].to_numpy()
-    other = df["age"].to_numpy(float) * -1.0
-    z, p = metrics.delong_test(y, risk, other)
-    # Reference: variance of the AUC difference from brute-force placement values.
-    a10, a01 = brute_force_placements(y, risk)
-    b10, b01 = brute_force_placements(y, other)
-    var = np.var(a10 - b10, ddof=1) / len(a10) + np.var(a01 - b01, ddof=1) / len(a01)
-    diff = skm.roc_auc_score(y, risk) - skm.roc_auc_score(y, other)
-    assert z == pytest.approx(diff / np.sqrt(var), rel=1e-9)
-    assert p == pytest.approx(2 * stats.norm.sf(abs(z)))
-    z2, p2 = metrics.delong_test(y, other, risk)
-    assert z2 == pytest.approx(-z) and p2 == pytest.approx(p)
-    assert metrics.delong_test(y, risk, risk) == (0.0, 1.0)
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  other = df['age'].to_numpy(float) * -1.0
+  z, p = metrics.delong_test(y, risk, other)
+  # Reference: variance of the AUC difference from brute-force placement values.
+  a10, a01 = brute_force_placements(y, risk)
+  b10, b01 = brute_force_placements(y, other)
+  var = np.var(a10 - b10, ddof=1) / len(a10) + np.var(a01 - b01, ddof=1) / len(a01)
+  diff = skm.roc_auc_score(y, risk) - skm.roc_auc_score(y, other)
+  assert z == pytest.approx(diff / np.sqrt(var), rel=1e-9)
+  assert p == pytest.approx(2 * stats.norm.sf(abs(z)))
+  z2, p2 = metrics.delong_test(y, other, risk)
+  assert z2 == pytest.approx(-z) and p2 == pytest.approx(p)
+  assert metrics.delong_test(y, risk, risk) == (0.0, 1.0)
 
 
 def test_one_class_is_undefined_with_reason():
-    with pytest.raises(metrics.UndefinedMetric, match="one class"):
-        metrics.roc_auc_ci(np.ones(5), np.arange(5.0))
-    with pytest.raises(metrics.UndefinedMetric, match="one class"):
-        metrics.delong_test(np.zeros(5), np.arange(5.0), np.arange(5.0))
+  with pytest.raises(metrics.UndefinedMetric, match='one class'):
+    metrics.roc_auc_ci(np.ones(5), np.arange(5.0))
+  with pytest.raises(metrics.UndefinedMetric, match='one class'):
+    metrics.delong_test(np.zeros(5), np.arange(5.0), np.arange(5.0))
 
 
 def test_nan_scores_are_refused_with_positions():
-    with pytest.raises(ValueError, match=r"positions \[2\]"):
-        metrics.roc_auc_ci([0, 1, 0, 1], [0.1, 0.2, np.nan, 0.9])
+  with pytest.raises(ValueError, match=r'positions \[2\]'):
+    metrics.roc_auc_ci([0, 1, 0, 1], [0.1, 0.2, np.nan, 0.9])
 
 
 def test_youden_and_confusion_match_sklearn(rossi):
-    df, risk = rossi
-    y = df["arrest"].to_numpy()
-    thr = metrics.youden_threshold(y, risk)
-    # Brute force over every observed score.
-    def j(t):
-        return skm.recall_score(y, risk >= t) + skm.recall_score(1 - y, risk < t)
-    best = max(np.unique(risk), key=j)
-    assert j(thr) == pytest.approx(j(best))
-    cm = metrics.confusion_at(y, risk, thr)
-    pred = (risk >= thr).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
-    assert (cm.tp, cm.fp, cm.tn, cm.fn) == (tp, fp, tn, fn)
-    assert cm.sensitivity == pytest.approx(skm.recall_score(y, pred))
-    assert cm.specificity == pytest.approx(skm.recall_score(1 - y, 1 - pred))
-    assert cm.ppv == pytest.approx(skm.precision_score(y, pred))
-    assert cm.npv == pytest.approx(skm.precision_score(1 - y, 1 - pred))
-    assert cm.accuracy == pytest.approx(skm.accuracy_score(y, pred))
-    assert np.isnan(metrics.confusion_at(y, risk, np.inf).ppv)   # nobody called positive
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  thr = metrics.youden_threshold(y, risk)
+
+  # Brute force over every observed score.
+  def j(t):
+    return skm.recall_score(y, risk >= t) + skm.recall_score(1 - y, risk < t)
+
+  best = max(np.unique(risk), key=j)
+  assert j(thr) == pytest.approx(j(best))
+  cm = metrics.confusion_at(y, risk, thr)
+  pred = (risk >= thr).astype(int)
+  tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+  assert (cm.tp, cm.fp, cm.tn, cm.fn) == (tp, fp, tn, fn)
+  assert cm.sensitivity == pytest.approx(skm.recall_score(y, pred))
+  assert cm.specificity == pytest.approx(skm.recall_score(1 - y, 1 - pred))
+  assert cm.ppv == pytest.approx(skm.precision_score(y, pred))
+  assert cm.npv == pytest.approx(skm.precision_score(1 - y, 1 - pred))
+  assert cm.accuracy == pytest.approx(skm.accuracy_score(y, pred))
+  assert np.isnan(metrics.confusion_at(y, risk, np.inf).ppv)  # nobody called positive
 
 
 def test_brier_and_calibration_match_sklearn_and_statsmodels(rossi):
-    sm = pytest.importorskip("statsmodels.api")
-    from sklearn.calibration import calibration_curve
-    df, risk = rossi
-    y = df["arrest"].to_numpy()
-    prob = 1 / (1 + np.exp(-(risk - risk.mean())))
-    assert metrics.brier_score(y, prob) == pytest.approx(skm.brier_score_loss(y, prob))
-    intercept, slope = metrics.calibration_intercept_slope(y, prob)
-    lp = np.log(prob / (1 - prob))
-    ref_slope = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit().params[1]
-    ref_int = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit().params[0]
-    assert slope == pytest.approx(ref_slope, abs=1e-5)
-    assert intercept == pytest.approx(ref_int, abs=1e-5)
-    mean_pred, frac_pos, count = metrics.calibration_bins(y, prob, n_bins=5)
-    ref_frac, ref_pred = calibration_curve(y, prob, n_bins=5, strategy="quantile")
-    np.testing.assert_allclose(mean_pred, ref_pred, atol=1e-12)
-    np.testing.assert_allclose(frac_pos, ref_frac, atol=1e-12)
-    assert count.sum() == len(y)
+  sm = pytest.importorskip('statsmodels.api')
+  from sklearn.calibration import calibration_curve
+
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  prob = 1 / (1 + np.exp(-(risk - risk.mean())))
+  assert metrics.brier_score(y, prob) == pytest.approx(skm.brier_score_loss(y, prob))
+  intercept, slope = metrics.calibration_intercept_slope(y, prob)
+  lp = np.log(prob / (1 - prob))
+  ref_slope = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit().params[1]
+  ref_int = (
+    sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit().params[0]
+  )
+  assert slope == pytest.approx(ref_slope, abs=1e-5)
+  assert intercept == pytest.approx(ref_int, abs=1e-5)
+  mean_pred, frac_pos, count = metrics.calibration_bins(y, prob, n_bins=5)
+  ref_frac, ref_pred = calibration_curve(y, prob, n_bins=5, strategy='quantile')
+  np.testing.assert_allclose(mean_pred, ref_pred, atol=1e-12)
+  np.testing.assert_allclose(frac_pos, ref_frac, atol=1e-12)
+  assert count.sum() == len(y)
 
 
 def test_net_benefit_by_hand():
-    y = np.array([1, 1, 0, 0, 0])
-    prob = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
-    model, treat_all = metrics.net_benefit(y, prob, [0.3, 0.5])
-    # pt = 0.3: treated {0.9, 0.4, 0.6}: TP 2, FP 1 -> 2/5 - 1/5 * 3/7.
-    assert model[0] == pytest.approx(2 / 5 - 1 / 5 * 0.3 / 0.7)
-    # pt = 0.5: treated {0.9, 0.6}: TP 1, FP 1 -> 1/5 - 1/5.
-    assert model[1] == pytest.approx(0.0)
-    assert treat_all == pytest.approx(2 / 5 - 3 / 5 * np.array([0.3 / 0.7, 1.0]))
-    np.testing.assert_allclose(metrics.net_benefit(y, np.ones(5), [0.3, 0.5])[0], treat_all)
+  y = np.array([1, 1, 0, 0, 0])
+  prob = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
+  model, treat_all = metrics.net_benefit(y, prob, [0.3, 0.5])
+  # pt = 0.3: treated {0.9, 0.4, 0.6}: TP 2, FP 1 -> 2/5 - 1/5 * 3/7.
+  assert model[0] == pytest.approx(2 / 5 - 1 / 5 * 0.3 / 0.7)
+  # pt = 0.5: treated {0.9, 0.6}: TP 1, FP 1 -> 1/5 - 1/5.
+  assert model[1] == pytest.approx(0.0)
+  assert treat_all == pytest.approx(2 / 5 - 3 / 5 * np.array([0.3 / 0.7, 1.0]))
+  np.testing.assert_allclose(metrics.net_benefit(y, np.ones(5), [0.3, 0.5])[0], treat_all)
 
 
 def test_concordance_matches_lifelines_and_sksurv(rossi):
-    from lifelines.utils import concordance_index as lifelines_c
-    df, risk = rossi
-    c = metrics.concordance_index(df["week"], df["arrest"], risk)
-    assert c == pytest.approx(lifelines_c(df["week"], -risk, df["arrest"]))
-    sksurv_metrics = pytest.importorskip("sksurv.metrics")
-    ref = sksurv_metrics.concordance_index_censored(df["arrest"].astype(bool), df["week"], risk)[0]
-    assert c == pytest.approx(ref, abs=1e-3)
-    assert c > 0.55   # the planted signal is found
-    c2, lo, hi = metrics.concordance_index_ci(df["week"], df["arrest"], risk, n_bootstrap=300)
-    assert c2 == c and lo < c < hi and hi - lo < 0.2
+  from lifelines.utils import concordance_index as lifelines_c
+
+  df, risk = rossi
+  c = metrics.concordance_index(df['week'], df['arrest'], risk)
+  assert c == pytest.approx(lifelines_c(df['week'], -risk, df['arrest']))
+  sksurv_metrics = pytest.importorskip('sksurv.metrics')
+  ref = sksurv_metrics.concordance_index_censored(df['arrest'].astype(bool), df['week'], risk)[0]
+  assert c == pytest.approx(ref, abs=1e-3)
+  assert c > 0.55  # the planted signal is found
+  c2, lo, hi = metrics.concordance_index_ci(df['week'], df['arrest'], risk, n_bootstrap=300)
+  assert c2 == c and lo < c < hi and hi - lo < 0.2
 
 
 def test_logrank_matches_lifelines_and_statsmodels(rossi):
-    from lifelines.statistics import logrank_test as lifelines_logrank
-    df, risk = rossi
-    high = (risk > np.median(risk)).astype(int)
-    chi2, p = metrics.logrank_test(df["week"], df["arrest"], high)
-    g = high == 1
-    ref = lifelines_logrank(df["week"][g], df["week"][~g], df["arrest"][g], df["arrest"][~g])
-    assert chi2 == pytest.approx(ref.test_statistic) and p == pytest.approx(ref.p_value)
-    sm_duration = pytest.importorskip("statsmodels.duration.survfunc")
-    chi2_sm, p_sm = sm_duration.survdiff(df["week"], df["arrest"], high)
-    assert chi2 == pytest.approx(chi2_sm, rel=1e-6) and p == pytest.approx(p_sm, rel=1e-6)
-    # The real covariate 'fin' (financial aid): the classic Rossi result, P about 0.05.
-    _, p_fin = metrics.logrank_test(df["week"], df["arrest"], df["fin"])
-    assert 0.03 < p_fin < 0.07
+  from lifelines.statistics import logrank_test as lifelines_logrank
+
+  df, risk = rossi
+  high = (risk > np.median(risk)).astype(int)
+  chi2, p = metrics.logrank_test(df['week'], df['arrest'], high)
+  g = high == 1
+  ref = lifelines_logrank(df['week'][g], df['week'][~g], df['arrest'][g], df['arrest'][~g])
+  assert chi2 == pytest.approx(ref.test_statistic) and p == pytest.approx(ref.p_value)
+  sm_duration = pytest.importorskip('statsmodels.duration.survfunc')
+  chi2_sm, p_sm = sm_duration.survdiff(df['week'], df['arrest'], high)
+  assert chi2 == pytest.approx(chi2_sm, rel=1e-6) and p == pytest.approx(p_sm, rel=1e-6)
+  # The real covariate 'fin' (financial aid): the classic Rossi result, P about 0.05.
+  _, p_fin = metrics.logrank_test(df['week'], df['arrest'], df['fin'])
+  assert 0.03 < p_fin < 0.07
 
 
 def test_logrank_and_hr_undefined_cases():
-    t = np.array([1.0, 2, 3, 4])
-    with pytest.raises(metrics.UndefinedMetric, match="no events"):
-        metrics.logrank_test(t, [0, 0, 0, 0], [0, 1, 0, 1])
-    with pytest.raises(metrics.UndefinedMetric, match="one risk group"):
-        metrics.logrank_test(t, [1, 0, 1, 0], [1, 1, 1, 1])
-    with pytest.raises(metrics.UndefinedMetric, match="no events"):
-        metrics.hazard_ratio(t, [1, 0, 1, 0], [0, 1, 0, 1])
+  t = np.array([1.0, 2, 3, 4])
+  with pytest.raises(metrics.UndefinedMetric, match='no events'):
+    metrics.logrank_test(t, [0, 0, 0, 0], [0, 1, 0, 1])
+  with pytest.raises(metrics.UndefinedMetric, match='one risk group'):
+    metrics.logrank_test(t, [1, 0, 1, 0], [1, 1, 1, 1])
+  with pytest.raises(metrics.UndefinedMetric, match='no events'):
+    metrics.hazard_ratio(t, [1, 0, 1, 0], [0, 1, 0, 1])
 
 
 def test_hazard_ratio_matches_lifelines_and_statsmodels(rossi):
-    from lifelines import CoxPHFitter
-    sm_phreg = pytest.importorskip("statsmodels.duration.hazard_regression")
-    df, _ = rossi
-    hr, lo, hi, p = metrics.hazard_ratio(df["week"], df["arrest"], df["fin"])
-    cph = CoxPHFitter().fit(df[["week", "arrest", "fin"]], "week", "arrest")
-    assert hr == pytest.approx(cph.hazard_ratios_["fin"])
-    assert p == pytest.approx(cph.summary.loc["fin", "p"])
-    res = sm_phreg.PHReg(df["week"], df[["fin"]].astype(float), status=df["arrest"], ties="efron").fit()
-    assert hr == pytest.approx(np.exp(res.params[0]), rel=1e-4)
-    ci = np.exp(res.conf_int()[0])
-    assert lo == pytest.approx(ci[0], rel=1e-3) and hi == pytest.approx(ci[1], rel=1e-3)
-    assert hr < 1   # financial aid lowers re-arrest hazard
+  from lifelines import CoxPHFitter
+
+  sm_phreg = pytest.importorskip('statsmodels.duration.hazard_regression')
+  df, _ = rossi
+  hr, lo, hi, p = metrics.hazard_ratio(df['week'], df['arrest'], df['fin'])
+  cph = CoxPHFitter().fit(df[['week', 'arrest', 'fin']], 'week', 'arrest')
+  assert hr == pytest.approx(cph.hazard_ratios_['fin'])
+  assert p == pytest.approx(cph.summary.loc['fin', 'p'])
+  res = sm_phreg.PHReg(
+    df['week'], df[['fin']].astype(float), status=df['arrest'], ties='efron'
+  ).fit()
+  assert hr == pytest.approx(np.exp(res.params[0]), rel=1e-4)
+  ci = np.exp(res.conf_int()[0])
+  assert lo == pytest.approx(ci[0], rel=1e-3) and hi == pytest.approx(ci[1], rel=1e-3)
+  assert hr < 1  # financial aid lowers re-arrest hazard
 
 
 def test_time_dependent_auc_matches_sksurv_on_gbsg2():
-    sksurv_metrics = pytest.importorskip("sksurv.metrics")
-    from sksurv.util import Surv
-    df = load_gbsg2()   # German Breast Cancer Study Group 2: 686 patients, time in days
-    risk = (0.05 * df["pnodes"] - 0.001 * df["progrec"] + 0.01 * df["tsize"]).to_numpy()
-    time, event = df["time"].to_numpy(float), df["cens"].to_numpy()
-    train = np.random.default_rng(0).random(len(df)) < 0.6
-    y_train = Surv.from_arrays(event[train].astype(bool), time[train])
-    y_test = Surv.from_arrays(event[~train].astype(bool), time[~train])
-    for years in (1, 3, 5):
-        at = 365.25 * years
-        ref = sksurv_metrics.cumulative_dynamic_auc(y_train, y_test, risk[~train], [at])[0][0]
-        mine = metrics.time_dependent_auc(time[train], event[train], time[~train], event[~train],
-                                          risk[~train], at)
-        assert mine == pytest.approx(ref, abs=1e-12), years
-    with pytest.raises(metrics.UndefinedMetric, match="follow-up"):
-        metrics.time_dependent_auc(time[train], event[train], time[~train], event[~train],
-                                   risk[~train], 10 * 365.25)
+  sksurv_metrics = pytest.importorskip('sksurv.metrics')
+  from sksurv.util import Surv
+
+  df = load_gbsg2()  # German Breast Cancer Study Group 2: 686 patients, time in days
+  risk = (0.05 * df['pnodes'] - 0.001 * df['progrec'] + 0.01 * df['tsize']).to_numpy()
+  time, event = df['time'].to_numpy(float), df['cens'].to_numpy()
+  train = np.random.default_rng(0).random(len(df)) < 0.6
+  y_train = Surv.from_arrays(event[train].astype(bool), time[train])
+  y_test = Surv.from_arrays(event[~train].astype(bool), time[~train])
+  for years in (1, 3, 5):
+    at = 365.25 * years
+    ref = sksurv_metrics.cumulative_dynamic_auc(y_train, y_test, risk[~train], [at])[0][0]
+    mine = metrics.time_dependent_auc(
+      time[train], event[train], time[~train], event[~train], risk[~train], at
+    )
+    assert mine == pytest.approx(ref, abs=1e-12), years
+  with pytest.raises(metrics.UndefinedMetric, match='follow-up'):
+    metrics.time_dependent_auc(
+      time[train], event[train], time[~train], event[~train], risk[~train], 10 * 365.25
+    )

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from moemil_jax import models
-from moemil_jax.configs import dlr, pathomics, test as test_config
+from moemil_jax.configs import dlr, pathomics
+from moemil_jax.configs import test as test_config
 
 F = 12  # radiomics features
 
@@ -17,14 +18,14 @@ def _inputs(b=3, n=16, s=6, seed=0):
   counts = np.array([16, 5, 0])[:b]
   valid = np.arange(n)[None] < counts[:, None]
   return {
-      "wsi": rng.random((b, n, 1024)).astype(np.float32),
-      "wsi_valid": valid,
-      "radiomics": rng.normal(size=(b, F)).astype(np.float32),
-      "mri_deep": rng.random((b, s, 2048)).astype(np.float32),
-      "mri_deep_valid": np.arange(s)[None] < np.array([6, 3, 6])[:b, None],
-      "has_wsi": counts > 0,
-      "has_radiomics": np.array([True, False, True])[:b],
-      "has_mri_deep": np.array([True, False, True])[:b],
+    'wsi': rng.random((b, n, 1024)).astype(np.float32),
+    'wsi_valid': valid,
+    'radiomics': rng.normal(size=(b, F)).astype(np.float32),
+    'mri_deep': rng.random((b, s, 2048)).astype(np.float32),
+    'mri_deep_valid': np.arange(s)[None] < np.array([6, 3, 6])[:b, None],
+    'has_wsi': counts > 0,
+    'has_radiomics': np.array([True, False, True])[:b],
+    'has_mri_deep': np.array([True, False, True])[:b],
   }
 
 
@@ -38,13 +39,13 @@ def test_forward_shapes_and_attention_over_real_patches_only():
   model = _model()
   x = _inputs()
   out = model(x)
-  assert out["response_logit"].shape == (3,) and out["log_risk"].shape == (3,)
-  assert out["gates"].shape == (3, 2, 4)
-  np.testing.assert_allclose(np.asarray(out["gates"]).sum(-1), 1.0, rtol=1e-5)
-  att = np.asarray(out["attention"])
+  assert out['response_logit'].shape == (3,) and out['log_risk'].shape == (3,)
+  assert out['gates'].shape == (3, 2, 4)
+  np.testing.assert_allclose(np.asarray(out['gates']).sum(-1), 1.0, rtol=1e-5)
+  att = np.asarray(out['attention'])
   np.testing.assert_allclose(att.sum(-1), [1.0, 1.0, 0.0], atol=1e-6)
-  assert np.all(att[~x["wsi_valid"]] == 0.0)
-  assert np.all(np.isfinite(np.asarray(out["response_logit"])))  # incl. patient without WSI
+  assert np.all(att[~x['wsi_valid']] == 0.0)
+  assert np.all(np.isfinite(np.asarray(out['response_logit'])))  # incl. patient without WSI
 
 
 def test_padding_content_and_extra_padding_do_not_change_outputs():
@@ -52,22 +53,22 @@ def test_padding_content_and_extra_padding_do_not_change_outputs():
   x = _inputs()
   base = model(x)
   y = dict(x)
-  y["wsi"] = np.where(x["wsi_valid"][..., None], x["wsi"], 1e3).astype(np.float32)
-  y["wsi"] = np.concatenate([y["wsi"], np.full((3, 16, 1024), 7.0, np.float32)], 1)
-  y["wsi_valid"] = np.concatenate([x["wsi_valid"], np.zeros((3, 16), bool)], 1)
-  y["mri_deep"] = np.where(x["mri_deep_valid"][..., None], x["mri_deep"], -5.0).astype(np.float32)
+  y['wsi'] = np.where(x['wsi_valid'][..., None], x['wsi'], 1e3).astype(np.float32)
+  y['wsi'] = np.concatenate([y['wsi'], np.full((3, 16, 1024), 7.0, np.float32)], 1)
+  y['wsi_valid'] = np.concatenate([x['wsi_valid'], np.zeros((3, 16), bool)], 1)
+  y['mri_deep'] = np.where(x['mri_deep_valid'][..., None], x['mri_deep'], -5.0).astype(np.float32)
   other = model(y)
-  for key in ("response_logit", "log_risk"):
+  for key in ('response_logit', 'log_risk'):
     np.testing.assert_allclose(np.asarray(other[key]), np.asarray(base[key]), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_modality_is_masked_out():
   model = _model()
   x = _inputs()
-  y = dict(x, radiomics=x["radiomics"] + np.array([[0.0], [100.0], [0.0]], np.float32))
+  y = dict(x, radiomics=x['radiomics'] + np.array([[0.0], [100.0], [0.0]], np.float32))
   a, b = model(x), model(y)
   # Patient 1 has no MRI: its radiomics values must not matter.
-  np.testing.assert_allclose(np.asarray(a["log_risk"]), np.asarray(b["log_risk"]), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(a['log_risk']), np.asarray(b['log_risk']), rtol=1e-6)
 
 
 def test_baselines_build_only_their_modality():
@@ -77,35 +78,34 @@ def test_baselines_build_only_their_modality():
   assert dlr_model.wsi is None and dlr_model.radiomics and dlr_model.mri_deep
   x = _inputs()
   out = dlr_model(x)
-  assert "attention_scores" not in out
+  assert 'attention_scores' not in out
   # DLR ignores the slides entirely.
-  other = dlr_model(dict(x, wsi=x["wsi"] * 3.0))
-  np.testing.assert_array_equal(np.asarray(out["log_risk"]), np.asarray(other["log_risk"]))
+  other = dlr_model(dict(x, wsi=x['wsi'] * 3.0))
+  np.testing.assert_array_equal(np.asarray(out['log_risk']), np.asarray(other['log_risk']))
 
 
 def test_dropout_uses_explicit_rngs_and_is_deterministic_per_key():
   model = _model(dropout=0.5, modality_dropout=0.5)
   x = _inputs()
-  a = model(x, rngs=nnx.Rngs(dropout=1))["log_risk"]
-  b = model(x, rngs=nnx.Rngs(dropout=1))["log_risk"]
-  c = model(x, rngs=nnx.Rngs(dropout=2))["log_risk"]
+  a = model(x, rngs=nnx.Rngs(dropout=1))['log_risk']
+  b = model(x, rngs=nnx.Rngs(dropout=1))['log_risk']
+  c = model(x, rngs=nnx.Rngs(dropout=2))['log_risk']
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(a), np.asarray(c))
   # A patient with a single modality keeps it under modality dropout.
-  pres = np.asarray(model(x, rngs=nnx.Rngs(dropout=3))["modality_present"])
+  pres = np.asarray(model(x, rngs=nnx.Rngs(dropout=3))['modality_present'])
   assert pres.any(-1).all()
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = _model(compute_dtype="bfloat16")
+  model = _model(compute_dtype='bfloat16')
   params = nnx.state(model, nnx.Param)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   ref = _model()
   out, out32 = model(_inputs()), ref(_inputs())
-  np.testing.assert_allclose(np.asarray(out["log_risk"]), np.asarray(out32["log_risk"]),
-                             atol=0.1)
+  np.testing.assert_allclose(np.asarray(out['log_risk']), np.asarray(out32['log_risk']), atol=0.1)
 
 
 def test_bad_modality_rejected():
-  with pytest.raises(ValueError, match="modalities"):
-    _model(modalities=("ct",))
+  with pytest.raises(ValueError, match='modalities'):
+    _model(modalities=('ct',))

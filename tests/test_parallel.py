@@ -124,22 +124,23 @@ MULTI_PROCESS = textwrap.dedent(r"""
 
 
 def _child_env(devices: int) -> dict[str, str]:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu")
+  return dict(
+    os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu'
+  )
 
 
 def _assert_same_history(h1, h2):
   assert len(h1) == len(h2) == 3
   for a, b in zip(h1, h2):
-    for k in ("train_loss", "val_auc", "val_cindex", "val_metric"):
+    for k in ('train_loss', 'val_auc', 'val_cindex', 'val_metric'):
       assert (a[k] is None) == (b[k] is None), k
       if a[k] is not None:
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (k, a, b)
 
 
 def _assert_same_predictions(dir1: Path, dir2: Path):
-  p1 = pd.read_parquet(dir1 / "predictions.parquet")
-  p2 = pd.read_parquet(dir2 / "predictions.parquet")
+  p1 = pd.read_parquet(dir1 / 'predictions.parquet')
+  p2 = pd.read_parquet(dir2 / 'predictions.parquet')
   # The Cox likelihood is invariant to a shift of log-risk, so log-risk is compared up to one
   # constant (the survival pathway has no biases, so the constant should be round-off).
   shift = (p2.log_risk - p1.log_risk).to_numpy()
@@ -148,22 +149,29 @@ def _assert_same_predictions(dir1: Path, dir2: Path):
   pd.testing.assert_frame_equal(p1, p2, check_exact=False, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def single_process_runs(tmp_path_factory):
   """One process: one step and a 3-epoch run, on one device and on eight."""
-  out = tmp_path_factory.mktemp("parallel")
-  proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], cwd=ROOT, env=_child_env(8),
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0 and "CHILD OK" in proc.stdout, \
-      f"child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+  out = tmp_path_factory.mktemp('parallel')
+  proc = subprocess.run(
+    [sys.executable, '-c', CHILD, str(out)],
+    cwd=ROOT,
+    env=_child_env(8),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0 and 'CHILD OK' in proc.stdout, (
+    f'child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}'
+  )
   return out
 
 
 def test_eight_devices_match_one(single_process_runs):
   out = single_process_runs
-  result = json.loads((out / "result.json").read_text())
-  _assert_same_history(result["history_1"], result["history_8"])
-  _assert_same_predictions(out / "run0", out / "run8")
+  result = json.loads((out / 'result.json').read_text())
+  _assert_same_history(result['history_1'], result['history_8'])
+  _assert_same_predictions(out / 'run0', out / 'run8')
 
 
 def test_two_processes_match_one_process(single_process_runs):
@@ -171,31 +179,42 @@ def test_two_processes_match_one_process(single_process_runs):
   writes predictions, run.json and TensorBoard events, and training equals one process."""
   out = single_process_runs
   with socket.socket() as sock:
-    sock.bind(("localhost", 0))
+    sock.bind(('localhost', 0))
     port = str(sock.getsockname()[1])
-  procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS, str(i), port, str(out)],
-                            cwd=ROOT, env=_child_env(4), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', MULTI_PROCESS, str(i), port, str(out)],
+      cwd=ROOT,
+      env=_child_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     logs = [p.communicate(timeout=900) for p in procs]
   finally:
     for p in procs:
       p.kill()
   for p, (stdout, stderr) in zip(procs, logs):
-    assert p.returncode == 0 and "PROCESS OK" in stdout, \
-        f"process failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
-  infos = [json.loads((out / f"process{i}.json").read_text()) for i in range(2)]
-  assert [i["process_index"] for i in infos] == [0, 1]
-  assert all(i["processes"] == 2 for i in infos)
+    assert p.returncode == 0 and 'PROCESS OK' in stdout, (
+      f'process failed:\n{stdout[-4000:]}\n{stderr[-8000:]}'
+    )
+  infos = [json.loads((out / f'process{i}.json').read_text()) for i in range(2)]
+  assert [i['process_index'] for i in infos] == [0, 1]
+  assert all(i['processes'] == 2 for i in infos)
   for info in infos:
-    _assert_same_history(json.loads((out / "result.json").read_text())["history_8"],
-                         info["history"])
-  _assert_same_predictions(out / "run8", out / "run_2x4")
+    _assert_same_history(
+      json.loads((out / 'result.json').read_text())['history_8'], info['history']
+    )
+  _assert_same_predictions(out / 'run8', out / 'run_2x4')
 
   from moemil_jax import data as data_lib
-  counts = data_lib.load_store(out / "store").patch_count
-  halves = [i["patches_read"] for i in infos]
+
+  counts = data_lib.load_store(out / 'store').patch_count
+  halves = [i['patches_read'] for i in infos]
   assert sum(halves) == counts.sum() and max(halves) < 0.6 * counts.sum(), halves
-  events = list((out / "run_2x4" / "tensorboard").glob("events.out.tfevents.*"))
+  events = list((out / 'run_2x4' / 'tensorboard').glob('events.out.tfevents.*'))
   assert len(events) == 1, events  # process 0 only
-  assert json.loads((out / "run_2x4" / "run.json").read_text())["processes"] == 2
+  assert json.loads((out / 'run_2x4' / 'run.json').read_text())['processes'] == 2

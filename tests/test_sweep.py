@@ -10,15 +10,25 @@ from feature_store import synthetic, synthetic_store
 from moemil_jax import sweep
 from moemil_jax.configs import test as test_config
 
-MEMBERS = [sweep.Member(0, 0, 3e-3), sweep.Member(1, 0, 3e-3), sweep.Member(0, 1, 1e-3),
-           sweep.Member(1, 2, 3e-3)]
+MEMBERS = [
+  sweep.Member(0, 0, 3e-3),
+  sweep.Member(1, 0, 3e-3),
+  sweep.Member(0, 1, 1e-3),
+  sweep.Member(1, 2, 3e-3),
+]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   knobs = synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95)
-  store = synthetic_store.make_store(tmp_path_factory.mktemp("store"), patients=48, seed=2,
-                                     knobs=knobs, median_patches=40, max_patches=120)
+  store = synthetic_store.make_store(
+    tmp_path_factory.mktemp('store'),
+    patients=48,
+    seed=2,
+    knobs=knobs,
+    median_patches=40,
+    max_patches=120,
+  )
   c = test_config.get_config()
   c.store = str(store)
   c.train.epochs = 2
@@ -27,11 +37,13 @@ def setup(tmp_path_factory):
   return c, sweep.load(c)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def both(setup):
   config, cohort = setup
-  return (sweep.train_sweep(config, cohort, MEMBERS, vectorize=True),
-          sweep.train_sweep(config, cohort, MEMBERS, vectorize=False))
+  return (
+    sweep.train_sweep(config, cohort, MEMBERS, vectorize=True),
+    sweep.train_sweep(config, cohort, MEMBERS, vectorize=False),
+  )
 
 
 def test_vmapped_equals_sequential(both):
@@ -52,10 +64,10 @@ def test_members_really_differ_and_learn(both):
   for i in range(1, len(MEMBERS)):
     assert not np.allclose(first[0], first[i])
   assert (vec.train_loss[:, -1] < vec.train_loss[:, 0]).all()
-  assert set(vec.splits[0]) == {"train", "val", "test"}
+  assert set(vec.splits[0]) == {'train', 'val', 'test'}
   # Fold 0 and fold 1 validate on complementary halves of center A.
-  assert not ((vec.splits[0] == "val") & (vec.splits[1] == "val")).any()
-  assert ((vec.splits[0] == "val") | (vec.splits[1] == "val") | (vec.splits[0] == "test")).all()
+  assert not ((vec.splits[0] == 'val') & (vec.splits[1] == 'val')).any()
+  assert ((vec.splits[0] == 'val') | (vec.splits[1] == 'val') | (vec.splits[0] == 'test')).all()
 
 
 def test_reports(both, setup, tmp_path):
@@ -64,22 +76,23 @@ def test_reports(both, setup, tmp_path):
   assert list(vec.metrics.member) == [m.name for m in MEMBERS]
   assert sorted(vec.fold_metrics.fold) == [0, 1]
   from moemil_jax import metrics
-  test = cohort.center == "B"
+
+  test = cohort.center == 'B'
   ens = vec.logits.mean(0)
   labelled = test & ~np.isnan(cohort.response)
   expected = metrics.roc_auc_ci(cohort.response[labelled].astype(int), ens[labelled])[0]
-  assert vec.ensemble["test_auc"] == pytest.approx(expected)
-  assert 0.0 <= vec.ensemble["oof_val_auc"] <= 1.0
+  assert vec.ensemble['test_auc'] == pytest.approx(expected)
+  assert 0.0 <= vec.ensemble['oof_val_auc'] <= 1.0
   pred = vec.predictions
   assert len(pred) == (len(MEMBERS) + 1) * cohort.num_patients
   sweep.write(vec, tmp_path)
-  summary = json.loads((tmp_path / "sweep.json").read_text())
-  assert len(summary["metrics"]) == len(MEMBERS) and summary["ensemble"]["members"] == 4
+  summary = json.loads((tmp_path / 'sweep.json').read_text())
+  assert len(summary['metrics']) == len(MEMBERS) and summary['ensemble']['members'] == 4
 
 
 def test_bad_fold_is_refused(setup):
   config, cohort = setup
   c = config.copy_and_resolve_references()
   c.split.folds = 0
-  with pytest.raises(ValueError, match="split.folds"):
+  with pytest.raises(ValueError, match='split.folds'):
     sweep.train_sweep(c, cohort, [sweep.Member(1, 0, 1e-3)])

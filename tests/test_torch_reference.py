@@ -6,10 +6,11 @@ import torch
 from flax import nnx
 
 from moemil_jax import losses, models, torch_reference
-from moemil_jax.configs import moemil, test as test_config
+from moemil_jax.configs import moemil
+from moemil_jax.configs import test as test_config
 
 F = 12  # radiomics features
-WEIGHTS = {"response": 1.0, "survival": 1.0, "instance": 0.3, "gate_balance": 0.01}
+WEIGHTS = {'response': 1.0, 'survival': 1.0, 'instance': 0.3, 'gate_balance': 0.01}
 
 
 def _cohort(b=5, n=48, s=6, seed=0):
@@ -23,31 +24,34 @@ def _cohort(b=5, n=48, s=6, seed=0):
   wsi_valid = np.arange(n)[None] < counts[:, None]
   wsi[~wsi_valid] = 1e3
   inputs = {
-      "wsi": wsi, "wsi_valid": wsi_valid,
-      "radiomics": rng.normal(size=(b, F)).astype(np.float32),
-      "mri_deep": rng.random((b, s, 2048)).astype(np.float32),
-      "mri_deep_valid": np.arange(s)[None] < slices[:, None],
-      "has_wsi": counts > 0, "has_radiomics": has_mri, "has_mri_deep": has_mri,
+    'wsi': wsi,
+    'wsi_valid': wsi_valid,
+    'radiomics': rng.normal(size=(b, F)).astype(np.float32),
+    'mri_deep': rng.random((b, s, 2048)).astype(np.float32),
+    'mri_deep_valid': np.arange(s)[None] < slices[:, None],
+    'has_wsi': counts > 0,
+    'has_radiomics': has_mri,
+    'has_mri_deep': has_mri,
   }
   targets = {
-      "patient_mask": np.ones(b, bool),
-      "response": np.array([1, 0, 1, 0, 1], np.float32)[:b],
-      "has_response": np.array([True, True, False, True, True])[:b],
-      "os_months": np.array([10.0, 25.0, 10.0, 40.0, 10.0], np.float32)[:b],  # a 3-way tie
-      "os_event": np.array([1, 0, 1, 1, 1], np.int32)[:b],
-      "has_survival": np.ones(b, bool),
+    'patient_mask': np.ones(b, bool),
+    'response': np.array([1, 0, 1, 0, 1], np.float32)[:b],
+    'has_response': np.array([True, True, False, True, True])[:b],
+    'os_months': np.array([10.0, 25.0, 10.0, 40.0, 10.0], np.float32)[:b],  # a 3-way tie
+    'os_event': np.array([1, 0, 1, 1, 1], np.int32)[:b],
+    'has_survival': np.ones(b, bool),
   }
   return inputs, targets
 
 
 def _torch_patient(inputs, i):
   """Real patches and slices of patient i only, as a CLAM data loader yields them."""
-  v, sv = inputs["wsi_valid"][i], inputs["mri_deep_valid"][i]
+  v, sv = inputs['wsi_valid'][i], inputs['mri_deep_valid'][i]
   return {
-      "wsi": torch.from_numpy(inputs["wsi"][i][v]),
-      "radiomics": torch.from_numpy(inputs["radiomics"][i]),
-      "mri_deep": torch.from_numpy(inputs["mri_deep"][i][sv]),
-      **{f"has_{m}": bool(inputs[f"has_{m}"][i]) for m in models.MODALITIES},
+    'wsi': torch.from_numpy(inputs['wsi'][i][v]),
+    'radiomics': torch.from_numpy(inputs['radiomics'][i]),
+    'mri_deep': torch.from_numpy(inputs['mri_deep'][i][sv]),
+    **{f'has_{m}': bool(inputs[f'has_{m}'][i]) for m in models.MODALITIES},
   }
 
 
@@ -58,34 +62,44 @@ def _models(config):
   return flax_model, ref.eval()
 
 
-@pytest.mark.parametrize("config_module", [test_config, moemil], ids=["test", "moemil"])
+@pytest.mark.parametrize('config_module', [test_config, moemil], ids=['test', 'moemil'])
 def test_forward_matches_torch_reference(config_module):
   flax_model, ref = _models(config_module.get_config())
   inputs, _ = _cohort()
   out = flax_model(inputs)  # eval: rngs=None, no dropout
   with torch.no_grad():
-    ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs["wsi"]))]
-  for key in ("response_logit", "log_risk"):
-    np.testing.assert_allclose(np.asarray(out[key]),
-                               np.array([o[key].item() for o in ref_out]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(out["gates"]), np.stack([o["gates"].numpy() for o in ref_out]),
-                             rtol=1e-5, atol=1e-5)
+    ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs['wsi']))]
+  for key in ('response_logit', 'log_risk'):
+    np.testing.assert_allclose(
+      np.asarray(out[key]), np.array([o[key].item() for o in ref_out]), rtol=1e-5, atol=1e-5
+    )
+  np.testing.assert_allclose(
+    np.asarray(out['gates']), np.stack([o['gates'].numpy() for o in ref_out]), rtol=1e-5, atol=1e-5
+  )
   for i, o in enumerate(ref_out):
-    n = int(inputs["wsi_valid"][i].sum())
+    n = int(inputs['wsi_valid'][i].sum())
     if n:
-      np.testing.assert_allclose(np.asarray(out["attention_scores"])[i, :n],
-                                 o["attention_scores"].numpy(), rtol=1e-5, atol=1e-5)
-      np.testing.assert_allclose(np.asarray(out["instance_logits"])[i, :n],
-                                 o["instance_logits"].numpy(), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(
+        np.asarray(out['attention_scores'])[i, :n],
+        o['attention_scores'].numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+      )
+      np.testing.assert_allclose(
+        np.asarray(out['instance_logits'])[i, :n],
+        o['instance_logits'].numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+      )
 
 
-@pytest.mark.parametrize("ties", ["efron", "breslow"])
+@pytest.mark.parametrize('ties', ['efron', 'breslow'])
 def test_training_loss_matches_torch_reference(ties):
   """The reference's loss is the same function of the same outputs, so P2 times equal work."""
   flax_model, ref = _models(test_config.get_config())
   inputs, targets = _cohort()
   jax_loss, _ = losses.total_loss(flax_model(inputs), targets, WEIGHTS, ties=ties, k=8)
-  ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs["wsi"]))]
+  ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs['wsi']))]
   ref_loss = torch_reference.total_loss(ref_out, targets, WEIGHTS, ties=ties, k=8)
   np.testing.assert_allclose(float(jax_loss), ref_loss.item(), rtol=1e-5, atol=1e-5)
   ref_loss.backward()  # and the eager graph is trainable
@@ -95,5 +109,5 @@ def test_training_loss_matches_torch_reference(ties):
 def test_copy_rejects_a_mismatched_architecture():
   flax_model = models.MoEMIL(test_config.get_config().model, radiomics_dim=F, rngs=nnx.Rngs(0))
   other = torch_reference.TorchMoEMIL(moemil.get_config().model, radiomics_dim=F)
-  with pytest.raises(ValueError, match="shape"):
+  with pytest.raises(ValueError, match='shape'):
     torch_reference.copy_flax_params(other, flax_model)

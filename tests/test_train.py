@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from feature_store import synthetic, synthetic_store
 from moemil_jax import train
-from moemil_jax.configs import dlr, pathomics, test as test_config
+from moemil_jax.configs import dlr, pathomics
+from moemil_jax.configs import test as test_config
 
 EPOCHS = 10
 
@@ -22,82 +23,90 @@ def _config(store):
   return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def store(tmp_path_factory):
   knobs = synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95)
-  return synthetic_store.make_store(tmp_path_factory.mktemp("store"), patients=60, seed=0,
-                                    knobs=knobs, median_patches=40, max_patches=120)
+  return synthetic_store.make_store(
+    tmp_path_factory.mktemp('store'),
+    patients=60,
+    seed=0,
+    knobs=knobs,
+    median_patches=40,
+    max_patches=120,
+  )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def full_run(store, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("full")
+  workdir = tmp_path_factory.mktemp('full')
   info = train.train_and_evaluate(_config(store), workdir)
   return workdir, info
 
 
 def test_loss_decreases_and_beats_chance(full_run):
   workdir, info = full_run
-  losses = [h["train_loss"] for h in info["history"]]
+  losses = [h['train_loss'] for h in info['history']]
   assert np.mean(losses[-3:]) < losses[0]
-  pred = pd.read_parquet(workdir / "predictions.parquet")
-  held_out = pred[(pred.split != "train") & pred.ic_response.notna()]
+  pred = pd.read_parquet(workdir / 'predictions.parquet')
+  held_out = pred[(pred.split != 'train') & pred.ic_response.notna()]
   assert roc_auc_score(held_out.ic_response.astype(int), held_out.response_prob) > 0.65
 
 
 def test_predictions_and_run_json_contract(full_run, store):
   workdir, _ = full_run
-  pred = pd.read_parquet(workdir / "predictions.parquet")
-  clinical = pd.read_parquet(store / "clinical.parquet")
+  pred = pd.read_parquet(workdir / 'predictions.parquet')
+  clinical = pd.read_parquet(store / 'clinical.parquet')
   assert list(pred.patient_id) == list(clinical.patient_id)
-  assert set(pred.split) == {"train", "val", "test"}
-  assert (pred.split == "test").equals(pred.center == "B")
-  assert (pred.model == "moemil").all()
-  for col in ("response_logit", "response_prob", "log_risk", "os_months"):
+  assert set(pred.split) == {'train', 'val', 'test'}
+  assert (pred.split == 'test').equals(pred.center == 'B')
+  assert (pred.model == 'moemil').all()
+  for col in ('response_logit', 'response_prob', 'log_risk', 'os_months'):
     assert pred[col].dtype == np.float64
-  assert np.isfinite(pred[["response_logit", "log_risk"]].to_numpy()).all()
-  assert str(pred.ic_response.dtype) == "Int64" and pred.os_event.dtype == np.int64
+  assert np.isfinite(pred[['response_logit', 'log_risk']].to_numpy()).all()
+  assert str(pred.ic_response.dtype) == 'Int64' and pred.os_event.dtype == np.int64
   np.testing.assert_allclose(pred.response_prob, 1 / (1 + np.exp(-pred.response_logit)))
-  gates = pred.filter(like="gate_response_").to_numpy()
+  gates = pred.filter(like='gate_response_').to_numpy()
   np.testing.assert_allclose(gates.sum(1), 1.0, rtol=1e-5)
-  run = json.loads((workdir / "run.json").read_text())
-  assert run["model"] == "moemil" and run["store"] == str(store.resolve())
-  assert run["seed"] == 0 and run["config"]["train"]["epochs"] == EPOCHS
-  best = max(range(EPOCHS), key=lambda i: (run["history"][i]["val_metric"] or -1, -i))
-  assert run["best_step"] == best + 1
-  assert run["val_metric"] == pytest.approx(run["history"][best]["val_metric"])
-  assert run["batch_shapes"] == 1
+  run = json.loads((workdir / 'run.json').read_text())
+  assert run['model'] == 'moemil' and run['store'] == str(store.resolve())
+  assert run['seed'] == 0 and run['config']['train']['epochs'] == EPOCHS
+  best = max(range(EPOCHS), key=lambda i: (run['history'][i]['val_metric'] or -1, -i))
+  assert run['best_step'] == best + 1
+  assert run['val_metric'] == pytest.approx(run['history'][best]['val_metric'])
+  assert run['batch_shapes'] == 1
 
 
 def test_checkpoints_best_and_latest(full_run):
   workdir, info = full_run
-  latest = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
-  best = sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir())
+  latest = sorted(p.name for p in (workdir / 'checkpoints' / 'latest').iterdir())
+  best = sorted(p.name for p in (workdir / 'checkpoints' / 'best').iterdir())
   assert latest == [str(EPOCHS)]
-  assert best == [str(info["best_step"])]
-  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert best == [str(info['best_step'])]
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
 
 
 def test_resume_matches_uninterrupted_and_same_seed_is_identical(full_run, store, tmp_path):
   workdir, _ = full_run
   config = _config(store)
   stopped = train.train_and_evaluate(config, tmp_path, stop_after_epochs=4)
-  assert stopped == {"stopped_at_epoch": 4}
-  assert not (tmp_path / "predictions.parquet").exists()
-  with pytest.raises(FileExistsError, match="--resume"):
+  assert stopped == {'stopped_at_epoch': 4}
+  assert not (tmp_path / 'predictions.parquet').exists()
+  with pytest.raises(FileExistsError, match='--resume'):
     train.train_and_evaluate(config, tmp_path)
   info = train.train_and_evaluate(config, tmp_path, resume=True)
-  assert info["epochs_run"] == EPOCHS
-  a = pd.read_parquet(workdir / "predictions.parquet")
-  b = pd.read_parquet(tmp_path / "predictions.parquet")
+  assert info['epochs_run'] == EPOCHS
+  a = pd.read_parquet(workdir / 'predictions.parquet')
+  b = pd.read_parquet(tmp_path / 'predictions.parquet')
   pd.testing.assert_frame_equal(a, b)  # identical, not merely close
-  full = json.loads((workdir / "run.json").read_text())
-  assert info["history"] == full["history"]
+  full = json.loads((workdir / 'run.json').read_text())
+  assert info['history'] == full['history']
 
 
 def test_baseline_configs_use_only_their_modality():
-  for module, present, absent in [(dlr, ("radiomics", "mri_deep"), ("wsi",)),
-                                  (pathomics, ("wsi",), ("radiomics", "mri_deep"))]:
+  for module, present, absent in [
+    (dlr, ('radiomics', 'mri_deep'), ('wsi',)),
+    (pathomics, ('wsi',), ('radiomics', 'mri_deep')),
+  ]:
     config = module.get_config()
     assert tuple(config.model.modalities) == present
     model = train.build_model(config, radiomics_dim=5)

@@ -24,112 +24,138 @@ import numpy as np
 import torch
 from absl import logging
 
-from feature_store import encoders, extract, manifest as manifest_lib, slides, synthetic_cohort
+from feature_store import encoders, extract, slides, synthetic_cohort
+from feature_store import manifest as manifest_lib
 
 
 def _slides(root: Path, patients: int, slide_px: int, seed: int = 0) -> list[tuple[str, str, Path]]:
-    manifest = root / "cohort" / synthetic_cohort.MANIFEST
-    if not manifest.exists():
-        synthetic_cohort.make_cohort(root / "cohort", patients=patients, seed=seed, slide_px=slide_px,
-                                     mri_px=32, mri_slices=4, progress=False)
-    man = manifest_lib.read_manifest(manifest)
-    return [(s.slide_id, p.patient_id, Path(s.path)) for p in man.patients for s in p.slides]
+  manifest = root / 'cohort' / synthetic_cohort.MANIFEST
+  if not manifest.exists():
+    synthetic_cohort.make_cohort(
+      root / 'cohort',
+      patients=patients,
+      seed=seed,
+      slide_px=slide_px,
+      mri_px=32,
+      mri_slices=4,
+      progress=False,
+    )
+  man = manifest_lib.read_manifest(manifest)
+  return [(s.slide_id, p.patient_id, Path(s.path)) for p in man.patients for s in p.slides]
 
 
 def _naive_patches(slide, plan: slides.PatchPlan, start: int, stop: int) -> np.ndarray:
-    """CLAM-style: one read_region per patch, RGBA -> RGB, resize to patch_px."""
-    out = []
-    for x, y in plan.xy[start:stop]:
-        rgb = slides.read_rgb(slide, (int(x), int(y)), plan.read_level, (plan.read_px, plan.read_px))
-        if plan.read_px != plan.patch_px:
-            rgb = cv2.resize(rgb, (plan.patch_px, plan.patch_px), interpolation=cv2.INTER_AREA)
-        out.append(rgb)
-    return np.stack(out)
+  """CLAM-style: one read_region per patch, RGBA -> RGB, resize to patch_px."""
+  out = []
+  for x, y in plan.xy[start:stop]:
+    rgb = slides.read_rgb(slide, (int(x), int(y)), plan.read_level, (plan.read_px, plan.read_px))
+    if plan.read_px != plan.patch_px:
+      rgb = cv2.resize(rgb, (plan.patch_px, plan.patch_px), interpolation=cv2.INTER_AREA)
+    out.append(rgb)
+  return np.stack(out)
 
 
 def _read_ours(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
-    slide = slides.open_slide(path)
-    try:
-        plan = slides.plan_patches(slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue)
-        return [p for _, p in slides.iter_patch_batches(slide, plan, batch_size=cfg.batch_size,
-                                                        workers=cfg.workers, block=extract.READ_BLOCK)]
-    finally:
-        slide.close()
+  slide = slides.open_slide(path)
+  try:
+    plan = slides.plan_patches(
+      slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
+    )
+    return [
+      p
+      for _, p in slides.iter_patch_batches(
+        slide, plan, batch_size=cfg.batch_size, workers=cfg.workers, block=extract.READ_BLOCK
+      )
+    ]
+  finally:
+    slide.close()
 
 
 def _read_naive(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
+  slide = slides.open_slide(path)
+  try:
+    plan = slides.plan_patches(
+      slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
+    )
+    return [
+      _naive_patches(slide, plan, i, i + cfg.batch_size)
+      for i in range(0, len(plan.xy), cfg.batch_size)
+    ]
+  finally:
+    slide.close()
+
+
+def run(
+  quick: bool = False, workdir: str | Path | None = None, device: str = 'cpu'
+) -> dict[str, Any]:
+  root = Path(workdir or tempfile.mkdtemp(prefix='moemil_bench_extract_'))
+  patients, slide_px, max_slides = (4, 1536, 1) if quick else (4, 2048, 4)
+  batch = 16
+  items = _slides(root / f'extract_{patients}_{slide_px}', patients, slide_px)[:max_slides]
+  cfg = extract.ExtractConfig(device=device, batch_size=batch, workers=4, encoder_weights='random')
+  encoder = encoders.Encoder('wsi', 'random', device)
+  fp = {'encoder': encoder.fingerprint, 'bench': True}
+  sha = extract.fingerprint_sha(fp)
+  sync = (lambda: torch.cuda.synchronize()) if device.startswith('cuda') else (lambda: None)
+
+  # Warm-up: every batch length the slides will produce goes through the encoder once
+  # (allocations and kernel selection per shape), so no path pays it alone.
+  lengths = set()
+  for _, _, path in items:
     slide = slides.open_slide(path)
-    try:
-        plan = slides.plan_patches(slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue)
-        return [_naive_patches(slide, plan, i, i + cfg.batch_size)
-                for i in range(0, len(plan.xy), cfg.batch_size)]
-    finally:
-        slide.close()
+    n = len(
+      slides.plan_patches(
+        slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
+      ).xy
+    )
+    slide.close()
+    lengths |= {min(batch, n)} | ({n % batch} if n % batch else set())
+  for n in sorted(lengths):
+    encoder(np.zeros((n, cfg.patch_px, cfg.patch_px, 3), np.uint8))
 
+  out_dir = Path(tempfile.mkdtemp(prefix='store_', dir=root))
+  start = time.perf_counter()
+  patches = 0
+  for slide_id, patient_id, path in items:
+    patches += extract.extract_slide(path, slide_id, patient_id, out_dir, encoder, cfg, fp, sha)
+  sync()
+  e2e_s = time.perf_counter() - start
 
-def run(quick: bool = False, workdir: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
-    root = Path(workdir or tempfile.mkdtemp(prefix="moemil_bench_extract_"))
-    patients, slide_px, max_slides = (4, 1536, 1) if quick else (4, 2048, 4)
-    batch = 16
-    items = _slides(root / f"extract_{patients}_{slide_px}", patients, slide_px)[:max_slides]
-    cfg = extract.ExtractConfig(device=device, batch_size=batch, workers=4, encoder_weights="random")
-    encoder = encoders.Encoder("wsi", "random", device)
-    fp = {"encoder": encoder.fingerprint, "bench": True}
-    sha = extract.fingerprint_sha(fp)
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+  # The same patches, decoded beforehand, through the encoder alone.
+  start = time.perf_counter()
+  in_memory = [b for _, _, path in items for b in _read_ours(path, cfg)]
+  ours_read_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for b in in_memory:
+    encoder(b)
+  sync()
+  encoder_s = time.perf_counter() - start
+  assert sum(len(b) for b in in_memory) == patches, 'read path and extract_slide disagree'
 
-    # Warm-up: every batch length the slides will produce goes through the encoder once
-    # (allocations and kernel selection per shape), so no path pays it alone.
-    lengths = set()
-    for _, _, path in items:
-        slide = slides.open_slide(path)
-        n = len(slides.plan_patches(slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px,
-                                    tissue=cfg.tissue).xy)
-        slide.close()
-        lengths |= {min(batch, n)} | ({n % batch} if n % batch else set())
-    for n in sorted(lengths):
-        encoder(np.zeros((n, cfg.patch_px, cfg.patch_px, 3), np.uint8))
+  start = time.perf_counter()
+  naive_batches = [b for _, _, path in items for b in _read_naive(path, cfg)]
+  naive_read_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for b in naive_batches:  # CLAM: read a batch, then run the model on it (no overlap)
+    encoder(b)
+  sync()
+  naive_s = naive_read_s + time.perf_counter() - start
 
-    out_dir = Path(tempfile.mkdtemp(prefix="store_", dir=root))
-    start = time.perf_counter()
-    patches = 0
-    for slide_id, patient_id, path in items:
-        patches += extract.extract_slide(path, slide_id, patient_id, out_dir, encoder, cfg, fp, sha)
-    sync()
-    e2e_s = time.perf_counter() - start
-
-    # The same patches, decoded beforehand, through the encoder alone.
-    start = time.perf_counter()
-    in_memory = [b for _, _, path in items for b in _read_ours(path, cfg)]
-    ours_read_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for b in in_memory:
-        encoder(b)
-    sync()
-    encoder_s = time.perf_counter() - start
-    assert sum(len(b) for b in in_memory) == patches, "read path and extract_slide disagree"
-
-    start = time.perf_counter()
-    naive_batches = [b for _, _, path in items for b in _read_naive(path, cfg)]
-    naive_read_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for b in naive_batches:  # CLAM: read a batch, then run the model on it (no overlap)
-        encoder(b)
-    sync()
-    naive_s = naive_read_s + time.perf_counter() - start
-
-    result = {
-        "slides": len(items), "patches": patches, "batch_size": batch, "device": device,
-        "encoder": "resnet50-layer3 (random weights)",
-        "end_to_end_patches_per_s": patches / e2e_s,
-        "encoder_only_patches_per_s": patches / encoder_s,
-        "naive_patches_per_s": patches / naive_s,
-        "ratio_to_encoder": encoder_s / e2e_s,
-        "speedup_vs_naive": naive_s / e2e_s,
-        "read_only_patches_per_s": patches / ours_read_s,
-        "naive_read_only_patches_per_s": patches / naive_read_s,
-        "read_speedup_vs_naive": naive_read_s / ours_read_s,
-        "torch_threads": torch.get_num_threads(),
-    }
-    logging.info("P4: %s", result)
-    return result
+  result = {
+    'slides': len(items),
+    'patches': patches,
+    'batch_size': batch,
+    'device': device,
+    'encoder': 'resnet50-layer3 (random weights)',
+    'end_to_end_patches_per_s': patches / e2e_s,
+    'encoder_only_patches_per_s': patches / encoder_s,
+    'naive_patches_per_s': patches / naive_s,
+    'ratio_to_encoder': encoder_s / e2e_s,
+    'speedup_vs_naive': naive_s / e2e_s,
+    'read_only_patches_per_s': patches / ours_read_s,
+    'naive_read_only_patches_per_s': patches / naive_read_s,
+    'read_speedup_vs_naive': naive_read_s / ours_read_s,
+    'torch_threads': torch.get_num_threads(),
+  }
+  logging.info('P4: %s', result)
+  return result

@@ -22,39 +22,44 @@ from moemil_jax import data as data_lib
 
 
 def _all_files(store_dir: Path) -> list[Path]:
-    return sorted(Path(store_dir).rglob("*.parquet"))
+  return sorted(Path(store_dir).rglob('*.parquet'))
 
 
 def raw_read(store_dir: Path) -> int:
-    """pq.read_table of every Parquet file; returns the number of bytes decoded."""
-    return sum(pq.read_table(path).nbytes for path in _all_files(store_dir))
+  """pq.read_table of every Parquet file; returns the number of bytes decoded."""
+  return sum(pq.read_table(path).nbytes for path in _all_files(store_dir))
 
 
 def run(store_dir: str | Path, *, repeats: int = 3) -> dict[str, Any]:
-    store_dir = Path(store_dir)
-    load_times, raw_times = [], []
-    cohort = data_lib.load_store(store_dir)  # warms the page cache
-    raw_read(store_dir)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        cohort = data_lib.load_store(store_dir)
-        load_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        decoded = raw_read(store_dir)
-        raw_times.append(time.perf_counter() - start)
-    wsi_files = store_lib.slide_files(store_dir)
-    wsi_bytes = sum(p.stat().st_size for p in wsi_files)
-    total_bytes = sum(p.stat().st_size for p in _all_files(store_dir))
-    patches = int(cohort.patch_count.sum())
-    load_s, raw_s = statistics.median(load_times), statistics.median(raw_times)
-    out = {
-        "patients": int(cohort.num_patients), "slides": len(wsi_files), "patches": patches,
-        "files": len(_all_files(store_dir)), "store_bytes": total_bytes,
-        "decoded_bytes": int(decoded),
-        "load_store_s": load_s, "raw_read_s": raw_s, "ratio": load_s / raw_s,
-        "raw_read_mb_per_s": total_bytes / raw_s / 1e6,
-        "bytes_per_patch": wsi_bytes / max(patches, 1),
-        "payload_bytes_per_patch": 2 * cohort.patches.shape[1],
-    }
-    logging.info("P5: %s", out)
-    return out
+  store_dir = Path(store_dir)
+  load_times, raw_times = [], []
+  cohort = data_lib.load_store(store_dir)  # warms the page cache
+  raw_read(store_dir)
+  for _ in range(repeats):
+    start = time.perf_counter()
+    cohort = data_lib.load_store(store_dir)
+    load_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    decoded = raw_read(store_dir)
+    raw_times.append(time.perf_counter() - start)
+  wsi_files = store_lib.slide_files(store_dir)
+  wsi_bytes = sum(p.stat().st_size for p in wsi_files)
+  total_bytes = sum(p.stat().st_size for p in _all_files(store_dir))
+  patches = int(cohort.patch_count.sum())
+  load_s, raw_s = statistics.median(load_times), statistics.median(raw_times)
+  out = {
+    'patients': int(cohort.num_patients),
+    'slides': len(wsi_files),
+    'patches': patches,
+    'files': len(_all_files(store_dir)),
+    'store_bytes': total_bytes,
+    'decoded_bytes': int(decoded),
+    'load_store_s': load_s,
+    'raw_read_s': raw_s,
+    'ratio': load_s / raw_s,
+    'raw_read_mb_per_s': total_bytes / raw_s / 1e6,
+    'bytes_per_patch': wsi_bytes / max(patches, 1),
+    'payload_bytes_per_patch': 2 * cohort.patches.shape[1],
+  }
+  logging.info('P5: %s', out)
+  return out

@@ -20,151 +20,223 @@ from absl import logging
 
 from moemil_jax.bench import timing
 
-FIGURES = ("p1", "p2", "p3", "p4", "p5", "p6")
+FIGURES = ('p1', 'p2', 'p3', 'p4', 'p5', 'p6')
 
 
 @dataclasses.dataclass
 class Figure:
-    key: str
-    name: str
-    measured: float
-    target: str
-    met: bool
-    unit: str = ""
-    note: str = ""
+  key: str
+  name: str
+  measured: float
+  target: str
+  met: bool
+  unit: str = ''
+  note: str = ''
 
 
 def _ge(x, t):
-    return bool(math.isfinite(x) and x >= t)
+  return bool(math.isfinite(x) and x >= t)
 
 
 def _figures(results: dict[str, Any], quick: bool) -> list[Figure]:
-    figs = []
-    if "p1" in results:
-        r = results["p1"]
-        figs.append(Figure("p1", "P1 training step FLOP/s / matmul peak", r["fraction_of_peak"], ">= 0.50",
-                           _ge(r["fraction_of_peak"], 0.5), "",
-                           f"{r['achieved_flops_per_s'] / 1e9:.1f} of {r['matmul_peak_flops_per_s'] / 1e9:.1f} "
-                           f"GFLOP/s, batch {r['batch_shape']}, {r['real_patch_fraction']:.0%} real patches"))
-    if "p2" in results:
-        for regime, r in results["p2"].items():
-            figs.append(Figure(f"p2_{regime}", f"P2 epoch speedup vs PyTorch eager ({regime})", r["speedup"],
-                               ">= 3", _ge(r["speedup"], 3.0), "x",
-                               f"{r['torch_epoch_s']:.2f} s / {r['jax_epoch_s']:.2f} s, {r['patients']} patients, "
-                               f"median bag {r['median_bag']:.0f}, {r['real_patch_fraction']:.0%} real patch slots"))
-    if "p3" in results:
-        r = results["p3"]
-        figs.append(Figure("p3", "P3 vmapped sweep of K models vs K separate trainings", r["speedup"],
-                           ">= 5", _ge(r["speedup"], 5.0), "x",
-                           f"{r['separate_trainings_s']:.1f} s / {r['vmapped_s']:.1f} s; "
-                           f"vs the sweep program one member at a time: "
-                           f"{r['speedup_vs_one_program_sequential']:.2f}x; " + r.get("note", "")))
-    if "p4" in results:
-        r = results["p4"]
-        figs.append(Figure("p4_encoder", "P4 extraction end-to-end / encoder-only", r["ratio_to_encoder"],
-                           ">= 0.9", _ge(r["ratio_to_encoder"], 0.9), "",
-                           f"{r['end_to_end_patches_per_s']:.2f} vs {r['encoder_only_patches_per_s']:.2f} "
-                           f"patches/s, {r['patches']} patches, {r['device']}"))
-        figs.append(Figure("p4_naive", "P4 extraction speedup vs naive read_region loader",
-                           r["speedup_vs_naive"], ">= 2", _ge(r["speedup_vs_naive"], 2.0), "x",
-                           f"read path alone {r['read_speedup_vs_naive']:.2f}x "
-                           f"({r['read_only_patches_per_s']:.0f} vs {r['naive_read_only_patches_per_s']:.0f} patches/s)"))
-    if "p5" in results:
-        r = results["p5"]
-        figs.append(Figure("p5", "P5 load_store / raw Parquet read", r["ratio"], "<= 1.5",
-                           bool(math.isfinite(r["ratio"]) and r["ratio"] <= 1.5), "",
-                           f"{r['load_store_s']:.2f} s / {r['raw_read_s']:.2f} s, {r['patches']} patches"))
-        figs.append(Figure("p5_bytes", "P5 bytes per patch on disk", r["bytes_per_patch"], "(report)", True, "B",
-                           f"payload {r['payload_bytes_per_patch']} B float16"))
-    if "p6" in results:
-        r = results["p6"]
-        big = r["largest_n"]
-        figs.append(Figure("p6", f"P6 Cox loss+grad at n={big:.0e}", r["largest_n_seconds"],
-                           "< 1 s at n=1e6", big >= 1_000_000 and r["largest_n_seconds"] < 1.0, "s",
-                           f"log-log slope {r['slope_sorted']:.2f}; {r['speedup_at_largest_quadratic_n']:.0f}x "
-                           "faster than the O(n^2) risk matrix" + (" (quick: n < 1e6)" if quick else "")))
-    return figs
+  figs = []
+  if 'p1' in results:
+    r = results['p1']
+    figs.append(
+      Figure(
+        'p1',
+        'P1 training step FLOP/s / matmul peak',
+        r['fraction_of_peak'],
+        '>= 0.50',
+        _ge(r['fraction_of_peak'], 0.5),
+        '',
+        f'{r["achieved_flops_per_s"] / 1e9:.1f} of {r["matmul_peak_flops_per_s"] / 1e9:.1f} '
+        f'GFLOP/s, batch {r["batch_shape"]}, {r["real_patch_fraction"]:.0%} real patches',
+      )
+    )
+  if 'p2' in results:
+    for regime, r in results['p2'].items():
+      figs.append(
+        Figure(
+          f'p2_{regime}',
+          f'P2 epoch speedup vs PyTorch eager ({regime})',
+          r['speedup'],
+          '>= 3',
+          _ge(r['speedup'], 3.0),
+          'x',
+          f'{r["torch_epoch_s"]:.2f} s / {r["jax_epoch_s"]:.2f} s, {r["patients"]} patients, '
+          f'median bag {r["median_bag"]:.0f}, {r["real_patch_fraction"]:.0%} real patch slots',
+        )
+      )
+  if 'p3' in results:
+    r = results['p3']
+    figs.append(
+      Figure(
+        'p3',
+        'P3 vmapped sweep of K models vs K separate trainings',
+        r['speedup'],
+        '>= 5',
+        _ge(r['speedup'], 5.0),
+        'x',
+        f'{r["separate_trainings_s"]:.1f} s / {r["vmapped_s"]:.1f} s; '
+        f'vs the sweep program one member at a time: '
+        f'{r["speedup_vs_one_program_sequential"]:.2f}x; ' + r.get('note', ''),
+      )
+    )
+  if 'p4' in results:
+    r = results['p4']
+    figs.append(
+      Figure(
+        'p4_encoder',
+        'P4 extraction end-to-end / encoder-only',
+        r['ratio_to_encoder'],
+        '>= 0.9',
+        _ge(r['ratio_to_encoder'], 0.9),
+        '',
+        f'{r["end_to_end_patches_per_s"]:.2f} vs {r["encoder_only_patches_per_s"]:.2f} '
+        f'patches/s, {r["patches"]} patches, {r["device"]}',
+      )
+    )
+    figs.append(
+      Figure(
+        'p4_naive',
+        'P4 extraction speedup vs naive read_region loader',
+        r['speedup_vs_naive'],
+        '>= 2',
+        _ge(r['speedup_vs_naive'], 2.0),
+        'x',
+        f'read path alone {r["read_speedup_vs_naive"]:.2f}x '
+        f'({r["read_only_patches_per_s"]:.0f} vs {r["naive_read_only_patches_per_s"]:.0f} patches/s)',
+      )
+    )
+  if 'p5' in results:
+    r = results['p5']
+    figs.append(
+      Figure(
+        'p5',
+        'P5 load_store / raw Parquet read',
+        r['ratio'],
+        '<= 1.5',
+        bool(math.isfinite(r['ratio']) and r['ratio'] <= 1.5),
+        '',
+        f'{r["load_store_s"]:.2f} s / {r["raw_read_s"]:.2f} s, {r["patches"]} patches',
+      )
+    )
+    figs.append(
+      Figure(
+        'p5_bytes',
+        'P5 bytes per patch on disk',
+        r['bytes_per_patch'],
+        '(report)',
+        True,
+        'B',
+        f'payload {r["payload_bytes_per_patch"]} B float16',
+      )
+    )
+  if 'p6' in results:
+    r = results['p6']
+    big = r['largest_n']
+    figs.append(
+      Figure(
+        'p6',
+        f'P6 Cox loss+grad at n={big:.0e}',
+        r['largest_n_seconds'],
+        '< 1 s at n=1e6',
+        big >= 1_000_000 and r['largest_n_seconds'] < 1.0,
+        's',
+        f'log-log slope {r["slope_sorted"]:.2f}; {r["speedup_at_largest_quadratic_n"]:.0f}x '
+        'faster than the O(n^2) risk matrix' + (' (quick: n < 1e6)' if quick else ''),
+      )
+    )
+  return figs
 
 
-def run_suite(*, quick: bool = False, only=FIGURES, device: str = "cpu",
-              workdir: str | Path | None = None) -> dict[str, Any]:
-    """Runs the selected figures; one failing figure is recorded, the rest still run."""
-    from moemil_jax.bench import cox, extraction, store_io, training
+def run_suite(
+  *, quick: bool = False, only=FIGURES, device: str = 'cpu', workdir: str | Path | None = None
+) -> dict[str, Any]:
+  """Runs the selected figures; one failing figure is recorded, the rest still run."""
+  from moemil_jax.bench import cox, extraction, store_io, training
 
-    unknown = set(only) - set(FIGURES)
-    if unknown:
-        raise ValueError(f"unknown figures {sorted(unknown)}; choose from {FIGURES}")
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="moemil_bench_"))
-    results: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    seconds: dict[str, float] = {}
+  unknown = set(only) - set(FIGURES)
+  if unknown:
+    raise ValueError(f'unknown figures {sorted(unknown)}; choose from {FIGURES}')
+  workdir = Path(workdir or tempfile.mkdtemp(prefix='moemil_bench_'))
+  results: dict[str, Any] = {}
+  errors: dict[str, str] = {}
+  seconds: dict[str, float] = {}
 
-    def attempt(key: str, fn: Callable[[], Any]):
-        start = time.perf_counter()
-        try:
-            value = fn()
-            if key == "training":
-                results.update(value)
-            else:
-                results[key] = value
-        except Exception as e:  # noqa: BLE001 -- a benchmark that breaks is reported, not fatal
-            logging.exception("%s failed", key)
-            errors[key] = f"{type(e).__name__}: {e}"
-        seconds[key] = time.perf_counter() - start
+  def attempt(key: str, fn: Callable[[], Any]):
+    start = time.perf_counter()
+    try:
+      value = fn()
+      if key == 'training':
+        results.update(value)
+      else:
+        results[key] = value
+    except Exception as e:  # noqa: BLE001 -- a benchmark that breaks is reported, not fatal
+      logging.exception('%s failed', key)
+      errors[key] = f'{type(e).__name__}: {e}'
+    seconds[key] = time.perf_counter() - start
 
-    train_figs = tuple(f for f in ("p1", "p2") if f in only)
-    if train_figs:
-        attempt("training", lambda: training.run(quick, workdir, only=train_figs))
-    if "p3" in only:
-        try:
-            from moemil_jax.bench import sweep
-        except ImportError as e:
-            errors["p3"] = f"not available: {e}"
-        else:
-            attempt("p3", lambda: sweep.run(quick, workdir))
-    if "p4" in only:
-        torch_device = "cuda" if device == "gpu" else "cpu"
-        attempt("p4", lambda: extraction.run(quick, workdir, device=torch_device))
-    if "p5" in only:
-        regime = training.regimes(quick)[0]
-        attempt("p5", lambda: store_io.run(training.bench_store(workdir, regime), repeats=2 if quick else 3))
-    if "p6" in only:
-        attempt("p6", lambda: cox.run(quick))
-    figures = _figures(results, quick)
-    return {
-        "mode": "quick" if quick else "full",
-        "device": device,
-        "command": " ".join(["python -m launch.bench", *sys.argv[1:]]) if sys.argv else "",
-        "machine": timing.machine_description(),
-        "figures": [dataclasses.asdict(f) for f in figures],
-        "details": results,
-        "errors": errors,
-        "seconds": seconds,
-    }
+  train_figs = tuple(f for f in ('p1', 'p2') if f in only)
+  if train_figs:
+    attempt('training', lambda: training.run(quick, workdir, only=train_figs))
+  if 'p3' in only:
+    try:
+      from moemil_jax.bench import sweep
+    except ImportError as e:
+      errors['p3'] = f'not available: {e}'
+    else:
+      attempt('p3', lambda: sweep.run(quick, workdir))
+  if 'p4' in only:
+    torch_device = 'cuda' if device == 'gpu' else 'cpu'
+    attempt('p4', lambda: extraction.run(quick, workdir, device=torch_device))
+  if 'p5' in only:
+    regime = training.regimes(quick)[0]
+    attempt(
+      'p5', lambda: store_io.run(training.bench_store(workdir, regime), repeats=2 if quick else 3)
+    )
+  if 'p6' in only:
+    attempt('p6', lambda: cox.run(quick))
+  figures = _figures(results, quick)
+  return {
+    'mode': 'quick' if quick else 'full',
+    'device': device,
+    'command': ' '.join(['python -m launch.bench', *sys.argv[1:]]) if sys.argv else '',
+    'machine': timing.machine_description(),
+    'figures': [dataclasses.asdict(f) for f in figures],
+    'details': results,
+    'errors': errors,
+    'seconds': seconds,
+  }
 
 
 def table(report: dict[str, Any]) -> str:
-    """Markdown table: figure, measured, target, met?"""
-    lines = ["| figure | measured | target | met? | detail |", "|---|---|---|---|---|"]
-    for f in report["figures"]:
-        value = f"{f['measured']:.3g}{(' ' + f['unit']) if f['unit'] else ''}"
-        lines.append(f"| {f['name']} | {value} | {f['target']} | {'yes' if f['met'] else 'NO'} | {f['note']} |")
-    for key, err in report["errors"].items():
-        lines.append(f"| {key.upper()} | - | - | not run | {err} |")
-    return "\n".join(lines)
+  """Markdown table: figure, measured, target, met?"""
+  lines = ['| figure | measured | target | met? | detail |', '|---|---|---|---|---|']
+  for f in report['figures']:
+    value = f'{f["measured"]:.3g}{(" " + f["unit"]) if f["unit"] else ""}'
+    lines.append(
+      f'| {f["name"]} | {value} | {f["target"]} | {"yes" if f["met"] else "NO"} | {f["note"]} |'
+    )
+  for key, err in report['errors'].items():
+    lines.append(f'| {key.upper()} | - | - | not run | {err} |')
+  return '\n'.join(lines)
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    machine = ", ".join(f"{k}={v}" for k, v in m.items())
-    return (f"# MoEMIL-JAX benchmarks ({report['mode']}, {report['device']})\n\n"
-            f"{table(report)}\n\nMachine: {machine}\n\nCommand: `{report['command']}`\n")
+  m = report['machine']
+  machine = ', '.join(f'{k}={v}' for k, v in m.items())
+  return (
+    f'# MoEMIL-JAX benchmarks ({report["mode"]}, {report["device"]})\n\n'
+    f'{table(report)}\n\nMachine: {machine}\n\nCommand: `{report["command"]}`\n'
+  )
 
 
 def write_reports(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "bench.json", out / "BENCH.md"
-    json_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    md_path.write_text(markdown(report))
-    return json_path, md_path
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  json_path, md_path = out / 'bench.json', out / 'BENCH.md'
+  json_path.write_text(json.dumps(report, indent=2, default=float) + '\n')
+  md_path.write_text(markdown(report))
+  return json_path, md_path

@@ -18,50 +18,54 @@ import numpy as np
 
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn(), blocking on JAX results so async dispatch is counted."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+  """Median wall time of fn(), blocking on JAX results so async dispatch is counted."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def machine_description() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import torch
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(
+        (line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu
+      )
+  except OSError:
+    pass
+  import torch
 
-    device = jax.devices()[0]
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "jax_backend": jax.default_backend(),
-        "jax_device": getattr(device, "device_kind", str(device)),
-        "jax_devices": jax.device_count(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+  device = jax.devices()[0]
+  return {
+    'cpu': cpu,
+    'cpu_count': os.cpu_count(),
+    'jax_backend': jax.default_backend(),
+    'jax_device': getattr(device, 'device_kind', str(device)),
+    'jax_devices': jax.device_count(),
+    'jax': jax.__version__,
+    'torch': torch.__version__,
+    'torch_threads': torch.get_num_threads(),
+    'python': platform.python_version(),
+  }
 
 
 def matmul_peak_flops(*, n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in this process: the roofline for training efficiency."""
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (n, n), dtype)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
-    seconds = median_seconds(lambda: matmul(a, b), repeats=repeats, warmup=2)
-    return 2.0 * n**3 / seconds
+  """FLOP/s of a large square matmul in this process: the roofline for training efficiency."""
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (n, n), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  seconds = median_seconds(lambda: matmul(a, b), repeats=repeats, warmup=2)
+  return 2.0 * n**3 / seconds
 
 
 def loglog_slope(sizes, seconds) -> float:
-    """Empirical exponent of time against size (1 for linear, 2 for quadratic)."""
-    return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0])
+  """Empirical exponent of time against size (1 for linear, 2 for quadratic)."""
+  return float(
+    np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)[0]
+  )

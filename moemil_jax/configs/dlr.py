@@ -5,7 +5,7 @@ from moemil_jax.configs import moemil
 
 def get_config():
   c = moemil.get_config()
-  c.name = "dlr"
-  c.model.modalities = ("radiomics", "mri_deep")
+  c.name = 'dlr'
+  c.model.modalities = ('radiomics', 'mri_deep')
   c.loss.instance = 0.0
   return c

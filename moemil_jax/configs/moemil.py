@@ -10,51 +10,51 @@ from moemil_jax import parallel
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = "moemil"
-  c.store = ""  # feature store directory (or --store)
+  c.name = 'moemil'
+  c.store = ''  # feature store directory (or --store)
   c.seed = 0
 
   c.split = ml_collections.ConfigDict()
-  c.split.test_center = "B"   # external test set
+  c.split.test_center = 'B'  # external test set
   c.split.val_fraction = 0.25  # of center A, by patient, stratified by response
   c.split.seed = 0
-  c.split.folds = 0            # > 1: k-fold on center A; `fold` picks the validation fold
+  c.split.folds = 0  # > 1: k-fold on center A; `fold` picks the validation fold
   c.split.fold = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.radiomics_corr_threshold = 0.9  # drop one of each pair with |r| above; 0 = off
-  c.data.radiomics_lasso = True          # L1 logistic regression (CV) on response
+  c.data.radiomics_lasso = True  # L1 logistic regression (CV) on response
   c.data.radiomics_lasso_cs = 10
   # Padded bag sizes (patches per patient): powers of two keep padding near a third while
   # compiling one step per size in use.
   c.data.bag_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
-  c.data.max_eval_patches = 0      # 0 = whole bag (rounded up to a bucket)
+  c.data.max_eval_patches = 0  # 0 = whole bag (rounded up to a bucket)
   c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
   # Patients dealt to groups, one per device of the data axis (0 = as many as devices; on one
   # device, N reproduces the batches of an N-device run).
   c.data.bag_groups = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.modalities = ("wsi", "radiomics", "mri_deep")
+  c.model.modalities = ('wsi', 'radiomics', 'mri_deep')
   c.model.wsi_dim = 512
   c.model.attention_dim = 256
   c.model.radiomics_dims = (128, 64)
   c.model.mri_deep_dim = 256
-  c.model.mri_deep_pooling = "attention"  # or "mean"
+  c.model.mri_deep_pooling = 'attention'  # or "mean"
   c.model.num_experts = 4
   c.model.expert_dim = 128
   c.model.tower_dim = 64
   c.model.dropout = 0.4
   c.model.modality_dropout = 0.2
-  c.model.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, f32 parameters
+  c.model.compute_dtype = 'float32'  # "bfloat16": bf16 matmuls, f32 parameters
 
   c.loss = ml_collections.ConfigDict()
   c.loss.response = 1.0
   c.loss.survival = 1.0
   c.loss.instance = 0.3
   c.loss.gate_balance = 0.01
-  c.loss.ties = "efron"
+  c.loss.ties = 'efron'
   c.loss.instance_k = 8
   c.loss.instance_subtyping = False
 
@@ -65,9 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.01
   c.train.warmup_epochs = 3
   c.train.grad_clip = 1.0
-  c.train.patience = 15             # epochs without improvement before stopping; 0 = off
-  c.train.val_metric = "auc+cindex"  # "auc", "cindex" or their mean "auc+cindex"
-  c.train.log_every = 10            # steps
+  c.train.patience = 15  # epochs without improvement before stopping; 0 = off
+  c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
+  c.train.log_every = 10  # steps
 
   # Data parallelism: data = -1 uses every device (0 = single device); distributed = True
   # calls jax.distributed.initialize() for multi-host GPU clusters and TPU pods.
