@@ -2,7 +2,13 @@ r"""Writes a synthetic NPC cohort (images + manifest) or a synthetic feature sto
 
 python -m launch.synth --out=/tmp/cohort --patients=40 --seed=0
 python -m launch.synth --kind=store --out=/tmp/store --patients=404 --median_patches=2000
+python -m launch.synth --kind=store --preset=realistic --out=/tmp/store --patients=404
+
+--preset picks a cohort (feature_store.synthetic_store.PRESETS: clean, realistic, hard); the
+signal flags given explicitly on the command line override the preset's values.
 """
+
+import dataclasses
 
 from absl import app, flags
 
@@ -19,6 +25,13 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer('patients', 40, 'Number of patients.')
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives identical files.')
+flags.DEFINE_enum(
+  'preset',
+  'clean',
+  sorted(synthetic_store.PRESETS),
+  'clean: strong, clean signal; realistic / hard: what real two-hospital cohorts look like '
+  '(BUILD.md, "Stress cohorts").',
+)
 # Signal and missingness knobs (feature_store.synthetic.Knobs).
 _DEFAULT = synthetic.Knobs()
 flags.DEFINE_float('wsi_signal', _DEFAULT.wsi_signal, 'Latent signal strength in slides (0-1).')
@@ -62,16 +75,18 @@ flags.DEFINE_integer(
 
 def main(argv):
   del argv
-  knobs = synthetic.Knobs(
-    wsi_signal=FLAGS.wsi_signal,
-    mri_signal=FLAGS.mri_signal,
-    tnm_signal=FLAGS.tnm_signal,
-    censoring_rate=FLAGS.censoring_rate,
-    missing_wsi_rate=FLAGS.missing_wsi_rate,
-    missing_mri_rate=FLAGS.missing_mri_rate,
-    missing_response_rate=FLAGS.missing_response_rate,
-    center_b_fraction=FLAGS.center_b_fraction,
+  knobs, shape = synthetic_store.preset_config(FLAGS.preset)
+  knob_flags = (
+    'wsi_signal',
+    'mri_signal',
+    'tnm_signal',
+    'censoring_rate',
+    'missing_wsi_rate',
+    'missing_mri_rate',
+    'missing_response_rate',
+    'center_b_fraction',
   )
+  knobs = dataclasses.replace(knobs, **{k: FLAGS[k].value for k in knob_flags if FLAGS[k].present})
   if FLAGS.kind == 'cohort':
     path = synthetic_cohort.make_cohort(
       FLAGS.out,
@@ -88,6 +103,7 @@ def main(argv):
       patients=FLAGS.patients,
       seed=FLAGS.seed,
       knobs=knobs,
+      shape=shape,
       median_patches=FLAGS.median_patches,
       max_patches=FLAGS.max_patches,
     )

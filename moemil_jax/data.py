@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -237,17 +237,40 @@ def assign_splits(
 
 @dataclasses.dataclass
 class RadiomicsSelection:
-  """Radiomics columns kept and their training mean/std."""
+  """Radiomics columns kept, their training transform, and one missingness flag per sequence.
+
+  `mean`/`std` are the training statistics of the kept columns (on the transformed scale for
+  'quantile'). A value missing for a patient with MRI (a sequence that failed or was not
+  acquired) is imputed with the training centre (0 after the transform), and the flag of
+  its sequence says so, so that one patient's missing sequence never removes that sequence's
+  features for everyone.
+  """
 
   columns: list[str]
   mean: np.ndarray
   std: np.ndarray
+  sequences: list[str] = dataclasses.field(default_factory=list)  # one indicator each
+  quantile: Any = None  # fitted sklearn QuantileTransformer ('quantile' transform) or None
+
+  @property
+  def width(self) -> int:
+    return len(self.columns) + len(self.sequences)
 
   def transform(self, wide: pd.DataFrame) -> np.ndarray:
     if not self.columns:
       return np.zeros((len(wide), 1), np.float32)
-    x = (wide[self.columns].to_numpy(np.float64) - self.mean) / self.std
-    return np.nan_to_num(np.clip(x, -10, 10), nan=0.0).astype(np.float32)
+    x = wide[self.columns].to_numpy(np.float64)
+    missing = np.isnan(x)
+    if self.quantile is not None:
+      x = self.quantile.transform(x)  # NaN stays NaN
+    x = np.where(missing, 0.0, np.clip((x - self.mean) / self.std, -10, 10))
+    flags = [
+      wide[[c for c in wide.columns if c.startswith(f'{seq}:')]].isna().all(axis=1).to_numpy()
+      for seq in self.sequences
+    ]
+    if flags:
+      x = np.concatenate([x, np.stack(flags, 1).astype(np.float64)], 1)
+    return x.astype(np.float32)
 
 
 def fit_radiomics(
@@ -259,17 +282,42 @@ def fit_radiomics(
   lasso: bool = True,
   lasso_cs: int = 10,
   seed: int = 0,
+  transform: str = 'zscore',
+  min_present: float = 0.5,
 ) -> RadiomicsSelection:
-  """Fitted on training patients with MRI only: drop missing/constant columns, z-score,
-  optional greedy correlation filter, optional L1 logistic regression on response."""
+  """Fitted on training patients with MRI only.
+
+  Keeps columns present for at least `min_present` of them (so a few patients missing a
+  sequence do not drop it for everyone) and not constant; transforms them ('zscore', or
+  'quantile': a rank-based map to a normal distribution, robust to heavy tails, outliers and
+  the very different scales of radiomics features); then an optional greedy correlation
+  filter and an optional L1 logistic regression on response. Sequences missing for some
+  training patients get a missingness indicator column.
+  """
   rows = train & wide.notna().any(axis=1).to_numpy()
   x = wide[rows]
-  cols = [c for c in x.columns if x[c].notna().all() and x[c].std(ddof=0) > 1e-12]
+  present = x.notna().mean()
+  cols = [
+    c for c in x.columns if present[c] >= min_present and x[c].std(ddof=0, skipna=True) > 1e-12
+  ]
   if not cols:
     logging.warning('radiomics: no usable column on %d training patients', rows.sum())
     return RadiomicsSelection([], np.zeros(0), np.ones(0))
-  mean, std = x[cols].mean().to_numpy(), x[cols].std(ddof=0).to_numpy()
-  z = (x[cols].to_numpy() - mean) / std
+  values = x[cols].to_numpy(np.float64)
+  quantile = None
+  if transform == 'quantile':
+    from sklearn.preprocessing import QuantileTransformer
+
+    quantile = QuantileTransformer(
+      n_quantiles=min(1000, len(values)), output_distribution='normal', random_state=seed
+    ).fit(values)  # NaNs are ignored when fitting
+    values = quantile.transform(values)
+  elif transform != 'zscore':
+    raise ValueError(f"data.radiomics_transform {transform!r}: use 'zscore' or 'quantile'")
+  mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+  std = np.where(std > 1e-12, std, 1.0)
+  z = np.nan_to_num((values - mean) / std)
+  sequences = sorted({c.split(':')[0] for c in cols if x[c].isna().any() and ':' in c})
   n_start = len(cols)
   keep = np.arange(len(cols))
   if corr_threshold and 0 < corr_threshold < 1 and len(cols) > 1:
@@ -280,36 +328,52 @@ def fit_radiomics(
         kept.append(j)
     keep = np.array(kept)
   if lasso:
-    y = response[rows]
-    labelled = ~np.isnan(y)
-    classes, n_per = np.unique(y[labelled], return_counts=True)
-    if len(classes) == 2 and n_per.min() >= 3:
-      import sklearn
-      from sklearn.linear_model import LogisticRegressionCV
-
-      modern = tuple(int(v) for v in sklearn.__version__.split('.')[:2]) >= (1, 8)
-      l1 = dict(l1_ratios=(1.0,), use_legacy_attributes=False) if modern else dict(penalty='l1')
-      clf = LogisticRegressionCV(
-        Cs=lasso_cs,
-        cv=min(5, int(n_per.min())),
-        solver='liblinear',
-        scoring='roc_auc',
-        random_state=seed,
-        max_iter=1000,
-        **l1,
-      )
-      clf.fit(z[labelled][:, keep], y[labelled].astype(int))
-      chosen = np.flatnonzero(np.abs(clf.coef_[0]) > 0)
-      if len(chosen):
-        keep = keep[chosen]
-      else:
-        logging.warning('radiomics LASSO selected nothing; keeping %d columns', len(keep))
-    else:
-      logging.warning('radiomics LASSO skipped: too few labelled training patients')
+    keep = _lasso_select(z, keep, response[rows], lasso_cs, seed)
   logging.info(
-    'radiomics: %d columns -> %d usable -> %d selected', wide.shape[1], n_start, len(keep)
+    'radiomics: %d columns -> %d usable (%d present for under %.0f%% of training patients '
+    'with MRI) -> %d selected%s',
+    wide.shape[1],
+    n_start,
+    int((present < min_present).sum()),
+    100 * min_present,
+    len(keep),
+    f'; missing-sequence indicators for {sequences}' if sequences else '',
   )
-  return RadiomicsSelection([cols[i] for i in keep], mean[keep], std[keep])
+  if quantile is not None:  # keep only the selected columns' quantiles
+    quantile.quantiles_ = quantile.quantiles_[:, keep]
+    quantile.n_features_in_ = len(keep)
+  return RadiomicsSelection(
+    [cols[i] for i in keep], mean[keep], std[keep], sequences=sequences, quantile=quantile
+  )
+
+
+def _lasso_select(z, keep, y, lasso_cs: int, seed: int) -> np.ndarray:
+  """Columns of `keep` with a non-zero L1 logistic coefficient (C by CV AUC) on response."""
+  labelled = ~np.isnan(y)
+  classes, n_per = np.unique(y[labelled], return_counts=True)
+  if len(classes) != 2 or n_per.min() < 3:
+    logging.warning('radiomics LASSO skipped: too few labelled training patients')
+    return keep
+  import sklearn
+  from sklearn.linear_model import LogisticRegressionCV
+
+  modern = tuple(int(v) for v in sklearn.__version__.split('.')[:2]) >= (1, 8)
+  l1 = dict(l1_ratios=(1.0,), use_legacy_attributes=False) if modern else dict(penalty='l1')
+  clf = LogisticRegressionCV(
+    Cs=lasso_cs,
+    cv=min(5, int(n_per.min())),
+    solver='liblinear',
+    scoring='roc_auc',
+    random_state=seed,
+    max_iter=1000,
+    **l1,
+  )
+  clf.fit(z[labelled][:, keep], y[labelled].astype(int))
+  chosen = np.flatnonzero(np.abs(clf.coef_[0]) > 0)
+  if not len(chosen):
+    logging.warning('radiomics LASSO selected nothing; keeping %d columns', len(keep))
+    return keep
+  return keep[chosen]
 
 
 def masked_mean_std(
@@ -460,6 +524,8 @@ def prepare(
     lasso=data_config.radiomics_lasso,
     lasso_cs=data_config.radiomics_lasso_cs,
     seed=seed,
+    transform=data_config.get('radiomics_transform', 'zscore'),
+    min_present=data_config.get('radiomics_min_present', 0.5),
   )
   rad = (
     sel.transform(cohort.radiomics)

@@ -110,6 +110,8 @@ class SweepResult:
   ensemble: dict[str, float]
   predictions: pd.DataFrame
   seconds: float
+  best_epoch: int | None = None  # with select_epoch: the epoch the members were kept from
+  selection_history: list | None = None  # with select_epoch: per-epoch out-of-fold score
 
 
 # --------------------------------------------------------------------------- data
@@ -290,8 +292,16 @@ def train_sweep(
   members: Sequence[Member],
   *,
   vectorize: bool = True,
+  select_epoch: bool = False,
 ) -> SweepResult:
-  """Trains every member for config.train.epochs epochs; see the module docstring."""
+  """Trains every member for config.train.epochs epochs; see the module docstring.
+
+  select_epoch: after every epoch, score the pooled out-of-fold predictions (each
+  development patient predicted by the member that holds it out; `config.train.val_metric`
+  over all of them, far steadier than one small validation split) and keep every member's
+  parameters from the epoch where an exponential moving average of that score peaked.
+  The result then holds those parameters and predictions, and `best_epoch`.
+  """
   members = list(members)
   if not members:
     raise ValueError('train_sweep: no members')
@@ -332,6 +342,38 @@ def train_sweep(
     f'{steps_per_epoch} steps/epoch',
   )
 
+  eval_batches = data_lib.eval_batches(
+    np.arange(cohort.num_patients),
+    patch_counts,
+    layout,
+    batch_size=tc.batch_size,
+    buckets=dc.bag_buckets,
+    max_patches=dc.max_eval_patches,
+    seed=config.seed,
+  )
+
+  def predict(params):
+    """(K, P) response logits and log-risks of every member for every patient."""
+    logits = np.full((len(members), cohort.num_patients), np.nan)
+    risks = np.full_like(logits, np.nan)
+    for b in eval_batches:
+      rows = b.patient[b.patient_mask]
+      if vectorize:
+        lg, rk = jax.device_get(evaluate(params, rests, fold_index, shared, per_fold, b.tree()))
+      else:
+        got = jax.device_get(
+          [
+            evaluate(params[k], rests[k], fold_index[k], shared, per_fold, b.tree())
+            for k in range(len(members))
+          ]
+        )
+        lg, rk = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
+      logits[:, rows] = lg[:, b.patient_mask]
+      risks[:, rows] = rk[:, b.patient_mask]
+    return logits, risks
+
+  split_rows = np.stack([splits[m.fold] for m in members])
+  best, smoothed, history, best_epoch = None, None, [], tc.epochs
   base_keys = [jax.random.key(m.seed) for m in members]
   train_loss = np.zeros((len(members), tc.epochs))
   for epoch in range(tc.epochs):
@@ -380,49 +422,75 @@ def train_sweep(
       sums += np.where(active, loss, 0.0)
       counts += active
     train_loss[:, epoch] = sums / np.maximum(counts, 1)
+    selected = ''
+    if select_epoch:
+      logits, risks = predict(params)
+      score = _oof_score(tc.val_metric, cohort, split_rows, logits, risks)
+      smoothed = score if smoothed is None or math.isnan(smoothed) else 0.5 * (smoothed + score)
+      if best is None or (math.isfinite(smoothed) and smoothed > best[0]):
+        kept = jax.tree.map(jnp.copy, params)  # the steps donate `params`
+        best = (smoothed, epoch + 1, kept, logits, risks)
+        selected = ' *'
+      history.append({'epoch': epoch + 1, 'oof_score': score, 'smoothed': smoothed})
+      selected = f' out-of-fold {tc.val_metric} {score:.3f} (smoothed {smoothed:.3f}){selected}'
     logging.info(
-      'sweep epoch %d/%d: mean train loss %.4f [%.1fs]',
+      'sweep epoch %d/%d: mean train loss %.4f%s [%.1fs]',
       epoch + 1,
       tc.epochs,
       train_loss[:, epoch].mean(),
+      selected,
       time.time() - t0,
     )
 
-  # Predictions for every patient from every member.
-  batches = data_lib.eval_batches(
-    np.arange(cohort.num_patients),
-    patch_counts,
-    layout,
-    batch_size=tc.batch_size,
-    buckets=dc.bag_buckets,
-    max_patches=dc.max_eval_patches,
-    seed=config.seed,
-  )
-  logits = np.full((len(members), cohort.num_patients), np.nan)
-  risks = np.full_like(logits, np.nan)
-  for b in batches:
-    rows = b.patient[b.patient_mask]
-    if vectorize:
-      lg, rk = jax.device_get(evaluate(params, rests, fold_index, shared, per_fold, b.tree()))
-    else:
-      got = jax.device_get(
-        [
-          evaluate(params[k], rests[k], fold_index[k], shared, per_fold, b.tree())
-          for k in range(len(members))
-        ]
-      )
-      lg, rk = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
-    logits[:, rows] = lg[:, b.patient_mask]
-    risks[:, rows] = rk[:, b.patient_mask]
+  if select_epoch:
+    _, best_epoch, params, logits, risks = best
+    logging.info('sweep: members kept from epoch %d (best smoothed out-of-fold score)', best_epoch)
+  else:
+    logits, risks = predict(params)
   if not vectorize:
     params = _stack(params)
-  split_rows = np.stack([splits[m.fold] for m in members])
   seconds = time.time() - t0
   table, by_fold, ensemble, frame = _report(config, cohort, members, logits, risks, split_rows)
   logging.info('sweep done in %.1fs: ensemble %s', seconds, ensemble)
   return SweepResult(
-    members, params, logits, risks, split_rows, train_loss, table, by_fold, ensemble, frame, seconds
+    members,
+    params,
+    logits,
+    risks,
+    split_rows,
+    train_loss,
+    table,
+    by_fold,
+    ensemble,
+    frame,
+    seconds,
+    best_epoch=best_epoch,
+    selection_history=history,
   )
+
+
+def centred_log_risk(risks: np.ndarray, splits: np.ndarray) -> np.ndarray:
+  """(K, P) log-risks minus each member's training median: the Cox likelihood fixes a
+  member's log-risk only up to a constant, so members are put on one scale before averaging."""
+  medians = [np.median(risks[k, splits[k] == 'train']) for k in range(len(risks))]
+  return risks - np.array(medians)[:, None]
+
+
+def out_of_fold(values: np.ndarray, splits: np.ndarray) -> np.ndarray:
+  """(P,) each patient's value from the member(s) validating on it; NaN for the others."""
+  val = splits == 'val'
+  total = np.where(val, values, 0.0).sum(0)
+  return np.where(val.any(0), total / np.maximum(val.sum(0), 1), np.nan)
+
+
+def _oof_score(metric_name, cohort, splits, logits, risks) -> float:
+  """The validation metric over every development patient's out-of-fold prediction."""
+  oof_logit = out_of_fold(logits, splits)
+  oof_risk = out_of_fold(centred_log_risk(risks, splits), splits)
+  rows = ~np.isnan(oof_logit)
+  auc = metrics.labelled_auc_or_nan(cohort.response[rows], oof_logit[rows])
+  cindex = metrics.cindex_or_nan(cohort.os_months[rows], cohort.os_event[rows], oof_risk[rows])
+  return train.validation_metric(metric_name, auc, cindex)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -447,14 +515,9 @@ def _report(config, cohort, members, logits, risks, splits):
 
   # Ensemble: mean logit; log-risks centred on each member's training median first (the Cox
   # likelihood fixes a member's log-risk only up to a constant).
-  centred = (
-    risks
-    - np.array([np.median(risks[k, splits[k] == 'train']) for k in range(len(members))])[:, None]
-  )
-  ens_logit, ens_risk = logits.mean(0), centred.mean(0)
+  ens_logit, ens_risk = logits.mean(0), centred_log_risk(risks, splits).mean(0)
   test = cohort.center == config.split.test_center
-  val = splits == 'val'
-  oof = np.where(val.any(0), np.where(val, logits, 0).sum(0) / np.maximum(val.sum(0), 1), np.nan)
+  oof = out_of_fold(logits, splits)
   has_oof = ~np.isnan(oof)
   ensemble = {
     'members': len(members),

@@ -75,7 +75,8 @@ def test_radiomics_preprocessing_fitted_on_train_only():
   wide.loc[3, 't1:gaps'] = np.nan
   train = np.arange(n) < 40
   sel = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=False)
-  assert sel.columns == ['t1:signal', 't2:noise']
+  # t1:gaps lacks one training value: kept (imputed, with a t1 missingness indicator).
+  assert sel.columns == ['t1:signal', 't1:gaps', 't2:noise'] and sel.sequences == ['t1']
   np.testing.assert_allclose(sel.mean, wide.loc[train, sel.columns].mean())
   moved = wide.copy()
   moved.loc[~train, 't1:signal'] += 100  # validation values must not move the statistics
@@ -83,7 +84,15 @@ def test_radiomics_preprocessing_fitted_on_train_only():
   lasso = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=True, lasso_cs=5)
   assert 't1:signal' in lasso.columns
   z = sel.transform(wide)
-  assert z.shape == (n, 2) and np.isfinite(z).all()
+  assert z.shape == (n, 4) and np.isfinite(z).all()
+  assert z[3, 1] == 0.0 and not z[:, 3].any()  # a gap is imputed; t1 itself is never missing
+  no_t2 = wide.copy()
+  no_t2.loc[[5, 45], 't2:noise'] = np.nan  # two patients (one training) lack the t2 sequence
+  sel = data.fit_radiomics(no_t2, train, y, corr_threshold=0.9, lasso=False)
+  z = sel.transform(no_t2)
+  assert 't2:noise' in sel.columns and sel.sequences == ['t1', 't2']
+  np.testing.assert_array_equal(np.flatnonzero(z[:, -1]), [5, 45])
+  assert z[5, sel.columns.index('t2:noise')] == 0.0
 
 
 def test_prepare_normalises_with_train_statistics(cohort):

@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.radiomics_corr_threshold = 0.9  # drop one of each pair with |r| above; 0 = off
   c.data.radiomics_lasso = True  # L1 logistic regression (CV) on response
   c.data.radiomics_lasso_cs = 10
+  c.data.radiomics_transform = 'zscore'  # or 'quantile' (rank-based, robust to heavy tails)
+  c.data.radiomics_min_present = 0.5  # keep a column present for this share of patients
   # Padded bag sizes (patches per patient): powers of two keep padding near a third while
   # compiling one step per size in use.
   c.data.bag_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -68,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.patience = 15  # epochs without improvement before stopping; 0 = off
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10  # steps
+  # > 1: K members on K folds of the development center in one program, the epoch chosen
+  # on their pooled out-of-fold score, predictions averaged (moemil_jax/ensemble.py).
+  c.train.ensemble = 0
 
   # Data parallelism: data = -1 uses every device (0 = single device); distributed = True
   # calls jax.distributed.initialize() for multi-host GPU clusters and TPU pods.

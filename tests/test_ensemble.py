@@ -1,0 +1,92 @@
+"""`launch.train --ensemble=K`: K fold members in one program, predicting with their mean."""
+
+import json
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store import synthetic, synthetic_store
+from moemil_jax import ensemble, metrics, sweep
+from moemil_jax.configs import test as test_config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  knobs = synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95)
+  store = synthetic_store.make_store(
+    tmp_path_factory.mktemp('store'),
+    patients=60,
+    seed=3,
+    knobs=knobs,
+    median_patches=32,
+    max_patches=100,
+  )
+  c = test_config.get_config()
+  c.store = str(store)
+  c.train.epochs = 4
+  c.train.ensemble = 3
+  c.data.bag_buckets = (64, 128)
+  workdir = tmp_path_factory.mktemp('ensemble')
+  info = ensemble.train_ensemble(c, workdir)
+  return c, workdir, info
+
+
+def test_prediction_is_the_mean_of_the_members(run):
+  config, workdir, info = run
+  result = info['result']
+  frame = pd.read_parquet(workdir / 'predictions.parquet')
+  assert len(result.members) == 3 and result.logits.shape == (3, len(frame))
+  np.testing.assert_allclose(frame.response_logit, result.logits.mean(0), rtol=1e-6, atol=1e-6)
+  medians = [np.median(result.log_risk[k, result.splits[k] == 'train']) for k in range(3)]
+  mean_risk = (result.log_risk - np.array(medians)[:, None]).mean(0)
+  np.testing.assert_allclose(frame.log_risk, mean_risk, rtol=1e-6, atol=1e-6)
+  # Members differ (each trained on other folds), so the mean is not any one of them.
+  assert np.abs(result.logits[0] - result.logits[1]).max() > 1e-3
+
+
+def test_members_cover_the_development_center_once(run):
+  config, workdir, info = run
+  result = info['result']
+  frame = pd.read_parquet(workdir / 'predictions.parquet')
+  dev = (frame.center != 'B').to_numpy()
+  val = result.splits == 'val'
+  assert (val.sum(0)[dev] == 1).all() and not val[:, ~dev].any()
+  assert set(frame.split) == {'train', 'test'}
+  assert frame.split.eq('test').to_numpy().tolist() == (~dev).tolist()
+  # Out-of-fold columns hold each development patient's prediction by the member holding it out.
+  k = val.argmax(0)
+  np.testing.assert_allclose(
+    frame.oof_response_logit[dev], result.logits[k[dev], np.flatnonzero(dev)], rtol=1e-6
+  )
+  assert frame.oof_response_logit[~dev].isna().all()
+
+
+def test_epoch_is_chosen_on_the_smoothed_out_of_fold_score(run):
+  config, workdir, info = run
+  result = info['result']
+  history = result.selection_history
+  assert [h['epoch'] for h in history] == [1, 2, 3, 4]
+  smoothed = [h['smoothed'] for h in history]
+  assert result.best_epoch == int(np.nanargmax(smoothed)) + 1
+  saved = json.loads((workdir / 'run.json').read_text())
+  assert saved['ensemble']['best_epoch'] == result.best_epoch
+  # The score is the validation metric over the pooled out-of-fold predictions of that epoch
+  # (checked for the selected epoch, whose member predictions the result holds).
+  oof = sweep.out_of_fold(result.logits, result.splits)
+  rows = ~np.isnan(oof)
+  cohort = sweep.load(config)
+  auc = metrics.labelled_auc_or_nan(cohort.response[rows], oof[rows])
+  risk = sweep.out_of_fold(sweep.centred_log_risk(result.log_risk, result.splits), result.splits)
+  cidx = metrics.cindex_or_nan(cohort.os_months[rows], cohort.os_event[rows], risk[rows])
+  assert history[result.best_epoch - 1]['oof_score'] == pytest.approx((auc + cidx) / 2, abs=1e-9)
+
+
+def test_checkpoint_holds_every_member(run):
+  import orbax.checkpoint as ocp
+
+  config, workdir, info = run
+  restored = ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / 'ensemble').resolve())
+  leaves = [np.asarray(x) for x in jax.tree.leaves(restored)]
+  assert leaves and all(x.shape[0] == 3 for x in leaves)
