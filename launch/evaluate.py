@@ -3,8 +3,10 @@ r"""Evaluates every trained model under a workdir and writes the clinical report
   python -m launch.evaluate --workdir=/tmp/run
 
 Reads <workdir>/<model>/predictions.parquet (+ run.json naming the feature store), adds the
-TNM comparator from the store's clinical.parquet, writes metrics.json, CSV/Markdown tables,
-PNG figures and a self-contained report.html into the workdir, and prints the comparison table.
+comparators fitted on the training patients of that store (TNM from clinical.parquet; with
+--baselines also TNM + EBV DNA, radiomics and WSI mean-pool linear models, see
+moemil_jax/baselines.py), writes metrics.json, CSV/Markdown tables, PNG figures and a
+self-contained report.html into the workdir, and prints the comparison table.
 """
 
 from absl import app, flags, logging
@@ -18,6 +20,11 @@ flags.DEFINE_integer(
   'n_bootstrap', 1000, 'Bootstrap resamples for C-index (and AUC if bootstrap) CIs.'
 )
 flags.DEFINE_bool('tnm', True, 'Add the TNM comparator fitted on training patients.')
+flags.DEFINE_bool(
+  'baselines',
+  True,
+  'Add the TNM + EBV DNA, radiomics and WSI mean-pool baselines fitted on training patients.',
+)
 flags.DEFINE_bool(
   'pseudonymise',
   False,
@@ -42,6 +49,7 @@ def main(argv):
     n_bootstrap=FLAGS.n_bootstrap,
     ci_method=FLAGS.ci_method,
     with_tnm=FLAGS.tnm,
+    with_baselines=FLAGS.baselines,
     truth=FLAGS.truth,
   )
   original_ids = set()

@@ -1,11 +1,13 @@
-"""Per-model, per-split clinical results from predictions.parquet files, plus the TNM comparator.
+"""Per-model, per-split clinical results from predictions.parquet files, plus the baselines.
 
 Input: a workdir with one folder per trained model, each holding `predictions.parquet`
 (one row per patient) and `run.json` (names the model and the feature store). Every
 threshold is fixed on the training split and applied unchanged to validation and the
 external test: the Youden threshold for response, the median training risk for OS.
-The TNM comparator (logistic regression for response, Cox model for OS on T, N and
-overall stage) is fitted on training patients only, with the same split assignment.
+The comparators of `moemil_jax.baselines` (TNM; TNM + EBV DNA; penalised logistic and Cox
+models on radiomics and on mean-pooled slide embeddings) are fitted on training patients
+only, with the primary model's split assignment, and evaluated here exactly as the deep
+models are; one that cannot be fitted is left out with a note.
 """
 
 from __future__ import annotations
@@ -26,18 +28,28 @@ PREDICTIONS = 'predictions.parquet'
 RUN_JSON = 'run.json'
 SPLITS = ('train', 'val', 'test')
 SPLIT_NAMES = {'train': 'Training', 'val': 'Validation', 'test': 'External test'}
-MODEL_ORDER = ('moemil', 'dlr', 'pathomics', 'tnm', 'oracle')
+MODEL_ORDER = (
+  'moemil',
+  'dlr',
+  'pathomics',
+  'tnm',
+  'tnm_ebv',
+  'radiomics_linear',
+  'wsi_meanpool',
+  'oracle',
+)
 DISPLAY_NAMES = {
   'moemil': 'MoEMIL',
   'dlr': 'DLR',
   'pathomics': 'Pathomics',
   'tnm': 'TNM',
+  'tnm_ebv': 'TNM + EBV DNA',
+  'radiomics_linear': 'Radiomics (L2 logistic / Cox)',
+  'wsi_meanpool': 'WSI mean-pool (L2 logistic / Cox)',
   'oracle': 'Oracle (truth)',
 }
 PRIMARY_MODEL = 'moemil'
 HORIZONS_MONTHS = (36.0, 60.0)
-STAGE_ORDER = {'I': 1, 'II': 2, 'III': 3, 'IVA': 4, 'IVB': 5}
-TNM_FEATURES = ('t_stage', 'n_stage', 'overall_stage')
 PREDICTION_COLUMNS = (
   'patient_id',
   'center',
@@ -148,79 +160,14 @@ def check_split_agreement(predictions: Mapping[str, pd.DataFrame]) -> None:
     raise EvaluationError(f'models put patients in different splits: {_names(disagree)}')
 
 
-# --------------------------------------------------------------------------- TNM comparator
-
-
-def _stage_matrix(clinical: pd.DataFrame) -> np.ndarray:
-  overall = clinical['overall_stage'].map(lambda s: STAGE_ORDER.get(str(s).strip().upper()))
-  x = pd.DataFrame(
-    {
-      't_stage': pd.to_numeric(clinical['t_stage'], errors='coerce'),
-      'n_stage': pd.to_numeric(clinical['n_stage'], errors='coerce'),
-      'overall_stage': overall.astype(float),
-    }
-  )
-  bad = clinical['patient_id'][x.isna().any(axis=1).to_numpy()]
-  if len(bad):
-    raise EvaluationError(
-      f'clinical.parquet: missing or unknown stage (T, N, or overall in '
-      f'{sorted(STAGE_ORDER)}) for {_names(bad)}'
-    )
-  return x.to_numpy(float)
+# --------------------------------------------------------------------------- comparators
 
 
 def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame:
-  """TNM comparator in the predictions format, fitted on training patients only.
+  """The TNM comparator, now in `baselines` (which imports this module), kept for callers."""
+  from moemil_jax import baselines
 
-  Stages enter as ordinal numbers (standardised with training mean and SD); response by
-  L2-regularised logistic regression, OS by a Cox model with a small ridge penalty (stage
-  variables are collinear).
-  """
-  from lifelines import CoxPHFitter
-  from sklearn.linear_model import LogisticRegression
-
-  missing = [
-    c
-    for c in ('patient_id', *TNM_FEATURES, 'ic_response', 'os_months', 'os_event')
-    if c not in clinical.columns
-  ]
-  if missing:
-    raise EvaluationError(f'clinical.parquet: missing columns {missing}')
-  df = clinical[clinical['patient_id'].isin(split_of.index)].copy().reset_index(drop=True)
-  df['split'] = df['patient_id'].map(split_of)
-  x = _stage_matrix(df)
-  train = (df['split'] == 'train').to_numpy()
-  mean, sd = x[train].mean(0), x[train].std(0)
-  z = (x - mean) / np.where(sd > 0, sd, 1.0)
-  y = pd.to_numeric(df['ic_response'], errors='coerce')
-  labelled = train & y.notna().to_numpy()
-  if y[labelled].nunique() < 2:
-    raise EvaluationError('TNM comparator: training patients have one response class only')
-  lr = LogisticRegression(C=1.0, max_iter=1000).fit(z[labelled], y[labelled].astype(int))
-  logit = lr.decision_function(z)
-  os_ok = train & df['os_months'].notna().to_numpy() & df['os_event'].notna().to_numpy()
-  cox_df = pd.DataFrame(z[os_ok], columns=list(TNM_FEATURES))
-  cox_df['os_months'] = df['os_months'].to_numpy(float)[os_ok]
-  cox_df['os_event'] = df['os_event'].to_numpy(float)[os_ok]
-  cph = CoxPHFitter(penalizer=0.01).fit(cox_df, 'os_months', 'os_event')
-  log_risk = np.asarray(cph.predict_log_partial_hazard(pd.DataFrame(z, columns=list(TNM_FEATURES))))
-  return check_predictions(
-    pd.DataFrame(
-      {
-        'patient_id': df['patient_id'].astype(str),
-        'center': df['center'].astype(str) if 'center' in df else '',
-        'split': df['split'],
-        'model': 'tnm',
-        'response_logit': logit.astype(float),
-        'response_prob': 1.0 / (1.0 + np.exp(-logit)),
-        'log_risk': log_risk.astype(float),
-        'ic_response': y.astype('Float64'),
-        'os_months': df['os_months'].astype(float),
-        'os_event': df['os_event'].astype(float),
-      }
-    ),
-    'TNM comparator',
-  )
+  return baselines.tnm_predictions(clinical, split_of)
 
 
 def oracle_predictions(truth: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
@@ -468,34 +415,44 @@ def evaluate(
   n_bootstrap: int = 1000,
   ci_method: str = 'delong',
   with_tnm: bool = True,
+  with_baselines: bool = True,
   truth: str | Path | None = None,
 ) -> Evaluation:
-  """Reads every model folder under `workdir`, adds the TNM comparator, computes all results.
+  """Reads every model folder under `workdir`, adds the comparators, computes all results.
 
-  `truth`: a synthetic cohort's truth.csv, added as the 'oracle' row (the ceiling).
+  with_tnm: the TNM comparator; with_baselines: the other `baselines` (TNM + EBV DNA,
+  radiomics, WSI mean-pool), all fitted on the primary model's training patients from the
+  store its run.json names. `truth`: a synthetic cohort's truth.csv, added as the 'oracle'
+  row (the ceiling).
   """
+  from moemil_jax import baselines
+
   found = discover_models(workdir)
   predictions = {name: df for name, (df, _) in found.items()}
   notes: list[str] = []
-  if with_tnm and 'tnm' not in predictions:
-    primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+  primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+  wanted = [
+    name
+    for name in baselines.BASELINES
+    if (with_tnm if name == 'tnm' else with_baselines) and name not in predictions
+  ]
+  if wanted:
     store = found[primary][1].get('store')
     clinical_path = Path(store) / 'clinical.parquet' if store else None
     if clinical_path is None or not clinical_path.exists():
-      notes.append(
-        f'TNM comparator skipped: clinical.parquet not found '
-        f'(run.json of {primary} names store {store!r})'
-      )
+      for name in wanted:
+        notes.append(
+          f'{baselines.label(name)} skipped: clinical.parquet not found '
+          f'(run.json of {primary} names store {store!r})'
+        )
+        logging.warning('%s', notes[-1])
     else:
       split_of = predictions[primary].set_index('patient_id')['split']
-      predictions['tnm'] = tnm_predictions(pd.read_parquet(clinical_path), split_of)
+      predictions.update(baselines.baseline_predictions(store, split_of, names=wanted, notes=notes))
   if truth is not None:
-    primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
     predictions['oracle'] = oracle_predictions(
       pd.read_csv(truth, dtype={'patient_id': str}), predictions[primary]
     )
-  for note in notes:
-    logging.warning('%s', note)
   return evaluate_predictions(
     predictions, horizons=horizons, n_bootstrap=n_bootstrap, ci_method=ci_method, notes=notes
   )
@@ -517,7 +474,7 @@ def _ci(res: Mapping[str, Any], key: str, digits: int = 3) -> str:
 
 
 def comparison_table(ev: Evaluation) -> pd.DataFrame:
-  """The paper's table: rows MoEMIL, DLR, pathomics, TNM; AUC (95% CI), C-index and log-rank P per split."""
+  """The paper's table: one row per model and baseline; AUC (95% CI), C-index and log-rank P per split."""
   rows = []
   for name in ev.models:
     r = ev.results['per_model'][name]
