@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,6 @@ CV_FOLDS = 5
 LOGISTIC_CS = tuple(np.logspace(-4, 2, 13))
 COX_PENALIZERS = tuple(np.logspace(1, -3, 9))
 WSI_COMPONENTS = 32
-RADIOMICS_CORR_THRESHOLD = 0.9  # as the moemil config's data.radiomics_corr_threshold
 # What a fit may raise on data it cannot use (lifelines' ConvergenceError and numpy's
 # LinAlgError are ValueErrors); anything else is a bug and propagates.
 _UNFITTABLE = (evaluation.EvaluationError, store_lib.StoreError, ValueError)
@@ -385,16 +384,25 @@ def radiomics_matrix(
   train: np.ndarray,
   response: np.ndarray,
   *,
-  corr_threshold: float = RADIOMICS_CORR_THRESHOLD,
+  data_config: Mapping[str, Any] | None = None,
   seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(x, has): the deep model's radiomics preprocessing, fitted on training patients, without
-  the LASSO so the penalised model does its own shrinkage; rows without radiomics are 0."""
+  """(x, has): the deep model's radiomics preprocessing (its `data` config: correlation
+  filter, transform, missing-value rule), fitted on training patients, without the LASSO so
+  the penalised model does its own shrinkage; rows without radiomics are 0."""
   has = wide.notna().any(axis=1).to_numpy()
   if wide.shape[1] == 0 or not has.any():
     raise BaselineSkipped('the store has no radiomics')
+  dc = dict(data_config or {})
   sel = data_lib.fit_radiomics(
-    wide, train, response, corr_threshold=corr_threshold, lasso=False, seed=seed
+    wide,
+    train,
+    response,
+    corr_threshold=dc.get('radiomics_corr_threshold', 0.9),
+    transform=dc.get('radiomics_transform', 'zscore'),
+    min_present=dc.get('radiomics_min_present', 0.5),
+    lasso=False,
+    seed=seed,
   )
   if not sel.columns:
     raise BaselineSkipped('no usable radiomics column on the training patients')
@@ -460,14 +468,15 @@ def baseline_predictions(
   *,
   names: Sequence[str] = ALL_BASELINES,
   notes: list[str] | None = None,
-  corr_threshold: float = RADIOMICS_CORR_THRESHOLD,
+  data_config: Mapping[str, Any] | None = None,
   seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
   """{name: predictions} for each baseline in `names` that could be fitted.
 
   `split_of`: patient_id -> split, from the primary model's predictions (so every row of the
   comparison uses the same patients in the same splits). A baseline that cannot be fitted is
-  left out and a line saying why is logged and appended to `notes`.
+  left out and a line saying why is logged and appended to `notes`. `data_config`: the
+  primary model's `config.data` (run.json), so radiomics are preprocessed as that model's were.
   """
   from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
@@ -479,7 +488,7 @@ def baseline_predictions(
   split_of.index = split_of.index.astype(str)
   # Hundreds of small solves: one BLAS thread each is faster, and far faster on a busy machine.
   with threadpool_limits(limits=1):
-    return _baseline_predictions(Path(store_dir), split_of, names, notes, corr_threshold, seed)
+    return _baseline_predictions(Path(store_dir), split_of, names, notes, data_config, seed)
 
 
 def _baseline_predictions(
@@ -487,7 +496,7 @@ def _baseline_predictions(
   split_of: pd.Series,
   names: Sequence[str],
   notes: list[str],
-  corr_threshold: float,
+  data_config: Mapping[str, Any] | None,
   seed: int,
 ) -> dict[str, pd.DataFrame]:
   """baseline_predictions without the thread limit; the store is read once for all baselines."""
@@ -532,7 +541,7 @@ def _baseline_predictions(
       if name == 'radiomics_linear':
         # Same rows and response as training: the whole store, training patients by split.
         x, has = radiomics_matrix(
-          cohort.radiomics, train_all, cohort.response, corr_threshold=corr_threshold, seed=seed
+          cohort.radiomics, train_all, cohort.response, data_config=data_config, seed=seed
         )
         x, has = x[rows], has[rows]
       else:

@@ -36,6 +36,7 @@ MODEL_ORDER = (
   'tnm_ebv',
   'radiomics_linear',
   'wsi_meanpool',
+  'ceiling',
   'oracle',
 )
 DISPLAY_NAMES = {
@@ -46,6 +47,7 @@ DISPLAY_NAMES = {
   'tnm_ebv': 'TNM + EBV DNA',
   'radiomics_linear': 'Radiomics (L2 logistic / Cox)',
   'wsi_meanpool': 'WSI mean-pool (L2 logistic / Cox)',
+  'ceiling': 'Ceiling (what the views allow)',
   'oracle': 'Oracle (truth)',
 }
 PRIMARY_MODEL = 'moemil'
@@ -170,27 +172,33 @@ def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame
   return baselines.tnm_predictions(clinical, split_of)
 
 
-def oracle_predictions(truth: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+def oracle_predictions(
+  truth: pd.DataFrame, reference: pd.DataFrame, *, ceiling: bool = False
+) -> pd.DataFrame:
   """The synthetic cohort's ground truth as a model: the ceiling no model can beat.
 
   `truth` is a synthetic cohort's truth.csv (patient_id, response_prob, log_hazard);
   `reference` is another model's predictions, whose splits and outcomes are reused.
+  ceiling: use the posterior-mean columns instead (`ceiling_response_prob`,
+  `ceiling_log_hazard`): the best prediction the image views allow.
   """
-  missing = {'patient_id', 'response_prob', 'log_hazard'} - set(truth.columns)
+  prefix = 'ceiling_' if ceiling else ''
+  prob_col, hazard_col = f'{prefix}response_prob', f'{prefix}log_hazard'
+  missing = {'patient_id', prob_col, hazard_col} - set(truth.columns)
   if missing:
     raise EvaluationError(f'truth.csv: missing columns {sorted(missing)}')
   truth = truth.assign(patient_id=truth['patient_id'].astype(str)).set_index('patient_id')
   absent = reference.loc[~reference['patient_id'].isin(truth.index), 'patient_id']
   if len(absent):
     raise EvaluationError(f'truth.csv has no row for {_names(absent)}')
-  prob = truth.loc[reference['patient_id'], 'response_prob'].to_numpy(float)
-  out = reference.copy()
-  out['model'] = 'oracle'
+  prob = truth.loc[reference['patient_id'], prob_col].to_numpy(float)
+  out = reference.loc[:, list(PREDICTION_COLUMNS)].copy()
+  out['model'] = 'ceiling' if ceiling else 'oracle'
   out['response_prob'] = prob
   # truth.csv keeps 6 decimals, so a strongly determined cohort has probabilities of 0 or 1.
   clipped = np.clip(prob, 1e-7, 1 - 1e-7)
   out['response_logit'] = np.log(clipped) - np.log1p(-clipped)
-  out['log_risk'] = truth.loc[reference['patient_id'], 'log_hazard'].to_numpy(float)
+  out['log_risk'] = truth.loc[reference['patient_id'], hazard_col].to_numpy(float)
   return check_predictions(out, 'truth.csv')
 
 
@@ -448,11 +456,17 @@ def evaluate(
         logging.warning('%s', notes[-1])
     else:
       split_of = predictions[primary].set_index('patient_id')['split']
-      predictions.update(baselines.baseline_predictions(store, split_of, names=wanted, notes=notes))
+      data_config = found[primary][1].get('config', {}).get('data')
+      predictions.update(
+        baselines.baseline_predictions(
+          store, split_of, names=wanted, notes=notes, data_config=data_config
+        )
+      )
   if truth is not None:
-    predictions['oracle'] = oracle_predictions(
-      pd.read_csv(truth, dtype={'patient_id': str}), predictions[primary]
-    )
+    truth_table = pd.read_csv(truth, dtype={'patient_id': str})
+    predictions['oracle'] = oracle_predictions(truth_table, predictions[primary])
+    if 'ceiling_response_prob' in truth_table.columns:  # older truth.csv files lack it
+      predictions['ceiling'] = oracle_predictions(truth_table, predictions[primary], ceiling=True)
   return evaluate_predictions(
     predictions, horizons=horizons, n_bootstrap=n_bootstrap, ci_method=ci_method, notes=notes
   )

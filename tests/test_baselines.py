@@ -104,7 +104,13 @@ def test_radiomics_logistic_matches_sklearn_and_finds_the_signal(fitted):
   df = out['radiomics_linear']
   train = split_of.loc[cohort.patient_id].eq('train').to_numpy()
   sel = data_lib.fit_radiomics(
-    cohort.radiomics, train, cohort.response, corr_threshold=0.9, lasso=False, seed=0
+    cohort.radiomics,
+    train,
+    cohort.response,
+    corr_threshold=0.9,
+    lasso=False,
+    seed=0,
+    transform='zscore',
   )
   x = sel.transform(cohort.radiomics).astype(np.float64)
   x[~cohort.has_radiomics] = 0.0
@@ -198,10 +204,11 @@ def test_evaluate_adds_the_baselines_to_the_comparison(fitted, tmp_path):
     'TNM + EBV DNA',
     'Radiomics (L2 logistic / Cox)',
     'WSI mean-pool (L2 logistic / Cox)',
+    'Ceiling (what the views allow)',
     'Oracle (truth)',
   ]
   assert not ev.results['notes']
-  assert set(ev.results['delong']['test']) == set(baselines.ALL_BASELINES) | {'oracle'}
+  assert set(ev.results['delong']['test']) == set(baselines.ALL_BASELINES) | {'oracle', 'ceiling'}
   for name in baselines.ALL_BASELINES:  # the same frames as baseline_predictions gives
     np.testing.assert_array_equal(ev.predictions[name]['log_risk'], out[name]['log_risk'])
   assert table.loc['Radiomics (L2 logistic / Cox)', 'AUC External test (95% CI)'] != 'n/a'
