@@ -21,4 +21,5 @@ def get_config():
   c.train.warmup_epochs = 1
   c.train.patience = 0
   c.train.log_every = 5
+  c.train.ensemble = 0  # one model: most tests check single-model training
   return c
