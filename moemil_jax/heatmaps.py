@@ -474,6 +474,38 @@ def _forward(model, inputs):
 _JIT_FORWARD = None
 
 
+def _ensemble_member(workdir: Path, config, device_data, *, member: int):
+  """One member of an ensemble workdir (moemil_jax/ensemble.py) as a model, and its epoch.
+
+  Members were built with the widest fold's radiomics width, so this fold's radiomics are
+  zero-padded to it, as in the sweep.
+  """
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from moemil_jax import train
+
+  path = (workdir / 'checkpoints' / 'ensemble').resolve()
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no ensemble checkpoint; is {workdir} a finished run?')
+  stacked = ocp.StandardCheckpointer().restore(path)
+  params = jax.tree.map(lambda x: np.asarray(x)[member], stacked)
+  have = int(device_data.radiomics.shape[1])
+  width = have
+  if 'radiomics' in params:
+    first_layer = next(iter(params['radiomics']['layers'].values()))
+    width = int(first_layer['kernel'].shape[0])
+  device_data.radiomics = jnp.pad(device_data.radiomics, ((0, 0), (0, width - have)))
+  model = train.build_model(config, width)
+  _, state, _ = nnx.split(model, nnx.Param, ...)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  info = json.loads((workdir / train.RUN_JSON).read_text())
+  return model, int(info['ensemble']['best_epoch'])
+
+
 def load_run(workdir: str | Path) -> TrainedRun:
   """Restores <workdir>/checkpoints/best with the config and store named in run.json."""
   import ml_collections
@@ -499,21 +531,26 @@ def load_run(workdir: str | Path) -> TrainedRun:
     fold=config.split.fold,
   )
   device_data = data_lib.prepare(cohort, config.data, seed=config.seed)
-  if list(device_data.radiomics_columns) != list(info.get('radiomics_columns', [])):
-    raise ValueError(
-      f'{store_dir}: radiomics selection differs from the one in {run_json}; '
-      'the store changed since training'
-    )
-  radiomics_dim = int(device_data.radiomics.shape[1])
-  model = train.build_model(config, radiomics_dim)
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  tx = train.make_optimizer(config.train, 1)
-  _, best = train.checkpoint_managers(workdir)
-  step = best.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{workdir}/checkpoints/best holds no checkpoint')
-  train.restore_checkpoint(best, step, params, tx.init(params))
-  nnx.update(model, params)
+  members = info.get('ensemble', {}).get('members')
+  if members:  # an ensemble: explain its first member (fold 0, the split assigned above)
+    model, step = _ensemble_member(workdir, config, device_data, member=0)
+    logging.info('%s is an ensemble of %d: explaining member %s', workdir, len(members), members[0])
+  else:
+    if list(device_data.radiomics_columns) != list(info.get('radiomics_columns', [])):
+      raise ValueError(
+        f'{store_dir}: radiomics selection differs from the one in {run_json}; '
+        'the store changed since training'
+      )
+    radiomics_dim = int(device_data.radiomics.shape[1])
+    model = train.build_model(config, radiomics_dim)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    tx = train.make_optimizer(config.train, 1)
+    _, best = train.checkpoint_managers(workdir)
+    step = best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{workdir}/checkpoints/best holds no checkpoint')
+    train.restore_checkpoint(best, step, params, tx.init(params))
+    nnx.update(model, params)
   mri_mean, mri_std = data_lib.masked_mean_std(
     cohort.mri_deep, cohort.split == 'train', cohort.mri_deep_count
   )

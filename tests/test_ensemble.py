@@ -90,3 +90,15 @@ def test_checkpoint_holds_every_member(run):
   restored = ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / 'ensemble').resolve())
   leaves = [np.asarray(x) for x in jax.tree.leaves(restored)]
   assert leaves and all(x.shape[0] == 3 for x in leaves)
+
+
+def test_explain_restores_the_first_member_exactly(run):
+  """launch.explain on an ensemble workdir explains member 0 with that member's own data."""
+  from moemil_jax import heatmaps
+
+  config, workdir, info = run
+  result = info['result']
+  trained = heatmaps.load_run(workdir)
+  for i in np.flatnonzero(trained.cohort.patch_count > 0)[:3]:
+    out = heatmaps._forward(trained.model, trained.patient_inputs(trained.cohort.patient_id[i]))
+    assert float(out['response_logit'][0]) == pytest.approx(result.logits[0, i], abs=1e-4)
