@@ -40,6 +40,7 @@ def _run(args: list[str], log: Path) -> None:
 def _one_cohort(out: Path, preset: str, seed: int) -> pd.DataFrame:
   from moemil_jax import evaluation
 
+  out.mkdir(parents=True, exist_ok=True)
   store = out / 'store'
   if not (store / 'STORE.json').exists():
     _run(
@@ -73,7 +74,7 @@ def _one_cohort(out: Path, preset: str, seed: int) -> pd.DataFrame:
     )
     (workdir / 'seconds.txt').write_text(f'{time.time() - t0:.0f}\n')
     logging.info('%s seed %d: %s trained in %.0fs', preset, seed, model, time.time() - t0)
-  ev = evaluation.evaluate(out / 'runs', truth=store / 'truth.csv', n_bootstrap=0)
+  ev = evaluation.evaluate(out / 'runs', truth=store / 'truth.csv', n_bootstrap=50)
   rows = []
   for name, res in ev.results['per_model'].items():
     rows.append(
@@ -103,9 +104,7 @@ def summary(table: pd.DataFrame) -> str:
     order = list(dict.fromkeys(part.model))
     for model in order:
       m = part[part.model == model]
-      cells = [
-        f'{m[k].mean():.3f} ({m[k].min():.3f}-{m[k].max():.3f})' for k in ('auc', 'cindex')
-      ]
+      cells = [f'{m[k].mean():.3f} ({m[k].min():.3f}-{m[k].max():.3f})' for k in ('auc', 'cindex')]
       lines.append(f'| {evaluation.display_name(model)} | {cells[0]} | {cells[1]} |')
   return '\n'.join(lines) + '\n'
 

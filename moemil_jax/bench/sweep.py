@@ -19,7 +19,7 @@ from absl import logging
 from moemil_jax import sweep as sweep_lib
 from moemil_jax import train
 from moemil_jax.bench import training
-from moemil_jax.configs import moemil
+from moemil_jax.configs import paper
 from moemil_jax.configs import test as test_config
 
 
@@ -30,7 +30,7 @@ def run(quick: bool = False, workdir: str | Path | None = None) -> dict[str, Any
   # Small bags: a sweep is many short trainings. Enough patients that every validation
   # fold holds both response classes (sweep's DeLong report needs two of each).
   regime = training.Regime('sweep', 60 if quick else 128, 48 if quick else 64, 400)
-  config = test_config.get_config() if quick else moemil.get_config()
+  config = test_config.get_config() if quick else paper.get_config()
   config.store = str(training.bench_store(workdir, regime))
   config.data.radiomics_lasso = False
   config.split.folds = 5

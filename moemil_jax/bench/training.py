@@ -30,7 +30,7 @@ from moemil_jax import data as data_lib
 from moemil_jax import torch_reference
 from moemil_jax import train as train_lib
 from moemil_jax.bench import timing
-from moemil_jax.configs import moemil
+from moemil_jax.configs import paper
 from moemil_jax.configs import test as test_config
 
 
@@ -92,7 +92,7 @@ class Setup:
 
 
 def setup(store_dir: Path, config=None) -> Setup:
-  config = config or moemil.get_config()
+  config = config or paper.get_config()
   config.store = str(store_dir)
   config.data.radiomics_lasso = False  # preprocessing is not what is timed
   cohort = data_lib.load_store(store_dir)
@@ -299,7 +299,7 @@ def run(
   setups = {}
   for regime in regimes(quick):
     # --quick is a smoke run: the tiny test model, so compiles and epochs take seconds.
-    config = test_config.get_config() if quick else moemil.get_config()
+    config = test_config.get_config() if quick else paper.get_config()
     setups[regime.name] = setup(bench_store(workdir, regime), config)
   if 'p1' in only:
     out['p1'] = p1(setups['paper_bags'], repeats=repeats)

@@ -1,0 +1,23 @@
+"""MoEMIL at the paper's widths, one model: for large cohorts, and what the benchmarks time.
+
+The default (configs/moemil.py) is sized for cohorts of a few hundred patients: a five-member
+fold ensemble of a narrower model (BUILD.md, "Training recipe"). This is the paper's model.
+"""
+
+from moemil_jax.configs import moemil
+
+
+def get_config():
+  c = moemil.get_config()
+  c.name = 'moemil'
+  c.model.wsi_dim = 512
+  c.model.attention_dim = 256
+  c.model.radiomics_dims = (128, 64)
+  c.model.mri_deep_dim = 256
+  c.model.expert_dim = 128
+  c.model.tower_dim = 64
+  c.train.epochs = 60
+  c.train.learning_rate = 3e-4
+  c.train.weight_decay = 0.01
+  c.train.ensemble = 0
+  return c
