@@ -29,7 +29,7 @@ def _run(args, tmp_path):
   env.pop('RANK', None)
   env.pop('WORLD_SIZE', None)
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode in (0, 1), f'{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}'
+  assert proc.returncode == 0, f'{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}'
   return proc
 
 
@@ -47,14 +47,14 @@ def _assert_same_table(a: Path, b: Path):
   assert ta.num_rows == tb.num_rows, a.name
   for name in ta.column_names:
     ca, cb = ta.column(name), tb.column(name)
-    if name == 'embedding':  # same weights, same patches; float16 round-off at most
+    if name == 'embedding':  # same weights, same patches; float16 round-off (~5e-4) at most
       from feature_store import store
 
       np.testing.assert_allclose(
         store.embeddings_from_column(ca).astype(np.float32),
         store.embeddings_from_column(cb).astype(np.float32),
-        rtol=1e-2,
-        atol=1e-2,
+        rtol=1e-3,
+        atol=1e-3,
         err_msg=a.name,
       )
     else:
@@ -68,7 +68,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
   from feature_store import synthetic_cohort
 
   manifest = synthetic_cohort.make_cohort(
-    tmp_path / 'cohort', patients=4, seed=0, slide_px=512, mri_px=48, mri_slices=6, progress=False
+    tmp_path / 'cohort', patients=4, seed=0, slide_px=1024, mri_px=48, mri_slices=6, progress=False
   )
   one, two = tmp_path / 'one', tmp_path / 'two'
   _run(

@@ -103,7 +103,12 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   ref = _model()
   out, out32 = model(_inputs()), ref(_inputs())
-  np.testing.assert_allclose(np.asarray(out['log_risk']), np.asarray(out32['log_risk']), atol=0.1)
+  for key in ('log_risk', 'response_logit'):
+    low, full = np.asarray(out[key]), np.asarray(out32[key])
+    # bf16 keeps ~3 significant digits: measured 2% of the spread between patients; a
+    # tolerance of 10% of that spread (not of the values) still fails if bf16 reorders them.
+    assert np.abs(low - full).max() < 0.1 * np.ptp(full), key
+    assert (np.argsort(low) == np.argsort(full)).all(), key
 
 
 def test_bad_modality_rejected():
