@@ -284,6 +284,9 @@ def fit_radiomics(
   seed: int = 0,
   transform: str = 'zscore',
   min_present: float = 0.5,
+  top_k: int = 0,
+  os_months: np.ndarray | None = None,
+  os_event: np.ndarray | None = None,
 ) -> RadiomicsSelection:
   """Fitted on training patients with MRI only.
 
@@ -291,8 +294,11 @@ def fit_radiomics(
   sequence do not drop it for everyone) and not constant; transforms them ('zscore', or
   'quantile': a rank-based map to a normal distribution, robust to heavy tails, outliers and
   the very different scales of radiomics features); then an optional greedy correlation
-  filter and an optional L1 logistic regression on response. Sequences missing for some
-  training patients get a missingness indicator column.
+  filter; then `top_k` > 0 keeps the k columns with the strongest univariate association
+  with the outcomes (|AUC - 0.5| on response plus |C-index - 0.5| on OS when given: stable
+  under resampling and survival-aware), and/or an L1 logistic regression on response
+  (`lasso`; on ~200 patients its selection swings from 3 to 545 columns between folds).
+  Sequences missing for some training patients get a missingness indicator column.
   """
   rows = train & wide.notna().any(axis=1).to_numpy()
   x = wide[rows]
@@ -327,6 +333,9 @@ def fit_radiomics(
       if all(corr[j, i] <= corr_threshold for i in kept):
         kept.append(j)
     keep = np.array(kept)
+  if top_k and len(keep) > top_k:
+    survival = None if os_months is None else (os_months[rows], os_event[rows])
+    keep = _univariate_select(z, keep, response[rows], survival, top_k)
   if lasso:
     keep = _lasso_select(z, keep, response[rows], lasso_cs, seed)
   logging.info(
@@ -345,6 +354,30 @@ def fit_radiomics(
   return RadiomicsSelection(
     [cols[i] for i in keep], mean[keep], std[keep], sequences=sequences, quantile=quantile
   )
+
+
+def _univariate_select(z, keep, y, survival, top_k: int) -> np.ndarray:
+  """The top_k columns of `keep` by |AUC - 0.5| on response (+ |C-index - 0.5| on OS)."""
+  from scipy.stats import rankdata
+
+  score = np.zeros(len(keep))
+  labelled = ~np.isnan(y)
+  pos, neg = (y[labelled] == 1).sum(), (y[labelled] == 0).sum()
+  if pos and neg:  # Mann-Whitney AUC of every column at once
+    ranks = rankdata(z[labelled][:, keep], axis=0)
+    auc = (ranks[y[labelled] == 1].sum(0) - pos * (pos + 1) / 2) / (pos * neg)
+    score += np.abs(auc - 0.5)
+  if survival is not None:
+    t, e = survival
+    known = ~np.isnan(t)
+    if e[known].sum() > 0:
+      from moemil_jax import metrics
+
+      score += np.array(
+        [abs(metrics.cindex_or_nan(t[known], e[known], z[known, j]) - 0.5) for j in keep]
+      )
+  order = np.argsort(-score, kind='stable')[:top_k]
+  return keep[np.sort(order)]
 
 
 def _lasso_select(z, keep, y, lasso_cs: int, seed: int) -> np.ndarray:
@@ -526,6 +559,9 @@ def prepare(
     seed=seed,
     transform=data_config.get('radiomics_transform', 'zscore'),
     min_present=data_config.get('radiomics_min_present', 0.5),
+    top_k=data_config.get('radiomics_top_k', 0),
+    os_months=cohort.os_months,
+    os_event=cohort.os_event,
   )
   rad = (
     sel.transform(cohort.radiomics)

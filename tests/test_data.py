@@ -251,3 +251,29 @@ def test_harmonise_centers_standardises_within_each_center(store):
   assert not cohort.mri_deep[
     np.arange(cohort.mri_deep.shape[1])[None] >= cohort.mri_deep_count[:, None]
   ].any()
+
+
+def test_univariate_selection_is_survival_aware_stable_and_train_only():
+  rng = np.random.default_rng(1)
+  n = 200
+  latent = rng.normal(size=n)
+  y = (rng.random(n) < 1 / (1 + np.exp(-2 * latent))).astype(float)
+  e = (rng.random(n) < 0.7).astype(float)
+  other = rng.normal(size=n)  # drives OS only
+  t_os = rng.exponential(np.exp(-1.5 * other))
+  cols = {f't1:noise{i}': rng.normal(size=n) for i in range(40)}
+  cols['t1:response'] = latent + 0.5 * rng.normal(size=n)
+  cols['t2:survival'] = other + 0.5 * rng.normal(size=n)
+  wide = pd.DataFrame(cols)
+  train = np.arange(n) < 150
+  kw = dict(corr_threshold=0, lasso=False, top_k=2, transform='quantile')
+  sel = data.fit_radiomics(wide, train, y, os_months=t_os, os_event=e, **kw)
+  assert sorted(sel.columns) == ['t1:response', 't2:survival']  # the OS-only column too
+  # Without the survival outcome, only response counts.
+  assert 't1:response' in data.fit_radiomics(wide, train, y, **kw).columns
+  # Outcomes of non-training patients do not move the selection.
+  y2, t2 = y.copy(), t_os.copy()
+  y2[~train], t2[~train] = 1 - y2[~train], t2[~train][::-1]
+  again = data.fit_radiomics(wide, train, y2, os_months=t2, os_event=e, **kw)
+  assert again.columns == sel.columns
+  np.testing.assert_allclose(again.mean, sel.mean)

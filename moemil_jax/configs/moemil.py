@@ -23,10 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.radiomics_corr_threshold = 0.9  # drop one of each pair with |r| above; 0 = off
-  c.data.radiomics_lasso = True  # L1 logistic regression (CV) on response
+  c.data.radiomics_lasso = False  # L1 logistic regression (CV) on response; unstable at n ~ 200
   c.data.radiomics_lasso_cs = 10
   c.data.radiomics_transform = 'quantile'  # rank-based, robust to heavy tails; or 'zscore'
   c.data.radiomics_min_present = 0.5  # keep a column present for this share of patients
+  c.data.radiomics_top_k = 32  # keep the k columns most associated with the outcomes; 0 = all
   # Padded bag sizes (patches per patient): powers of two keep padding near a third while
   # compiling one step per size in use.
   c.data.bag_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)

@@ -8,6 +8,7 @@ def get_config():
   c.data.bag_buckets = (64, 128, 256)
   c.data.max_train_patches = 128
   c.data.radiomics_lasso = False
+  c.data.radiomics_top_k = 0  # the tiny test stores have few columns: keep them all
   c.model.wsi_dim = 64
   c.model.attention_dim = 32
   c.model.radiomics_dims = (32,)
