@@ -7,7 +7,11 @@ finite number and lands in bench.json and BENCH.md.
 import json
 import math
 
+import pytest
+
 from moemil_jax.bench import suite
+
+pytestmark = pytest.mark.slow  # the quick benchmark suite (about 4 minutes)
 
 EXPECTED = {
   'p1',

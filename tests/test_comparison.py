@@ -23,11 +23,14 @@ With wsi_signal=0 (nothing to fuse) MoEMIL fell behind DLR in AUC (0.692 vs 0.70
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from feature_store import synthetic, synthetic_store
 from moemil_jax import evaluation, metrics, train
 from moemil_jax.configs import dlr, moemil, pathomics
 from moemil_jax.configs import test as test_config
+
+pytestmark = pytest.mark.slow  # trains three models on a 1,000-patient store
 
 STORE_SEED = 0
 MARGIN = 0.01  # MoEMIL must lead each comparator by at least this, in AUC and in C-index

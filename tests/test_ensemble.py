@@ -11,6 +11,8 @@ from feature_store import synthetic, synthetic_store
 from moemil_jax import ensemble, metrics, sweep
 from moemil_jax.configs import test as test_config
 
+pytestmark = pytest.mark.slow  # trains a 3-member ensemble
+
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):

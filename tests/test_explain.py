@@ -12,6 +12,8 @@ from launch import explain
 from moemil_jax import train
 from moemil_jax.configs import test as test_config
 
+pytestmark = pytest.mark.slow  # trains a model, then ResNet50 heatmaps and Grad-CAM
+
 # Tiny on purpose: ResNet50 runs a few patches/s on this CPU (see tests/test_extract.py).
 CFG = extract.ExtractConfig(
   encoder_weights='random',

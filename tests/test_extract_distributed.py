@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow  # ResNet50 extraction under torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [

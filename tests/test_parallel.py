@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # trains on 8 simulated devices and two processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(r"""

@@ -66,6 +66,7 @@ def test_misspelled_config_key_is_rejected_by_name(tiny_store, tmp_path):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.slow  # trains, is killed, resumes
 def test_sigkill_during_training_then_resume_completes(tiny_store, tmp_path):
   latest = tmp_path / 'checkpoints' / 'latest'
   proc = subprocess.Popen(

@@ -10,6 +10,8 @@ from feature_store import synthetic, synthetic_store
 from moemil_jax import sweep
 from moemil_jax.configs import test as test_config
 
+pytestmark = pytest.mark.slow  # trains 8 models, vmapped and sequential
+
 MEMBERS = [
   sweep.Member(0, 0, 3e-3),
   sweep.Member(1, 0, 3e-3),
