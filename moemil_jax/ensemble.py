@@ -59,7 +59,9 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cohort = sweep.load(config)
-  members = sweep.grid(folds=range(k), seeds=(int(config.seed),))
+  members = sweep.grid(
+    folds=range(k), seeds=(int(config.seed),), learning_rates=(config.train.learning_rate,)
+  )
   logging.info('ensemble of %d members (one per development fold), model %s', k, config.name)
   result = sweep.train_sweep(config, cohort, members, select_epoch=True)
 

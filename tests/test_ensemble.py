@@ -40,6 +40,7 @@ def test_prediction_is_the_mean_of_the_members(run):
   result = info['result']
   frame = pd.read_parquet(workdir / 'predictions.parquet')
   assert len(result.members) == 3 and result.logits.shape == (3, len(frame))
+  assert {m.learning_rate for m in result.members} == {config.train.learning_rate}
   np.testing.assert_allclose(frame.response_logit, result.logits.mean(0), rtol=1e-6, atol=1e-6)
   medians = [np.median(result.log_risk[k, result.splits[k] == 'train']) for k in range(3)]
   mean_risk = (result.log_risk - np.array(medians)[:, None]).mean(0)

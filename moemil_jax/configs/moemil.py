@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16
   c.train.epochs = 30
-  c.train.learning_rate = 1e-3
+  c.train.learning_rate = 3e-4
   c.train.weight_decay = 0.05
   c.train.warmup_epochs = 3
   c.train.grad_clip = 1.0
