@@ -20,6 +20,7 @@ predictions.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +78,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
 
   ckpt = ocp.StandardCheckpointer()
   path = (workdir / 'checkpoints' / 'ensemble').resolve()
-  if path.exists():
-    import shutil
-
+  if path.exists():  # a rerun replaces the previous members
     shutil.rmtree(path)
   ckpt.save(path, nnx.to_pure_dict(result.params))
   ckpt.wait_until_finished()
