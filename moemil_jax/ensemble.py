@@ -45,11 +45,6 @@ def ensemble_config(config: ml_collections.ConfigDict, k: int) -> ml_collections
   return config
 
 
-def member_mean(logits: np.ndarray, risks: np.ndarray, splits: np.ndarray):
-  """The ensemble's prediction: mean logit and mean median-centred log-risk over members."""
-  return logits.mean(0), sweep.centred_log_risk(risks, splits).mean(0)
-
-
 def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains config.train.ensemble members and writes predictions, run.json and parameters.
 
@@ -66,7 +61,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   logging.info('ensemble of %d members (one per development fold), model %s', k, config.name)
   result = sweep.train_sweep(config, cohort, members, select_epoch=True)
 
-  logit, risk = member_mean(result.logits, result.log_risk, result.splits)
+  logit, risk = sweep.member_mean(result.logits, result.log_risk, result.splits)
   cohort.split = np.where(cohort.center == config.split.test_center, 'test', 'train')
   gates = np.full((cohort.num_patients, 2, config.model.num_experts), np.nan)
   frame = train.predictions_frame(config.name, cohort, logit, risk, gates)

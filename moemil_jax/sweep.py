@@ -476,6 +476,11 @@ def centred_log_risk(risks: np.ndarray, splits: np.ndarray) -> np.ndarray:
   return risks - np.array(medians)[:, None]
 
 
+def member_mean(logits: np.ndarray, risks: np.ndarray, splits: np.ndarray):
+  """The ensemble's prediction: mean logit and mean median-centred log-risk over members."""
+  return logits.mean(0), centred_log_risk(risks, splits).mean(0)
+
+
 def out_of_fold(values: np.ndarray, splits: np.ndarray) -> np.ndarray:
   """(P,) each patient's value from the member(s) validating on it; NaN for the others."""
   val = splits == 'val'
@@ -515,7 +520,7 @@ def _report(config, cohort, members, logits, risks, splits):
 
   # Ensemble: mean logit; log-risks centred on each member's training median first (the Cox
   # likelihood fixes a member's log-risk only up to a constant).
-  ens_logit, ens_risk = logits.mean(0), centred_log_risk(risks, splits).mean(0)
+  ens_logit, ens_risk = member_mean(logits, risks, splits)
   test = cohort.center == config.split.test_center
   oof = out_of_fold(logits, splits)
   has_oof = ~np.isnan(oof)
