@@ -34,8 +34,7 @@ from absl import logging
 from scipy.special import expit
 
 from feature_store import store as store_lib
-from moemil_jax import data as data_lib
-from moemil_jax import evaluation, metrics
+from moemil_jax import evaluation, metrics, preprocess, store_reader
 
 BASELINES = ('tnm', 'tnm_ebv', 'radiomics_linear', 'wsi_meanpool')
 ALL_BASELINES = BASELINES
@@ -394,7 +393,7 @@ def radiomics_matrix(
   if wide.shape[1] == 0 or not has.any():
     raise BaselineSkipped('the store has no radiomics')
   dc = dict(data_config or {})
-  sel = data_lib.fit_radiomics(
+  sel = preprocess.fit_radiomics(
     wide,
     train,
     response,
@@ -524,7 +523,7 @@ def _baseline_predictions(
   try:
     # Validates STORE.json and the clinical table, reads radiomics; the bags are read slide by
     # slide below, so none is read here.
-    cohort = data_lib.load_store(root, bags_to_read=lambda c: np.zeros(len(c), bool))
+    cohort = store_reader.load_store(root, bags_to_read=lambda c: np.zeros(len(c), bool))
   except _UNFITTABLE as e:
     for name in rest:
       skip(name, f'{root} is not a readable feature store ({e})')

@@ -404,7 +404,7 @@ class TrainedRun:
     """Model inputs (batch of 1, whole bag, same gather as training) for one patient."""
     import jax.numpy as jnp
 
-    from moemil_jax import data as data_lib
+    from moemil_jax import batching
 
     i = self.patient_index(patient_id)
     counts = (
@@ -412,15 +412,8 @@ class TrainedRun:
       if 'wsi' in self.config.model.modalities
       else np.zeros_like(self.cohort.patch_count)
     )
-    batch = data_lib.eval_batches(
-      np.array([i]),
-      counts,
-      data_lib.bag_layout(self.cohort.patch_count),
-      batch_size=1,
-      buckets=self.config.data.bag_buckets,
-      max_patches=0,
-    )[0]
-    inputs, _ = data_lib.gather_inputs(
+    batch = batching.patient_batch(i, counts[i], batching.bag_layout(self.cohort.patch_count))
+    inputs, _ = batching.gather_inputs(
       self.device_data.tree(), batch.tree(), jnp.dtype(self.config.model.compute_dtype)
     )
     return inputs
@@ -511,8 +504,8 @@ def load_run(workdir: str | Path) -> TrainedRun:
   import ml_collections
   from flax import nnx
 
-  from moemil_jax import data as data_lib
-  from moemil_jax import train
+  from moemil_jax import device_data as device_data_lib
+  from moemil_jax import preprocess, splits, store_reader, train
 
   workdir = Path(workdir)
   run_json = workdir / train.RUN_JSON
@@ -521,8 +514,8 @@ def load_run(workdir: str | Path) -> TrainedRun:
   info = json.loads(run_json.read_text())
   config = ml_collections.ConfigDict(info['config'])
   store_dir = Path(info['store'])
-  cohort = data_lib.load_store(store_dir)
-  cohort.split = data_lib.assign_splits(
+  cohort = store_reader.load_store(store_dir)
+  cohort.split = splits.assign_splits(
     cohort,
     test_center=config.split.test_center,
     val_fraction=config.split.val_fraction,
@@ -530,7 +523,7 @@ def load_run(workdir: str | Path) -> TrainedRun:
     folds=config.split.folds,
     fold=config.split.fold,
   )
-  device_data = data_lib.prepare(cohort, config.data, seed=config.seed)
+  device_data = device_data_lib.prepare(cohort, config.data, seed=config.seed)
   members = info.get('ensemble', {}).get('members')
   if members:  # an ensemble: explain its first member (fold 0, the split assigned above)
     model, step = _ensemble_member(workdir, config, device_data, member=0)
@@ -551,7 +544,7 @@ def load_run(workdir: str | Path) -> TrainedRun:
       raise FileNotFoundError(f'{workdir}/checkpoints/best holds no checkpoint')
     train.restore_checkpoint(best, step, params, tx.init(params))
     nnx.update(model, params)
-  mri_mean, mri_std = data_lib.masked_mean_std(
+  mri_mean, mri_std = preprocess.masked_mean_std(
     cohort.mri_deep, cohort.split == 'train', cohort.mri_deep_count
   )
   rows = []

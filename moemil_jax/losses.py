@@ -99,9 +99,21 @@ def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.sum(losses * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def _rank_in_segment(scores: jax.Array, segment: jax.Array, rows: int):
+  """(C,) rank of each slot's score within its segment (0 = highest) and (C,) the size of
+  its segment; one sort by (segment, -score)."""
+  c = scores.shape[0]
+  slot = jnp.arange(c)
+  seg_sorted, _, order = jax.lax.sort((segment, -scores, slot), num_keys=2)
+  size = jnp.bincount(segment, length=rows + 1)
+  start = jnp.cumsum(size) - size
+  rank = jnp.zeros(c, jnp.int32).at[order].set(slot - start[seg_sorted])
+  return rank, size[segment]
+
+
 def instance_clustering(
   scores: jax.Array,
-  valid: jax.Array,
+  segment: jax.Array,
   instance_logits: jax.Array,
   label: jax.Array,
   label_mask: jax.Array,
@@ -109,53 +121,54 @@ def instance_clustering(
   k: int = 8,
   subtyping: bool = False,
 ) -> jax.Array:
-  """CLAM instance clustering loss, vectorised over a padded batch of bags.
+  """CLAM instance clustering loss over packed bags.
 
-  For each bag with a label c, the k most attended real patches are pseudo-positive and
-  the k least attended pseudo-negative for class c's instance classifier (with
-  `subtyping`, the top-k are also negatives for the other classes). k shrinks to
-  floor(n/2) for a bag of n < 2k patches, so top and bottom never overlap; padded patches
-  are never picked. Cross-entropy, averaged over the picked instances of the batch.
+  For each bag with a label c, the k most attended patches are pseudo-positive and the k
+  least attended pseudo-negative for class c's instance classifier (with `subtyping`, the
+  top-k are also negatives for the other classes). k shrinks to floor(n/2) for a bag of
+  n < 2k patches, so top and bottom never overlap; empty slots are never picked.
+  Cross-entropy, averaged over the picked instances of the batch.
 
   Args:
-    scores: (B, N) raw attention scores.
-    valid: (B, N) bool, real patches.
-    instance_logits: (B, N, C, 2) per-patch logits of each class's instance classifier.
-    label: (B,) int bag label in [0, C).
-    label_mask: (B,) bool, bags with a label.
+    scores: (G, C) raw attention scores of the patch slots.
+    segment: (G, C) the slot's patient row within its group, in [0, R]; R = empty slot.
+    instance_logits: (G, C, K, 2) per-slot logits of each class's instance classifier.
+    label: (G*R,) int bag label in [0, K).
+    label_mask: (G*R,) bool, bags with a label.
   """
-  b, n = scores.shape
-  num_classes = instance_logits.shape[2]
-  k = min(k, n)
-  scores = scores.astype(jnp.float32)
-  valid = jnp.asarray(valid, bool)
-  n_valid = jnp.sum(valid, axis=1)
-  k_eff = jnp.minimum(k, n_valid // 2)  # (B,)
-  neg = _very_negative(jnp.float32)
-  _, top_idx = jax.lax.top_k(jnp.where(valid, scores, neg), k)
-  _, bot_idx = jax.lax.top_k(jnp.where(valid, -scores, neg), k)
-  pick_ok = (jnp.arange(k)[None, :] < k_eff[:, None]) & jnp.asarray(label_mask, bool)[:, None]
+  groups = segment.shape[0]
+  rows = label.shape[0] // groups
+  num_classes = instance_logits.shape[-2]
+  scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
+  rank, size = jax.vmap(_rank_in_segment, (0, 0, None))(scores, segment, rows)
+  k_eff = jnp.minimum(k, size // 2)
+  valid = segment < rows
+  top = valid & (rank < k_eff)
+  bottom = valid & (rank >= size - k_eff)
 
+  def per_slot(x, fill):  # (G*R,) patient values -> (G, C) slot values
+    x = jnp.asarray(x).reshape(groups, rows)
+    return jnp.take_along_axis(
+      jnp.concatenate([x, jnp.full((groups, 1), fill, x.dtype)], 1), segment, axis=1
+    )
+
+  label = per_slot(jnp.clip(jnp.asarray(label, jnp.int32), 0, num_classes - 1), 0)
+  labelled = per_slot(jnp.asarray(label_mask, bool), False)
   logits = instance_logits.astype(jnp.float32)
-  label = jnp.clip(jnp.asarray(label, jnp.int32), 0, num_classes - 1)
+  in_cls = jax.nn.one_hot(label, num_classes, dtype=bool)  # (G, C, K)
 
-  def gather(idx):  # (B, k) -> (B, k, C, 2)
-    return jnp.take_along_axis(logits, idx[:, :, None, None], axis=1)
+  def ce(target):  # (G, C, K)
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.full(logits.shape[:-1], target)
+    )
 
-  top, bot = gather(top_idx), gather(bot_idx)
-  in_cls = jax.nn.one_hot(label, num_classes, dtype=bool)  # (B, C)
-
-  def ce(lg, target):  # lg (B, k, C, 2) -> (B, k, C)
-    return optax.softmax_cross_entropy_with_integer_labels(lg, jnp.full(lg.shape[:-1], target))
-
-  ce_top_pos, ce_bot_neg, ce_top_neg = ce(top, 1), ce(bot, 0), ce(top, 0)
-  w = pick_ok.astype(jnp.float32)[:, :, None]  # (B, k, 1)
-  in_w = w * in_cls[:, None, :]
-  total = jnp.sum((ce_top_pos + ce_bot_neg) * in_w)
-  count = 2.0 * jnp.sum(in_w)
+  top_w = (top & labelled)[..., None].astype(jnp.float32)
+  bot_w = (bottom & labelled)[..., None].astype(jnp.float32)
+  total = jnp.sum(ce(1) * top_w * in_cls) + jnp.sum(ce(0) * bot_w * in_cls)
+  count = jnp.sum(top_w * in_cls) + jnp.sum(bot_w * in_cls)
   if subtyping:
-    out_w = w * (~in_cls)[:, None, :]
-    total = total + jnp.sum(ce_top_neg * out_w)
+    out_w = top_w * ~in_cls
+    total = total + jnp.sum(ce(0) * out_w)
     count = count + jnp.sum(out_w)
   return total / jnp.maximum(count, 1.0)
 
@@ -184,7 +197,7 @@ def total_loss(
   """Weighted sum of the task losses; returns (loss, per-term dict for logging).
 
   outputs: model outputs (response_logit, log_risk, gates, and for the WSI branch
-    attention_scores, patch_valid, instance_logits).
+    attention_scores, patch_segment, instance_logits).
   batch: response, has_response, os_months, os_event, has_survival, patient_mask.
   weights: response, survival, instance, gate_balance.
   """
@@ -205,7 +218,7 @@ def total_loss(
   if 'instance_logits' in outputs and weights.get('instance', 0.0):
     terms['instance'] = instance_clustering(
       outputs['attention_scores'],
-      outputs['patch_valid'],
+      outputs['patch_segment'],
       outputs['instance_logits'],
       batch['response'],
       has_resp,

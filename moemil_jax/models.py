@@ -1,7 +1,7 @@
 """MoEMIL in Flax NNX: gated-attention MIL (WSI) + MRI encoders -> MMoE -> response, log-risk.
 
-Every input is a padded array with a mask, so one jitted program serves a whole bucket of
-bag sizes. Modalities switched off in the config are never built, which is how the DLR
+Bags arrive packed (`batching`): per bag group, a flat axis of patch slots, each tagged
+with the row of its patient, so one jitted program serves every bag-size distribution. Modalities switched off in the config are never built, which is how the DLR
 (MRI only) and pathomics (WSI only) baselines are the same code.
 """
 
@@ -27,6 +27,20 @@ def masked_softmax(scores: jax.Array, valid: jax.Array) -> jax.Array:
   return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
 
 
+def segment_softmax(scores: jax.Array, segment: jax.Array, rows: int) -> jax.Array:
+  """Softmax of (C,) scores within each segment in [0, rows); slots of segment `rows`
+  (empty) get weight 0. Dense one-hot sums: deterministic and matmul-friendly."""
+  scores = scores.astype(jnp.float32)
+  member = segment[:, None] == jnp.arange(rows)[None]  # (C, rows)
+  m = jnp.max(jnp.where(member, scores[:, None], -jnp.inf), axis=0)  # (rows,)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  valid = segment < rows
+  shift = jnp.append(m, 0.0)[segment]
+  e = jnp.where(valid, jnp.exp(jnp.where(valid, scores - shift, 0.0)), 0.0)
+  denom = jnp.sum(jnp.where(member, e[:, None], 0.0), axis=0)  # (rows,)
+  return e / jnp.maximum(jnp.append(denom, 1.0)[segment], 1e-30)
+
+
 class GatedAttention(nnx.Module):
   """score = w^T (tanh(V h) * sigmoid(U h)) (Ilse et al. 2018; CLAM's Attn_Net_Gated).
 
@@ -44,10 +58,12 @@ class GatedAttention(nnx.Module):
 
 
 class WSIBranch(nnx.Module):
-  """CLAM single-branch: Linear+ReLU+dropout, gated attention over a patient's bag.
+  """CLAM single-branch: Linear+ReLU+dropout, gated attention over each patient's bag.
 
-  Returns the pooled vector and, for heatmaps and instance clustering, the raw attention
-  scores and per-class instance-classifier logits of every patch.
+  Works on packed bags: (G, C, D) patch slots whose `segment` (G, C) names the patient row
+  of the slot within its group (R rows per group; R marks an empty slot). Returns the pooled
+  (G*R, dim) vectors and, for heatmaps and instance clustering, the raw attention scores and
+  per-class instance-classifier logits of every slot.
   """
 
   def __init__(
@@ -67,16 +83,17 @@ class WSIBranch(nnx.Module):
     self.instance = nnx.Linear(dim, num_classes * 2, dtype=dtype, rngs=rngs)
     self.num_classes = num_classes
 
-  def __call__(self, patches, valid, *, rngs: nnx.Rngs | None):
+  def __call__(self, patches, segment, rows: int, *, rngs: nnx.Rngs | None):
     h = self.dropout(jax.nn.relu(self.fc(patches)), deterministic=rngs is None, rngs=rngs)
-    scores = self.attention(h).astype(jnp.float32)  # (B, N)
-    weights = masked_softmax(scores, valid)
-    pooled = jnp.einsum('bn,bnd->bd', weights.astype(h.dtype), h)
+    scores = self.attention(h).astype(jnp.float32)  # (G, C)
+    weights = jax.vmap(segment_softmax, (0, 0, None))(scores, segment, rows)
+    member = (segment[..., None] == jnp.arange(rows)).astype(h.dtype)  # (G, C, R)
+    pooled = jnp.einsum('gcr,gc,gcd->grd', member, weights.astype(h.dtype), h)
     inst = self.instance(h).reshape(*h.shape[:2], self.num_classes, 2)
-    return pooled, {
+    return pooled.reshape(-1, h.shape[-1]), {
       'attention_scores': scores,
       'attention': weights,
-      'patch_valid': valid,
+      'patch_segment': segment,
       'instance_logits': inst,
     }
 
@@ -243,13 +260,16 @@ class MoEMIL(nnx.Module):
     return jnp.where(jnp.any(kept, -1, keepdims=True), kept, present)
 
   def __call__(self, inputs: Mapping[str, jax.Array], *, rngs: nnx.Rngs | None = None):
-    """inputs: wsi (B,N,1024)+wsi_valid, radiomics (B,F), mri_deep (B,S,2048)+mri_deep_valid,
-    and has_<modality> (B,) bools. rngs=None means inference (no dropout)."""
+    """inputs: wsi (G,C,1024) packed patch slots + wsi_segment (G,C) (see WSIBranch; the
+    B = G*R patients are the rows of the other inputs), radiomics (B,F), mri_deep
+    (B,S,2048) + mri_deep_valid, and has_<modality> (B,) bools. rngs=None means inference
+    (no dropout)."""
     present = self._presence(inputs, rngs)
     parts, out = [], {}
     for i, m in enumerate(self.modalities):
       if m == 'wsi':
-        z, extra = self.wsi(inputs['wsi'], inputs['wsi_valid'], rngs=rngs)
+        rows = present.shape[0] // inputs['wsi'].shape[0]
+        z, extra = self.wsi(inputs['wsi'], inputs['wsi_segment'], rows, rngs=rngs)
         out.update(extra)
       elif m == 'radiomics':
         z = self.radiomics(inputs['radiomics'], rngs=rngs)

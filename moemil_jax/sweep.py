@@ -22,8 +22,7 @@ an optimiser built with peak rate 1 (the warmup-cosine schedule is linear in its
 What is vmapped: parameters, optimiser states, RNG keys, per-fold preprocessing (radiomics
 selection, patch and MRI statistics fitted on that fold's training patients) and each
 member's batches (its own training patients). Members whose epoch has fewer batches than
-the longest take masked no-op steps; each step's bags are padded to the largest bucket among
-the members. The K-fold schedule is therefore the same whether vmapped or sequential
+the longest take masked no-op steps; every step has the same packed shape (`batching`). The K-fold schedule is therefore the same whether vmapped or sequential
 (`vectorize=False`), and the two agree to round-off. Runs are fixed-length: no early
 stopping and no checkpoints (a sweep is for model selection; retrain the chosen setting
 with `launch.train`). Radiomics inputs are zero-padded to the widest fold's selection.
@@ -46,8 +45,7 @@ import pandas as pd
 from absl import logging
 from flax import nnx
 
-from moemil_jax import data as data_lib
-from moemil_jax import metrics, train
+from moemil_jax import batching, device_data, metrics, preprocess, splits, store_reader, train
 
 SHARED = (
   'patches',
@@ -90,11 +88,11 @@ def grid(
   return [Member(int(f), int(s), float(lr)) for f in folds for s in seeds for lr in learning_rates]
 
 
-def load(config) -> data_lib.Cohort:
+def load(config) -> store_reader.Cohort:
   if not config.store:
     raise ValueError('config.store is empty: pass --store or --config.store')
-  cohort = data_lib.load_store(config.store)
-  return data_lib.harmonise_centers(cohort) if config.data.harmonise_centers else cohort
+  cohort = store_reader.load_store(config.store)
+  return preprocess.harmonise_centers(cohort) if config.data.harmonise_centers else cohort
 
 
 @dataclasses.dataclass
@@ -126,7 +124,7 @@ def _splits(config, cohort, folds: Sequence[int]) -> dict[int, np.ndarray]:
         f'member fold {f}: config.split.folds={sc.folds} means one hold-out '
         'split (fold 0); set split.folds > 1 for k-fold'
       )
-    out[f] = data_lib.assign_splits(
+    out[f] = splits.assign_splits(
       cohort,
       test_center=sc.test_center,
       val_fraction=sc.val_fraction,
@@ -143,8 +141,8 @@ def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
   per_fold = {k: [] for k in PER_FOLD}
   for f, split in splits.items():
     c = dataclasses.replace(cohort, split=split)
-    d = data_lib.prepare(c, config.data, seed=config.seed, device=cpu)
-    mean, std = data_lib.masked_mean_std(cohort.mri_deep, split == 'train', cohort.mri_deep_count)
+    d = device_data.prepare(c, config.data, seed=config.seed, device=cpu)
+    mean, std = preprocess.masked_mean_std(cohort.mri_deep, split == 'train', cohort.mri_deep_count)
     per_fold['patch_mean'].append(np.asarray(d.patch_mean))
     per_fold['patch_inv_std'].append(np.asarray(d.patch_inv_std))
     per_fold['radiomics'].append(np.asarray(d.radiomics))
@@ -171,8 +169,8 @@ def _member_data(shared, per_fold, fold_index):
 
 
 def _inputs(data, batch, dtype, mesh=None):
-  """data_lib.gather_inputs, with deep MRI features z-scored by the member's own fold."""
-  inputs, targets = data_lib.gather_inputs(data, batch, dtype, mesh)
+  """batching.gather_inputs, with deep MRI features z-scored by the member's own fold."""
+  inputs, targets = batching.gather_inputs(data, batch, dtype, mesh)
   raw = data['mri_deep'][batch['patient']]
   z = (raw - data['deep_mean']) * data['deep_inv_std']
   inputs['mri_deep'] = (z * inputs['mri_deep_valid'][..., None]).astype(dtype)
@@ -182,48 +180,40 @@ def _inputs(data, batch, dtype, mesh=None):
 # --------------------------------------------------------------------------- batches
 
 
-def _pad_batch(b: data_lib.Batch, n: int, pad_row: int) -> dict[str, np.ndarray]:
-  t = b.tree()
-  extra = n - t['patch_index'].shape[1]
-  if extra:
-    t['patch_index'] = np.pad(t['patch_index'], ((0, 0), (0, extra)), constant_values=pad_row)
-    t['patch_valid'] = np.pad(t['patch_valid'], ((0, 0), (0, extra)))
-  return t
+def _epoch_plan(config, members, splits, epoch, layout, patch_counts, packing, events):
+  """Per step: stacked (K, ...) batches and the (K,) mask of members with a real batch.
 
-
-def _epoch_plan(config, members, splits, epoch, layout, patch_counts):
-  """Per step: stacked (K, ...) batches and the (K,) mask of members with a real batch."""
-  tc, dc = config.train, config.data
-  per_member = []
-  for m in members:
-    ids = np.flatnonzero(splits[m.fold] == 'train')
-    per_member.append(
-      data_lib.train_batches(
-        ids,
-        patch_counts,
-        layout,
-        batch_size=tc.batch_size,
-        buckets=dc.bag_buckets,
-        max_patches=dc.max_train_patches,
-        rng=np.random.default_rng([m.seed, epoch]),
-      )
+  Every member's steps have the same packed shape, so members never pad to each other;
+  one whose epoch has fewer steps gets empty (fully masked) steps at the end.
+  """
+  per_member = [
+    batching.train_batches(
+      np.flatnonzero(splits[m.fold] == 'train'),
+      patch_counts,
+      layout,
+      packing,
+      rng=np.random.default_rng([m.seed, epoch]),
+      events=events,
+      min_events_per_batch=int(config.train.get('min_events_per_batch', 0)),
     )
-  steps = max(len(b) for b in per_member)
-  pad_row = layout.pad_row(0)  # the sweep runs on one device: one bag group
+    for m in members
+  ]
+  empty = _empty_batch(layout, packing)
   plan = []
-  for i in range(steps):
-    here = [b[i] if i < len(b) else None for b in per_member]
-    n = max(b.patch_index.shape[1] for b in here if b is not None)
-    empty = data_lib.Batch(
-      np.zeros(tc.batch_size, np.int32),
-      np.zeros(tc.batch_size, bool),
-      np.full((tc.batch_size, n), pad_row, np.int32),
-      np.zeros((tc.batch_size, n), bool),
-    )
-    trees = [_pad_batch(b if b is not None else empty, n, pad_row) for b in here]
-    stacked = {k: np.stack([t[k] for t in trees]) for k in trees[0]}
-    plan.append((stacked, np.array([b is not None for b in here])))
+  for i in range(max(len(b) for b in per_member)):
+    here = [b[i] if i < len(b) else empty for b in per_member]
+    stacked = {k: np.stack([h.tree()[k] for h in here]) for k in here[0].tree()}
+    plan.append((stacked, np.array([i < len(b) for b in per_member])))
   return plan
+
+
+def _empty_batch(layout: batching.BagLayout, packing: batching.Packing) -> batching.Batch:
+  return batching.Batch(
+    np.zeros(packing.rows, np.int32),
+    np.zeros(packing.rows, bool),
+    np.full((1, packing.capacity), layout.pad_row(0), np.int32),
+    np.full((1, packing.capacity), packing.rows, np.int32),
+  )
 
 
 # --------------------------------------------------------------------------- steps
@@ -288,7 +278,7 @@ def _take(tree, k):
 
 def train_sweep(
   config: ml_collections.ConfigDict,
-  cohort: data_lib.Cohort,
+  cohort: store_reader.Cohort,
   members: Sequence[Member],
   *,
   vectorize: bool = True,
@@ -314,11 +304,19 @@ def train_sweep(
       raise ValueError(f'{config.store}: fold {f} has no training patients')
   fold_index = np.array([folds.index(m.fold) for m in members], np.int32)
   shared, per_fold, radiomics_dim = _fold_data(config, cohort, splits)
-  layout = data_lib.bag_layout(cohort.patch_count)
+  layout = batching.bag_layout(cohort.patch_count)
   patch_counts = (
     cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
   )
-  steps_per_epoch = max(math.ceil((s == 'train').sum() / tc.batch_size) for s in splits.values())
+  development = np.flatnonzero(cohort.center != config.split.test_center)
+  packing = batching.training_packing(
+    patch_counts[development], batch_size=tc.batch_size, max_patches=dc.max_train_patches
+  )
+  eval_packing = batching.evaluation_packing(patch_counts, packing, max_patches=dc.max_eval_patches)
+  events = (cohort.os_event == 1) & ~np.isnan(cohort.os_months)
+  steps_per_epoch = len(
+    _epoch_plan(config, members, splits, 0, layout, patch_counts, packing, events)
+  )
 
   inits = []
   for m in members:
@@ -342,14 +340,8 @@ def train_sweep(
     f'{steps_per_epoch} steps/epoch',
   )
 
-  eval_batches = data_lib.eval_batches(
-    np.arange(cohort.num_patients),
-    patch_counts,
-    layout,
-    batch_size=tc.batch_size,
-    buckets=dc.bag_buckets,
-    max_patches=dc.max_eval_patches,
-    seed=config.seed,
+  eval_batches = batching.eval_batches(
+    np.arange(cohort.num_patients), patch_counts, layout, eval_packing, seed=config.seed
   )
 
   def predict(params):
@@ -377,7 +369,7 @@ def train_sweep(
   base_keys = [jax.random.key(m.seed) for m in members]
   train_loss = np.zeros((len(members), tc.epochs))
   for epoch in range(tc.epochs):
-    plan = _epoch_plan(config, members, splits, epoch, layout, patch_counts)
+    plan = _epoch_plan(config, members, splits, epoch, layout, patch_counts, packing, events)
     keys = [
       [jax.random.fold_in(jax.random.fold_in(k, epoch), i) for k in base_keys]
       for i in range(len(plan))

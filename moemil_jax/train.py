@@ -8,6 +8,7 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -25,8 +26,8 @@ import pandas as pd
 from absl import logging
 from flax import nnx
 
-from moemil_jax import data as data_lib
-from moemil_jax import losses, metrics, models, parallel
+from moemil_jax import batching, losses, metrics, models, parallel, preprocess, splits, store_reader
+from moemil_jax import device_data as device_data_lib
 
 PREDICTIONS = 'predictions.parquet'
 RUN_JSON = 'run.json'
@@ -54,7 +55,7 @@ def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
   )
 
 
-def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=data_lib.gather_inputs):
+def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=batching.gather_inputs):
   """The training loss, (params, rest, data, batch, key) -> (loss, terms).
 
   Shared by training and sweeps (which pass their own per-fold `gather_inputs`).
@@ -96,7 +97,7 @@ def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
   @jax.jit
   def eval_step(params, rest, data, batch):
     model = nnx.merge(graphdef, params, rest)
-    inputs, _ = data_lib.gather_inputs(data, batch, dtype, mesh)
+    inputs, _ = batching.gather_inputs(data, batch, dtype, mesh)
     out = model(inputs, rngs=None)
     return parallel.constrain_replicated(
       {k: out[k] for k in ('response_logit', 'log_risk', 'gates')}, mesh
@@ -158,21 +159,123 @@ def restore_checkpoint(mgr, step, params, opt_state):
 # --------------------------------------------------------------------------- the run
 
 
+@dataclasses.dataclass
+class RunData:
+  """Everything the loop reads: the cohort, its device arrays and the fixed step shapes."""
+
+  cohort: store_reader.Cohort
+  device_data: device_data_lib.DeviceData
+  layout: batching.BagLayout
+  patch_counts: np.ndarray  # per patient; zeros for models without a WSI branch
+  train_ids: np.ndarray
+  val_ids: np.ndarray
+  events: np.ndarray  # (P,) bool, an observed OS event
+  train_packing: batching.Packing
+  eval_packing: batching.Packing
+  split_counts: dict[str, int]
+
+  def train_batches(self, config, epoch: int) -> list[batching.Batch]:
+    """The epoch's random batches, from (seed, epoch) alone (a resumed run sees the same)."""
+    return batching.train_batches(
+      self.train_ids,
+      self.patch_counts,
+      self.layout,
+      self.train_packing,
+      rng=np.random.default_rng([config.seed, epoch]),
+      events=self.events,
+      min_events_per_batch=int(config.train.get('min_events_per_batch', 0)),
+    )
+
+  def eval_batches(self, patients: np.ndarray, seed: int) -> list[batching.Batch]:
+    return batching.eval_batches(
+      patients, self.patch_counts, self.layout, self.eval_packing, seed=seed
+    )
+
+
+def load_data(config, mesh) -> RunData:
+  """Reads the store (each process only its devices' bags), splits, fits preprocessing on
+  the training patients and puts the arrays on the device; fixes the step shapes."""
+  store_dir = Path(config.store).resolve()
+  tc, dc = config.train, config.data
+  groups = parallel.bag_groups(config, mesh)
+  own_groups = parallel.local_groups(mesh, groups)
+  cohort = store_reader.load_store(
+    store_dir,
+    bags_to_read=None
+    if jax.process_count() == 1
+    else lambda counts: np.isin(batching.bag_layout(counts, groups).group, own_groups),
+  )
+  layout = batching.bag_layout(cohort.patch_count, groups)
+  if dc.harmonise_centers:
+    preprocess.harmonise_centers(cohort)
+  cohort.split = splits.assign_splits(
+    cohort,
+    test_center=config.split.test_center,
+    val_fraction=config.split.val_fraction,
+    seed=config.split.seed,
+    folds=config.split.folds,
+    fold=config.split.fold,
+  )
+  counts = {s: int((cohort.split == s).sum()) for s in splits.SPLITS}
+  logging.info('split: %s', counts)
+  if counts['train'] == 0:
+    raise ValueError(f'{store_dir}: no training patients (center != {config.split.test_center})')
+  data = device_data_lib.prepare(cohort, dc, seed=config.seed, layout=layout, mesh=mesh)
+  patch_counts = (
+    cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
+  )
+  train_ids = np.flatnonzero(cohort.split == 'train')
+  train_packing = batching.training_packing(
+    patch_counts[train_ids],
+    layout.group[train_ids],
+    batch_size=tc.batch_size,
+    groups=groups,
+    max_patches=dc.max_train_patches,
+  )
+  return RunData(
+    cohort=cohort,
+    device_data=data,
+    layout=layout,
+    patch_counts=patch_counts,
+    train_ids=train_ids,
+    val_ids=np.flatnonzero(cohort.split == 'val'),
+    events=(cohort.os_event == 1) & ~np.isnan(cohort.os_months),
+    train_packing=train_packing,
+    eval_packing=batching.evaluation_packing(
+      patch_counts, train_packing, max_patches=dc.max_eval_patches
+    ),
+    split_counts=counts,
+  )
+
+
 def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts, mesh=None):
-  logit = np.full(num_patients, np.nan)
-  risk = np.full(num_patients, np.nan)
-  gates = np.full((num_patients, len(models.TASKS), num_experts), np.nan)
+  """Dispatches every evaluation step; returns a function that fetches the predictions
+  (so the host can plan the next epoch while the device evaluates)."""
   data_tree = device_data.tree()
   outs = [
     (b, eval_step(params, rest, data_tree, parallel.shard_batch(b.tree(), mesh))) for b in batches
   ]
-  for b, out in outs:
-    out = jax.device_get(out)
-    rows, mask = b.patient[b.patient_mask], b.patient_mask
-    logit[rows] = out['response_logit'][mask]
-    risk[rows] = out['log_risk'][mask]
-    gates[rows] = out['gates'][mask]
-  return logit, risk, gates
+
+  def fetch():
+    logit = np.full(num_patients, np.nan)
+    risk = np.full(num_patients, np.nan)
+    gates = np.full((num_patients, len(models.TASKS), num_experts), np.nan)
+    for b, out in outs:
+      out = jax.device_get(out)
+      rows, mask = b.patient[b.patient_mask], b.patient_mask
+      logit[rows] = out['response_logit'][mask]
+      risk[rows] = out['log_risk'][mask]
+      gates[rows] = out['gates'][mask]
+    return logit, risk, gates
+
+  return fetch
+
+
+def _improved(meta: dict, metric: float) -> bool:
+  """The first epoch, then only a finite metric above the best (NaN never improves)."""
+  if meta['best_epoch'] is None:
+    return True
+  return math.isfinite(metric) and (meta['best_metric'] is None or metric > meta['best_metric'])
 
 
 def train_and_evaluate(
@@ -184,62 +287,47 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains, keeps best/latest checkpoints, writes predictions.parquet and run.json.
 
-  stop_after_epochs: end this call after that many epochs (as if the job were killed);
-  a later call with resume=True finishes the run.
+  stop_after_epochs: end this call after that many epochs (saving "latest", as a job told
+  to stop would); a later call with resume=True finishes the run.
   """
   from tensorboardX import SummaryWriter
 
+  # Setup: data, model, optimiser, checkpoints.
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not config.store:
     raise ValueError('config.store is empty: pass --store or --config.store')
-  store_dir = Path(config.store).resolve()
-  tc, dc = config.train, config.data
+  tc = config.train
   parallel.initialize_distributed(config)  # multi-host: before any other JAX call
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(tc.batch_size, mesh)
-
-  groups = parallel.bag_groups(config, mesh)
-  own_groups = parallel.local_groups(mesh, groups)
-  cohort = data_lib.load_store(  # with several processes, each reads its own devices' bags
-    store_dir,
-    bags_to_read=None
-    if jax.process_count() == 1
-    else lambda counts: np.isin(data_lib.bag_layout(counts, groups).group, own_groups),
-  )
-  layout = data_lib.bag_layout(cohort.patch_count, groups)
-  if dc.harmonise_centers:
-    data_lib.harmonise_centers(cohort)
-  cohort.split = data_lib.assign_splits(
-    cohort,
-    test_center=config.split.test_center,
-    val_fraction=config.split.val_fraction,
-    seed=config.split.seed,
-    folds=config.split.folds,
-    fold=config.split.fold,
-  )
-  counts = {s: int((cohort.split == s).sum()) for s in data_lib.SPLITS}
-  logging.info('split: %s', counts)
-  if counts['train'] == 0:
-    raise ValueError(f'{store_dir}: no training patients (center != {config.split.test_center})')
-  device_data = data_lib.prepare(cohort, dc, seed=config.seed, layout=layout, mesh=mesh)
+  rd = load_data(config, mesh)
+  cohort, device_data = rd.cohort, rd.device_data
   radiomics_dim = int(device_data.radiomics.shape[1])
-  patch_counts = (
-    cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
-  )
-  train_ids = np.flatnonzero(cohort.split == 'train')
-  val_ids = np.flatnonzero(cohort.split == 'val')
-  steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
+  first_plan = rd.train_batches(config, 0)
+  steps_per_epoch = len(first_plan)  # later epochs differ by a step or so: the schedule's unit
 
   config_json = json.dumps(config.to_dict(), sort_keys=True)
   tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch)
-  model = build_model(config, radiomics_dim)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
+  _, params, rest = nnx.split(build_model(config, radiomics_dim), nnx.Param, ...)
   opt_state = tx.init(params)
-  params, rest, opt_state = parallel.replicate((params, rest, opt_state), mesh)
+  # Committed to their devices, as restored checkpoints are: one compiled program for both.
+  params, rest, opt_state = (
+    parallel.replicate((params, rest, opt_state), mesh)
+    if mesh is not None
+    else jax.device_put((params, rest, opt_state), jax.devices()[0])
+  )
   n_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info(
-    'model %s: %d parameters, modalities %s', config.name, n_params, tuple(config.model.modalities)
+    'model %s: %d parameters, modalities %s; steps of %d patient and %d patch slots per '
+    'bag group (%d groups), about %d steps per epoch',
+    config.name,
+    n_params,
+    tuple(config.model.modalities),
+    rd.train_packing.rows,
+    rd.train_packing.capacity,
+    rd.layout.groups,
+    steps_per_epoch,
   )
 
   latest_mgr, best_mgr = checkpoint_managers(workdir)
@@ -261,38 +349,22 @@ def train_and_evaluate(
     raise FileExistsError(
       f'{workdir}/checkpoints already holds a run: pass --resume or use a fresh --workdir'
     )
+  every = max(int(tc.get('checkpoint_every', 10)), 1)
 
   writer = SummaryWriter(str(workdir / 'tensorboard')) if parallel.is_writer() else _NoWriter()
-  data_tree = device_data.tree()
-  val_batches = data_lib.eval_batches(
-    val_ids,
-    patch_counts,
-    layout,
-    batch_size=tc.batch_size,
-    buckets=dc.bag_buckets,
-    max_patches=dc.max_eval_patches,
-    seed=config.seed,
-  )
-  shapes = data_lib.batch_shapes(val_batches)
+  val_batches = rd.eval_batches(rd.val_ids, config.seed)
   base_key = jax.random.key(config.seed)
+  data_tree = device_data.tree()
   epochs_this_call = 0
+  slots = real = 0
   t0 = time.time()
+  plan = first_plan if meta['epoch'] == 0 else rd.train_batches(config, meta['epoch'])
   while not meta['done'] and meta['epoch'] < tc.epochs:
+    # One epoch: every step dispatched without waiting for the device.
     epoch = meta['epoch']
-    rng = np.random.default_rng([config.seed, epoch])
-    batches = data_lib.train_batches(
-      train_ids,
-      patch_counts,
-      layout,
-      batch_size=tc.batch_size,
-      buckets=dc.bag_buckets,
-      max_patches=dc.max_train_patches,
-      rng=rng,
-    )
-    shapes |= data_lib.batch_shapes(batches)
     epoch_key = jax.random.fold_in(base_key, epoch)
     step_metrics = []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(plan):
       params, opt_state, m = train_step(
         params,
         opt_state,
@@ -302,15 +374,13 @@ def train_and_evaluate(
         jax.random.fold_in(epoch_key, i),
       )
       step_metrics.append(m)
-      meta['step'] += 1
-      if meta['step'] % tc.log_every == 0:
-        for k, v in jax.device_get(m).items():
-          writer.add_scalar(f'train/{k}', float(v), meta['step'])
-    train_means = {
-      k: float(np.mean([float(x[k]) for x in jax.device_get(step_metrics)]))
-      for k in step_metrics[0]
-    }
-    logit, risk, _ = _predict(
+      slots += batch.patch_segment.size
+      real += batch.real_slots()
+    first_step = meta['step']
+    meta['step'] += len(plan)
+
+    # Evaluation: dispatched, then the next epoch is planned while the device works.
+    fetch = _predict(
       eval_step,
       params,
       rest,
@@ -320,6 +390,15 @@ def train_and_evaluate(
       config.model.num_experts,
       mesh,
     )
+    plan = rd.train_batches(config, epoch + 1) if epoch + 1 < tc.epochs else []
+    logit, risk, _ = fetch()  # the epoch's one host sync
+    step_metrics = jax.device_get(step_metrics)
+    for i, m in enumerate(step_metrics):
+      if (first_step + i + 1) % tc.log_every == 0:
+        for k, v in m.items():
+          writer.add_scalar(f'train/{k}', float(v), first_step + i + 1)
+    train_means = {k: float(np.mean([x[k] for x in step_metrics])) for k in step_metrics[0]}
+    val_ids = rd.val_ids
     auc = metrics.labelled_auc_or_nan(cohort.response[val_ids], logit[val_ids])
     cidx = metrics.cindex_or_nan(cohort.os_months[val_ids], cohort.os_event[val_ids], risk[val_ids])
     metric = validation_metric(tc.val_metric, auc, cidx)
@@ -337,11 +416,11 @@ def train_and_evaluate(
         'val_metric': _finite_or_none(metric),
       }
     )
-    improved = meta['best_metric'] is None or math.isnan(metric) or metric > meta['best_metric']
+
+    # Checkpoints: "best" on improvement, "latest" every few epochs and at the end.
+    improved = _improved(meta, metric)
     if improved:
-      meta.update(
-        best_metric=None if math.isnan(metric) else metric, best_epoch=meta['epoch'], bad_epochs=0
-      )
+      meta.update(best_metric=_finite_or_none(metric), best_epoch=meta['epoch'], bad_epochs=0)
       save_checkpoint(best_mgr, meta['epoch'], params, opt_state, meta)
     else:
       meta['bad_epochs'] += 1
@@ -360,9 +439,12 @@ def train_and_evaluate(
       ' *' if improved else '',
       time.time() - t0,
     )
-    save_checkpoint(latest_mgr, meta['epoch'], params, opt_state, meta)
     epochs_this_call += 1
-    if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+    stopping = stop_after_epochs is not None and epochs_this_call >= stop_after_epochs
+    last = meta['done'] or meta['epoch'] >= tc.epochs
+    if meta['epoch'] % every == 0 or last or stopping:
+      save_checkpoint(latest_mgr, meta['epoch'], params, opt_state, meta)
+    if stopping and not last:
       latest_mgr.wait_until_finished()
       best_mgr.wait_until_finished()
       writer.close()
@@ -370,38 +452,30 @@ def train_and_evaluate(
       return {'stopped_at_epoch': meta['epoch']}
   latest_mgr.wait_until_finished()
   best_mgr.wait_until_finished()
+  padding = 1.0 - real / max(slots, 1)
   logging.info(
-    '%d distinct batch shapes %s; train_step compiled %d times',
-    len(shapes),
-    sorted(shapes),
+    'train_step compiled %d times, eval_step %d times; %.1f%% of training patch slots empty',
     train_step._cache_size(),
+    eval_step._cache_size(),
+    100 * padding,
   )
 
   # Predictions with the best checkpoint, for every patient.
   params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
-  all_batches = data_lib.eval_batches(
-    np.arange(cohort.num_patients),
-    patch_counts,
-    layout,
-    batch_size=tc.batch_size,
-    buckets=dc.bag_buckets,
-    max_patches=dc.max_eval_patches,
-    seed=config.seed,
-  )
   logit, risk, gates = _predict(
     eval_step,
     params,
     rest,
     device_data,
-    all_batches,
+    rd.eval_batches(np.arange(cohort.num_patients), config.seed),
     cohort.num_patients,
     config.model.num_experts,
     mesh,
-  )
+  )()
   frame = predictions_frame(config.name, cohort, logit, risk, gates)
   run_info = {
     'model': config.name,
-    'store': str(store_dir),
+    'store': str(Path(config.store).resolve()),
     'seed': int(config.seed),
     'config': config.to_dict(),
     'best_step': int(best_meta['epoch']),
@@ -409,17 +483,24 @@ def train_and_evaluate(
     'val_metric': best_meta['best_metric'],
     'val_metric_name': tc.val_metric,
     'epochs_run': int(meta['epoch']),
-    'split_counts': counts,
-    'batch_shapes': len(shapes),
+    'split_counts': rd.split_counts,
+    'compiled': {'train_step': train_step._cache_size(), 'eval_step': eval_step._cache_size()},
+    'step_shape': {
+      'bag_groups': rd.layout.groups,
+      'patient_slots': rd.train_packing.rows,
+      'train_patch_slots': rd.train_packing.capacity,
+      'eval_patch_slots': rd.eval_packing.capacity,
+      'train_padding': padding if slots else None,
+    },
     'history': meta['history'],
     'radiomics_columns': device_data.radiomics_columns,
     'processes': jax.process_count(),
-    'bag_groups': groups,
+    'bag_groups': rd.layout.groups,
   }
   if parallel.is_writer():
     frame.to_parquet(workdir / PREDICTIONS, index=False)
     (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + '\n')
-  for split in data_lib.SPLITS:
+  for split in splits.SPLITS:
     ids = np.flatnonzero(cohort.split == split)
     writer.add_scalar(
       f'final/{split}_auc',
@@ -465,7 +546,7 @@ def _jsonable(x):
   return str(x)
 
 
-def predictions_frame(name, cohort: data_lib.Cohort, logit, risk, gates) -> pd.DataFrame:
+def predictions_frame(name, cohort: store_reader.Cohort, logit, risk, gates) -> pd.DataFrame:
   """One row per patient, columns as the evaluation contract asks (plus gate weights)."""
   frame = pd.DataFrame(
     {

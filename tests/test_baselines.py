@@ -13,8 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from feature_store import store as store_lib
 from feature_store import synthetic_store
-from moemil_jax import baselines, evaluation
-from moemil_jax import data as data_lib
+from moemil_jax import baselines, evaluation, preprocess, splits, store_reader
 
 # Seed 4: radiomics reach an external-test AUC of 0.80 (seeds 0-5 give 0.60-0.89 with 34 test
 # patients). Slides of 32 patches carry too little signal for mean pooling; nothing is asserted
@@ -32,8 +31,8 @@ def fitted(tmp_path_factory):
     seed=STORE_SEED,
     median_patches=32,
   )
-  cohort = data_lib.load_store(store)
-  split_of = pd.Series(data_lib.assign_splits(cohort), index=cohort.patient_id)
+  cohort = store_reader.load_store(store)
+  split_of = pd.Series(splits.assign_splits(cohort), index=cohort.patient_id)
   notes = []
   out = baselines.baseline_predictions(store, split_of, notes=notes)
   assert not notes
@@ -103,7 +102,7 @@ def test_radiomics_logistic_matches_sklearn_and_finds_the_signal(fitted):
   _, cohort, split_of, out = fitted
   df = out['radiomics_linear']
   train = split_of.loc[cohort.patient_id].eq('train').to_numpy()
-  sel = data_lib.fit_radiomics(
+  sel = preprocess.fit_radiomics(
     cohort.radiomics,
     train,
     cohort.response,

@@ -73,7 +73,6 @@ def _config(module, store):
       node[key[-1]] = value
   c.store = str(store)
   c.data.harmonise_centers = True
-  c.data.bag_buckets = (64,)  # one shape: one compilation per model
   c.data.max_train_patches = 64
   c.train.epochs = 20
   c.train.learning_rate = 1e-3

@@ -1,4 +1,6 @@
-"""Store reading, splits, train-only preprocessing and bucketed batches."""
+"""Store reading, splits, train-only preprocessing and the device arrays."""
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -7,7 +9,7 @@ import pytest
 
 from feature_store import store as store_lib
 from feature_store import synthetic_store
-from moemil_jax import data
+from moemil_jax import batching, device_data, preprocess, splits, store_reader
 from moemil_jax.configs import test as test_config
 
 
@@ -20,8 +22,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def cohort(store):
-  c = data.load_store(store)
-  c.split = data.assign_splits(c, val_fraction=0.25, seed=0)
+  c = store_reader.load_store(store)
+  c.split = splits.assign_splits(c, val_fraction=0.25, seed=0)
   return c
 
 
@@ -50,9 +52,9 @@ def test_splits_external_center_and_stratified(cohort):
     members = a & (cohort.response == label)
     n_val = (members & (cohort.split == 'val')).sum()
     assert n_val == round(0.25 * members.sum())
-  again = data.assign_splits(cohort, val_fraction=0.25, seed=0)
+  again = splits.assign_splits(cohort, val_fraction=0.25, seed=0)
   np.testing.assert_array_equal(again, cohort.split)
-  folds = [data.assign_splits(cohort, folds=3, fold=f) for f in range(3)]
+  folds = [splits.assign_splits(cohort, folds=3, fold=f) for f in range(3)]
   val_sets = [set(np.flatnonzero(f == 'val')) for f in folds]
   assert set().union(*val_sets) == set(np.flatnonzero(a))
   assert sum(len(v) for v in val_sets) == a.sum()
@@ -74,21 +76,21 @@ def test_radiomics_preprocessing_fitted_on_train_only():
   wide['t1:copy'] = wide['t1:signal'] * 5 + 1  # |r| = 1 with signal
   wide.loc[3, 't1:gaps'] = np.nan
   train = np.arange(n) < 40
-  sel = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=False)
+  sel = preprocess.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=False)
   # t1:gaps lacks one training value: kept (imputed, with a t1 missingness indicator).
   assert sel.columns == ['t1:signal', 't1:gaps', 't2:noise'] and sel.sequences == ['t1']
   np.testing.assert_allclose(sel.mean, wide.loc[train, sel.columns].mean())
   moved = wide.copy()
   moved.loc[~train, 't1:signal'] += 100  # validation values must not move the statistics
-  assert np.allclose(data.fit_radiomics(moved, train, y, lasso=False).mean, sel.mean)
-  lasso = data.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=True, lasso_cs=5)
+  assert np.allclose(preprocess.fit_radiomics(moved, train, y, lasso=False).mean, sel.mean)
+  lasso = preprocess.fit_radiomics(wide, train, y, corr_threshold=0.9, lasso=True, lasso_cs=5)
   assert 't1:signal' in lasso.columns
   z = sel.transform(wide)
   assert z.shape == (n, 4) and np.isfinite(z).all()
   assert z[3, 1] == 0.0 and not z[:, 3].any()  # a gap is imputed; t1 itself is never missing
   no_t2 = wide.copy()
   no_t2.loc[[5, 45], 't2:noise'] = np.nan  # two patients (one training) lack the t2 sequence
-  sel = data.fit_radiomics(no_t2, train, y, corr_threshold=0.9, lasso=False)
+  sel = preprocess.fit_radiomics(no_t2, train, y, corr_threshold=0.9, lasso=False)
   z = sel.transform(no_t2)
   assert 't2:noise' in sel.columns and sel.sequences == ['t1', 't2']
   np.testing.assert_array_equal(np.flatnonzero(z[:, -1]), [5, 45])
@@ -96,14 +98,17 @@ def test_radiomics_preprocessing_fitted_on_train_only():
 
 
 def test_prepare_normalises_with_train_statistics(cohort):
-  dev = data.prepare(cohort, test_config.get_config().data)
+  dev = device_data.prepare(cohort, test_config.get_config().data)
   train = cohort.split == 'train'
   rows = np.concatenate(
     [np.arange(o, o + c) for o, c in zip(cohort.patch_offset[train], cohort.patch_count[train])]
   )
   mean = cohort.patches[rows].astype(np.float64).mean(0)
+  std = cohort.patches[rows].astype(np.float64).std(0)
   np.testing.assert_allclose(np.asarray(dev.patch_mean), mean, rtol=1e-4, atol=1e-5)
-  assert dev.patches.shape[0] == cohort.patches.shape[0] + 1  # zero pad row
+  np.testing.assert_allclose(1 / np.asarray(dev.patch_inv_std), std, rtol=1e-4, atol=1e-5)
+  padded = np.asarray(dev.patches)[len(cohort.patches) :]
+  assert len(padded) >= 1 and not padded.any()  # zero rows after the bags
   deep = np.asarray(dev.mri_deep)
   has = (cohort.mri_deep_count > 0) & train
   vals = np.concatenate([deep[i, : cohort.mri_deep_count[i]] for i in np.flatnonzero(has)])
@@ -111,56 +116,18 @@ def test_prepare_normalises_with_train_statistics(cohort):
   assert not np.asarray(dev.has_radiomics)[cohort.mri_deep_count == 0].any()
 
 
-def test_bucketed_batches(cohort):
-  buckets = (32, 64, 128)
-  assert data.bucket_size(1, buckets) == 32 and data.bucket_size(129, buckets) == 256
-  pad = len(cohort.patches)
-  layout = data.bag_layout(cohort.patch_count)
-  assert layout.pad_row(0) == pad
-  np.testing.assert_array_equal(layout.offset, cohort.patch_offset)  # one group: store order
-  train_ids = np.flatnonzero(cohort.split == 'train')
-  batches = data.train_batches(
-    train_ids,
-    cohort.patch_count,
-    layout,
-    batch_size=4,
-    buckets=buckets,
-    max_patches=64,
-    rng=np.random.default_rng(0),
-  )
-  seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
-  assert sorted(seen) == sorted(train_ids)
-  assert data.batch_shapes(batches) <= {(4, 32), (4, 64)}
-  for b in batches:
-    for row, p in enumerate(b.patient):
-      if not b.patient_mask[row]:
-        assert not b.patch_valid[row].any()
-        continue
-      idx = b.patch_index[row][b.patch_valid[row]]
-      assert len(idx) == min(cohort.patch_count[p], 64)
-      assert len(set(idx)) == len(idx)
-      lo, hi = cohort.patch_offset[p], cohort.patch_offset[p] + cohort.patch_count[p]
-      assert ((idx >= lo) & (idx < hi)).all()
-      assert (b.patch_index[row][~b.patch_valid[row]] == pad).all()
-  full = data.eval_batches(
-    np.arange(cohort.num_patients), cohort.patch_count, layout, batch_size=8, buckets=buckets
-  )
-  for b in full:
-    np.testing.assert_array_equal(
-      b.patch_valid.sum(1)[b.patient_mask], cohort.patch_count[b.patient[b.patient_mask]]
-    )
-
-
-def test_bag_groups_layout_batches_and_device_array(cohort):
-  """Four groups: patients dealt evenly, each batch row reads only its group's block."""
-  groups, buckets = 4, (32, 64, 128)
-  layout = data.bag_layout(cohort.patch_count, groups)
+def test_bag_groups_layout_and_device_array(cohort):
+  """Four groups: patients dealt evenly, each bag in its group's block."""
+  groups = 4
+  layout = batching.bag_layout(cohort.patch_count, groups)
   sizes = np.bincount(layout.group, minlength=groups)
   assert sizes.max() - sizes.min() <= 1
   totals = np.bincount(layout.group, weights=cohort.patch_count, minlength=groups)
-  assert totals.max() + 1 == layout.rows
+  assert totals.max() + 1 <= layout.rows < totals.max() + 1 + 256 and layout.rows % 256 == 0
   assert totals.max() <= 1.5 * totals.mean()  # snake dealing keeps patch totals close
-  dev = np.asarray(data.prepare(cohort, test_config.get_config().data, layout=layout).patches)
+  dev = np.asarray(
+    device_data.prepare(cohort, test_config.get_config().data, layout=layout).patches
+  )
   assert dev.shape == (groups * layout.rows, cohort.patches.shape[1])
   for p in range(cohort.num_patients):  # every bag where the layout says, pad rows zero
     o, c = cohort.patch_offset[p], cohort.patch_count[p]
@@ -169,35 +136,11 @@ def test_bag_groups_layout_batches_and_device_array(cohort):
     )
   for g in range(groups):
     assert not dev[layout.pad_row(g)].any()
-  train_ids = np.flatnonzero(cohort.split == 'train')
-  batches = data.train_batches(
-    train_ids,
-    cohort.patch_count,
-    layout,
-    batch_size=8,
-    buckets=buckets,
-    max_patches=64,
-    rng=np.random.default_rng(0),
-  )
-  seen = np.concatenate([b.patient[b.patient_mask] for b in batches])
-  assert sorted(seen) == sorted(train_ids)
-  per_group_train = np.bincount(layout.group[train_ids], minlength=groups)
-  assert len(batches) == int(np.ceil(per_group_train / 2).max())
-  for b in batches:
-    for row in range(8):
-      g = row // 2
-      block = (g * layout.rows, (g + 1) * layout.rows)
-      assert ((b.patch_index[row] >= block[0]) & (b.patch_index[row] < block[1])).all()
-      if b.patient_mask[row]:
-        assert layout.group[b.patient[row]] == g
-      assert (b.patch_index[row][~b.patch_valid[row]] == layout.pad_row(g)).all()
-  with pytest.raises(ValueError, match='not divisible by 4 bag groups'):
-    data.eval_batches(train_ids, cohort.patch_count, layout, batch_size=6, buckets=buckets)
 
 
 def test_load_store_reads_only_the_bags_asked_for(store, cohort):
   want = np.arange(cohort.num_patients) % 3 == 0
-  part = data.load_store(store, bags_to_read=lambda counts: want)
+  part = store_reader.load_store(store, bags_to_read=lambda counts: want)
   assert part.bags_partitioned and not cohort.bags_partitioned
   np.testing.assert_array_equal(part.patch_count, cohort.patch_count)
   assert len(part.patches) == cohort.patch_count[want].sum()
@@ -207,10 +150,10 @@ def test_load_store_reads_only_the_bags_asked_for(store, cohort):
     np.testing.assert_array_equal(
       part.patches[o : o + c], cohort.patches[cohort.patch_offset[p] : cohort.patch_offset[p] + c]
     )
-  layout = data.bag_layout(part.patch_count, 3)
+  layout = batching.bag_layout(part.patch_count, 3)
   with pytest.raises(ValueError, match='bag not read'):
-    data.prepare(
-      data.dataclasses.replace(part, split=cohort.split),
+    device_data.prepare(
+      dataclasses.replace(part, split=cohort.split),
       test_config.get_config().data,
       layout=layout,
     )
@@ -225,12 +168,12 @@ def test_bad_clinical_names_the_file(store, tmp_path):
   table.loc[2, 'center'] = 'C'
   table.to_parquet(bad / 'clinical.parquet')
   with pytest.raises(store_lib.StoreError, match='clinical.parquet: row 2'):
-    data.load_store(bad)
+    store_reader.load_store(bad)
 
 
 def test_harmonise_centers_standardises_within_each_center(store):
-  cohort = data.harmonise_centers(data.load_store(store))
-  raw = data.load_store(store)
+  cohort = preprocess.harmonise_centers(store_reader.load_store(store))
+  raw = store_reader.load_store(store)
   assert set(cohort.center) == {'A', 'B'}
   for center in ('A', 'B'):
     rows = cohort.center == center
@@ -267,13 +210,13 @@ def test_univariate_selection_is_survival_aware_stable_and_train_only():
   wide = pd.DataFrame(cols)
   train = np.arange(n) < 150
   kw = dict(corr_threshold=0, lasso=False, top_k=2, transform='quantile')
-  sel = data.fit_radiomics(wide, train, y, os_months=t_os, os_event=e, **kw)
+  sel = preprocess.fit_radiomics(wide, train, y, os_months=t_os, os_event=e, **kw)
   assert sorted(sel.columns) == ['t1:response', 't2:survival']  # the OS-only column too
   # Without the survival outcome, only response counts.
-  assert 't1:response' in data.fit_radiomics(wide, train, y, **kw).columns
+  assert 't1:response' in preprocess.fit_radiomics(wide, train, y, **kw).columns
   # Outcomes of non-training patients do not move the selection.
   y2, t2 = y.copy(), t_os.copy()
   y2[~train], t2[~train] = 1 - y2[~train], t2[~train][::-1]
-  again = data.fit_radiomics(wide, train, y2, os_months=t2, os_event=e, **kw)
+  again = preprocess.fit_radiomics(wide, train, y2, os_months=t2, os_event=e, **kw)
   assert again.columns == sel.columns
   np.testing.assert_allclose(again.mean, sel.mean)

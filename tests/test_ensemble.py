@@ -29,7 +29,6 @@ def run(tmp_path_factory):
   c.store = str(store)
   c.train.epochs = 4
   c.train.ensemble = 3
-  c.data.bag_buckets = (64, 128)
   workdir = tmp_path_factory.mktemp('ensemble')
   info = ensemble.train_ensemble(c, workdir)
   return c, workdir, info

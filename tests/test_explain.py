@@ -49,7 +49,6 @@ def trained(tmp_path_factory):
   c = test_config.get_config()
   c.store = str(store_dir)
   c.train.epochs = 2
-  c.data.bag_buckets = (16,)
   workdir = out / 'runs' / 'moemil'
   train.train_and_evaluate(c, workdir)
   pid = next(r['patient_id'] for r in rows if r['slides'] and r['mri_mask'])

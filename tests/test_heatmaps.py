@@ -222,7 +222,6 @@ def trained(tmp_path_factory):
   c.train.learning_rate = 2e-3
   c.model.dropout = 0.0
   c.split.val_fraction = 0.4
-  c.data.bag_buckets = (128,)
   workdir = tmp_path_factory.mktemp('run')
   train.train_and_evaluate(c, workdir)
   return store, workdir

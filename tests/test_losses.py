@@ -178,22 +178,45 @@ def _instance_reference(scores, valid, inst_logits, label, k):
   return total / max(count, 1)
 
 
-def test_instance_clustering_small_and_padded_bags():
+def test_instance_clustering_small_and_packed_bags():
   rng = np.random.default_rng(2)
   b, n, k = 4, 20, 8
   scores = rng.normal(size=(b, n)).astype(np.float32)
   valid = np.zeros((b, n), bool)
   for i, cnt in enumerate([20, 11, 3, 1]):  # full, < 2k, tiny, single patch
     valid[i, :cnt] = True
-  scores[~valid] = 100.0  # padded patches must never be picked
   inst = rng.normal(size=(b, n, 2, 2)).astype(np.float32)
   label = np.array([1, 0, 1, 0])
-  fn = jax.jit(losses.instance_clustering, static_argnames=('k',))
-  got = fn(scores, valid, inst, label, np.ones(b, bool), k=k)
   want = _instance_reference(scores, valid, inst, label, k)
+  # Packed: the bags back to back in shuffled slots, then 9 empty slots that score highest
+  # (an empty slot must never be picked).
+  rows, cols = np.nonzero(valid)
+  slots = rng.permutation(len(rows))
+  c = len(rows) + 9
+  packed_scores = np.full((1, c), 100.0, np.float32)
+  segment = np.full((1, c), b, np.int32)
+  packed_inst = rng.normal(size=(1, c, 2, 2)).astype(np.float32)
+  packed_scores[0, slots] = scores[rows, cols]
+  segment[0, slots] = rows
+  packed_inst[0, slots] = inst[rows, cols]
+  fn = jax.jit(losses.instance_clustering, static_argnames=('k',))
+  got = fn(packed_scores, segment, packed_inst, label, np.ones(b, bool), k=k)
   assert float(got) == pytest.approx(want, rel=1e-5)
-  # Unlabelled bags and empty bags contribute nothing.
-  none = fn(scores, valid, inst, label, np.zeros(b, bool), k=k)
+  # Two groups of two patient rows give the same loss as one group of four.
+  g2 = np.full((2, c), 2, np.int32)
+  g2[0][segment[0] < 2] = segment[0][segment[0] < 2]
+  g2[1][(segment[0] >= 2) & (segment[0] < b)] = segment[0][(segment[0] >= 2) & (segment[0] < b)] - 2
+  got2 = fn(
+    np.tile(packed_scores, (2, 1)),
+    g2,
+    np.tile(packed_inst, (2, 1, 1, 1)),
+    label,
+    np.ones(b, bool),
+    k=k,
+  )
+  assert float(got2) == pytest.approx(want, rel=1e-5)
+  # Unlabelled bags contribute nothing.
+  none = fn(packed_scores, segment, packed_inst, label, np.zeros(b, bool), k=k)
   assert float(none) == 0.0
 
 

@@ -6,20 +6,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moemil_jax import models
+from moemil_jax import batching, models
 from moemil_jax.configs import dlr, pathomics
 from moemil_jax.configs import test as test_config
 
 F = 12  # radiomics features
 
 
-def _inputs(b=3, n=16, s=6, seed=0):
+def _inputs(b=3, s=6, seed=0, empty_slots=3):
+  """Three patients packed in one group: bags of 16, 5 and 0 patches, then empty slots."""
   rng = np.random.default_rng(seed)
   counts = np.array([16, 5, 0])[:b]
-  valid = np.arange(n)[None] < counts[:, None]
+  bags = [rng.random((c, 1024)).astype(np.float32) for c in counts]
+  packed = batching.pack_bags(bags, capacity=int(counts.sum()) + empty_slots)
   return {
-    'wsi': rng.random((b, n, 1024)).astype(np.float32),
-    'wsi_valid': valid,
+    **packed,
     'radiomics': rng.normal(size=(b, F)).astype(np.float32),
     'mri_deep': rng.random((b, s, 2048)).astype(np.float32),
     'mri_deep_valid': np.arange(s)[None] < np.array([6, 3, 6])[:b, None],
@@ -42,9 +43,12 @@ def test_forward_shapes_and_attention_over_real_patches_only():
   assert out['response_logit'].shape == (3,) and out['log_risk'].shape == (3,)
   assert out['gates'].shape == (3, 2, 4)
   np.testing.assert_allclose(np.asarray(out['gates']).sum(-1), 1.0, rtol=1e-5)
-  att = np.asarray(out['attention'])
-  np.testing.assert_allclose(att.sum(-1), [1.0, 1.0, 0.0], atol=1e-6)
-  assert np.all(att[~x['wsi_valid']] == 0.0)
+  att = np.asarray(out['attention'])[0]
+  segment = x['wsi_segment'][0]
+  np.testing.assert_allclose(
+    [att[segment == r].sum() for r in range(3)], [1.0, 1.0, 0.0], atol=1e-6
+  )
+  assert np.all(att[segment == 3] == 0.0)  # empty slots
   assert np.all(np.isfinite(np.asarray(out['response_logit'])))  # incl. patient without WSI
 
 
@@ -53,9 +57,10 @@ def test_padding_content_and_extra_padding_do_not_change_outputs():
   x = _inputs()
   base = model(x)
   y = dict(x)
-  y['wsi'] = np.where(x['wsi_valid'][..., None], x['wsi'], 1e3).astype(np.float32)
-  y['wsi'] = np.concatenate([y['wsi'], np.full((3, 16, 1024), 7.0, np.float32)], 1)
-  y['wsi_valid'] = np.concatenate([x['wsi_valid'], np.zeros((3, 16), bool)], 1)
+  empty = x['wsi_segment'] == 3
+  y['wsi'] = np.where(empty[..., None], 1e3, x['wsi']).astype(np.float32)
+  y['wsi'] = np.concatenate([y['wsi'], np.full((1, 16, 1024), 7.0, np.float32)], 1)
+  y['wsi_segment'] = np.concatenate([x['wsi_segment'], np.full((1, 16), 3, np.int32)], 1)
   y['mri_deep'] = np.where(x['mri_deep_valid'][..., None], x['mri_deep'], -5.0).astype(np.float32)
   other = model(y)
   for key in ('response_logit', 'log_risk'):

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np, ml_collections
     from flax import nnx
     from feature_store import synthetic_store
-    from moemil_jax import data as data_lib, losses, parallel, train
+    from moemil_jax import batching, device_data, losses, parallel, splits, store_reader, train
     from moemil_jax.configs import test as test_config
 
     out_dir = sys.argv[1]
@@ -38,25 +38,26 @@ CHILD = textwrap.dedent(r"""
         c = test_config.get_config()
         c.store = str(store)
         c.train.epochs = 3
-        c.data.bag_buckets = (128,)
         c.mesh = parallel.mesh_config()
         c.mesh.data = devices
         return c
 
     # ---------------------------------------------------------------- one step
-    cohort = data_lib.load_store(store)
-    cohort.split = data_lib.assign_splits(cohort, seed=0)
+    cohort = store_reader.load_store(store)
+    cohort.split = splits.assign_splits(cohort, seed=0)
     train_ids = np.flatnonzero(cohort.split == "train")
-    layout = data_lib.bag_layout(cohort.patch_count, 8)  # one device reads the same blocks
-    batch = data_lib.train_batches(train_ids, cohort.patch_count, layout,
-                                   batch_size=8, buckets=(128,), max_patches=128,
+    layout = batching.bag_layout(cohort.patch_count, 8)  # one device reads the same blocks
+    packing = batching.training_packing(cohort.patch_count[train_ids],
+                                        layout.group[train_ids], batch_size=8, groups=8,
+                                        max_patches=128)
+    batch = batching.train_batches(train_ids, cohort.patch_count, layout, packing,
                                    rng=np.random.default_rng(0))[0]
     key = jax.random.key(7)
     results = {}
     for devices in (0, 8):
         c = config(devices)
         mesh = parallel.mesh_from_config(c)
-        host_data = data_lib.prepare(cohort, c.data, seed=0, layout=layout, mesh=mesh)
+        host_data = device_data.prepare(cohort, c.data, seed=0, layout=layout, mesh=mesh)
         data = host_data.tree()
         if mesh is not None:  # each device holds only its own group's bags
             shards = data["patches"].addressable_shards
@@ -114,7 +115,6 @@ MULTI_PROCESS = textwrap.dedent(r"""
     c = test_config.get_config()
     c.store = out_dir + "/store"
     c.train.epochs = 3
-    c.data.bag_buckets = (128,)
     c.mesh = parallel.mesh_config()
     c.mesh.update(data=-1, distributed=True, coordinator=f"localhost:{port}", num_processes=2,
                   process_id=process_id)
@@ -212,9 +212,9 @@ def test_two_processes_match_one_process(single_process_runs):
     )
   _assert_same_predictions(out / 'run8', out / 'run_2x4')
 
-  from moemil_jax import data as data_lib
+  from moemil_jax import store_reader
 
-  counts = data_lib.load_store(out / 'store').patch_count
+  counts = store_reader.load_store(out / 'store').patch_count
   halves = [i['patches_read'] for i in infos]
   assert sum(halves) == counts.sum() and max(halves) < 0.6 * counts.sum(), halves
   events = list((out / 'run_2x4' / 'tensorboard').glob('events.out.tfevents.*'))

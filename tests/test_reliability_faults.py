@@ -54,7 +54,6 @@ def _train_args(store_dir, workdir, *extra):
     f'--store={store_dir}',
     f'--workdir={workdir}',
     '--config.train.epochs=4',
-    '--config.data.bag_buckets=(32,)',
     *extra,
   ]
 

@@ -61,7 +61,6 @@ def test_all_censored_one_class_and_missing_modalities_train(messy_store, tmp_pa
   config = test_config.get_config()
   config.store = str(root)
   config.train.epochs = 2
-  config.data.bag_buckets = (32,)
   with caplog.at_level(logging.INFO):
     info = train.train_and_evaluate(config, tmp_path)
   text = caplog.text

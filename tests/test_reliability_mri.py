@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from feature_store import encoders, extract, manifest, mri, store, synthetic_store
-from moemil_jax import data as data_lib
+from moemil_jax import device_data, splits, store_reader
 from moemil_jax.configs import test as test_config
 
 FAST_PARAMS = {
@@ -117,13 +117,13 @@ def test_training_data_with_a_missing_sequence(tmp_path):
     {},
   )
 
-  cohort = data_lib.load_store(root)
+  cohort = store_reader.load_store(root)
   rows = [int(np.flatnonzero(cohort.patient_id == p)[0]) for p in with_mri]
   assert list(cohort.mri_deep_count[rows]) == [4, 4, 4]  # t1 and t2, 2 slices each
   assert cohort.has_radiomics[rows].all()
   assert cohort.radiomics.iloc[rows].filter(like='t1c:').isna().all(axis=None)
-  cohort.split = data_lib.assign_splits(cohort)
-  device = data_lib.prepare(cohort, test_config.get_config().data)
+  cohort.split = splits.assign_splits(cohort)
+  device = device_data.prepare(cohort, test_config.get_config().data)
   for name, array in device.tree().items():
     if np.issubdtype(np.asarray(array).dtype, np.floating):
       assert np.isfinite(np.asarray(array, np.float32)).all(), name

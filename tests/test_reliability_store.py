@@ -12,7 +12,7 @@ import pytest
 
 from feature_store import extract, slides, store, synthetic_store
 from feature_store.synthetic_cohort import render_slide, write_pyramidal_tiff
-from moemil_jax import data as data_lib
+from moemil_jax import store_reader
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_reader_names_a_corrupt_slide_file(tiny_store, damage):
     data[-12:-8] = b'\xff\xff\xff\x7f'  # and a bogus footer length
     path.write_bytes(bytes(data))
   with pytest.raises(store.StoreError, match=f'{path.name}: unreadable Parquet'):
-    data_lib.load_store(tiny_store)
+    store_reader.load_store(tiny_store)
 
 
 def test_reader_refuses_a_wrong_embedding_width(tiny_store):
@@ -50,7 +50,7 @@ def test_reader_refuses_a_wrong_embedding_width(tiny_store):
   with pytest.raises(
     store.StoreError, match=f'{path.name}: embedding width 512, store expects 1024'
   ):
-    data_lib.load_store(tiny_store)
+    store_reader.load_store(tiny_store)
 
 
 def test_reader_refuses_a_slide_from_another_extraction(tiny_store):
@@ -72,7 +72,7 @@ def test_reader_refuses_a_slide_from_another_extraction(tiny_store):
       bag.embeddings,
       {**bag.metadata, 'fingerprint_sha256': 'a' * 64},
     )
-  data_lib.load_store(tiny_store)  # all consistent: loads
+  store_reader.load_store(tiny_store)  # all consistent: loads
   path = store.slide_files(tiny_store)[1]
   bag = store.read_slide(path)
   store.write_slide(
@@ -84,7 +84,7 @@ def test_reader_refuses_a_slide_from_another_extraction(tiny_store):
     {**bag.metadata, 'fingerprint_sha256': 'b' * 64},
   )
   with pytest.raises(store.StoreError, match=f'{path.name}: made with encoder fingerprint b+'):
-    data_lib.load_store(tiny_store)
+    store_reader.load_store(tiny_store)
 
 
 def test_extraction_names_a_corrupt_unit_and_repairs_it_with_overwrite(tmp_path):

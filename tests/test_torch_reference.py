@@ -5,7 +5,8 @@ import pytest
 import torch
 from flax import nnx
 
-from moemil_jax import losses, models, torch_reference
+from moemil_jax import batching, losses, models
+from moemil_jax.bench import torch_reference
 from moemil_jax.configs import moemil
 from moemil_jax.configs import test as test_config
 
@@ -44,6 +45,15 @@ def _cohort(b=5, n=48, s=6, seed=0):
   return inputs, targets
 
 
+def _packed(inputs):
+  """The JAX model's inputs: the same bags packed into one group, garbage in 5 empty slots."""
+  bags = [inputs['wsi'][i][inputs['wsi_valid'][i]] for i in range(len(inputs['wsi']))]
+  packed = batching.pack_bags(bags, capacity=sum(len(b) for b in bags) + 5)
+  packed['wsi'][packed['wsi_segment'] == len(bags)] = 1e3
+  rest = {k: v for k, v in inputs.items() if k not in ('wsi', 'wsi_valid')}
+  return {**rest, **packed}
+
+
 def _torch_patient(inputs, i):
   """Real patches and slices of patient i only, as a CLAM data loader yields them."""
   v, sv = inputs['wsi_valid'][i], inputs['mri_deep_valid'][i]
@@ -66,7 +76,8 @@ def _models(config):
 def test_forward_matches_torch_reference(config_module):
   flax_model, ref = _models(config_module.get_config())
   inputs, _ = _cohort()
-  out = flax_model(inputs)  # eval: rngs=None, no dropout
+  packed = _packed(inputs)
+  out = flax_model(packed)  # eval: rngs=None, no dropout
   with torch.no_grad():
     ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs['wsi']))]
   for key in ('response_logit', 'log_risk'):
@@ -76,17 +87,18 @@ def test_forward_matches_torch_reference(config_module):
   np.testing.assert_allclose(
     np.asarray(out['gates']), np.stack([o['gates'].numpy() for o in ref_out]), rtol=1e-5, atol=1e-5
   )
+  segment = packed['wsi_segment'][0]
   for i, o in enumerate(ref_out):
     n = int(inputs['wsi_valid'][i].sum())
     if n:
       np.testing.assert_allclose(
-        np.asarray(out['attention_scores'])[i, :n],
+        np.asarray(out['attention_scores'])[0, segment == i],
         o['attention_scores'].numpy(),
         rtol=1e-5,
         atol=1e-5,
       )
       np.testing.assert_allclose(
-        np.asarray(out['instance_logits'])[i, :n],
+        np.asarray(out['instance_logits'])[0, segment == i],
         o['instance_logits'].numpy(),
         rtol=1e-5,
         atol=1e-5,
@@ -98,7 +110,7 @@ def test_training_loss_matches_torch_reference(ties):
   """The reference's loss is the same function of the same outputs, so P2 times equal work."""
   flax_model, ref = _models(test_config.get_config())
   inputs, targets = _cohort()
-  jax_loss, _ = losses.total_loss(flax_model(inputs), targets, WEIGHTS, ties=ties, k=8)
+  jax_loss, _ = losses.total_loss(flax_model(_packed(inputs)), targets, WEIGHTS, ties=ties, k=8)
   ref_out = [ref(_torch_patient(inputs, i)) for i in range(len(inputs['wsi']))]
   ref_loss = torch_reference.total_loss(ref_out, targets, WEIGHTS, ties=ties, k=8)
   np.testing.assert_allclose(float(jax_loss), ref_loss.item(), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,6 @@ def _config(store):
   c = test_config.get_config()
   c.store = str(store)
   c.train.epochs = EPOCHS
-  c.data.bag_buckets = (128,)  # one shape: one compilation for the whole module
   return c
 
 
@@ -73,7 +72,7 @@ def test_predictions_and_run_json_contract(full_run, store):
   best = max(range(EPOCHS), key=lambda i: (run['history'][i]['val_metric'] or -1, -i))
   assert run['best_step'] == best + 1
   assert run['val_metric'] == pytest.approx(run['history'][best]['val_metric'])
-  assert run['batch_shapes'] == 1
+  assert run['compiled'] == {'train_step': 1, 'eval_step': 1}
 
 
 def test_checkpoints_best_and_latest(full_run):
@@ -114,3 +113,25 @@ def test_baseline_configs_use_only_their_modality():
       assert getattr(model, m) is not None
     for m in absent:
       assert getattr(model, m) is None
+
+
+def test_one_compiled_step_whatever_the_bag_sizes(tmp_path, caplog):
+  """Bags from 16 to 20,000 patches (lognormal): one training and one evaluation program."""
+  import logging
+
+  store = synthetic_store.make_store(
+    tmp_path / 'store', patients=24, seed=3, median_patches=150, bag_sigma=2.0
+  )
+  from moemil_jax import store_reader
+
+  counts = store_reader.load_store(store).patch_count
+  assert counts.min() <= 32 and counts.max() >= 15000  # the range the test is about
+  c = test_config.get_config()
+  c.store = str(store)
+  c.train.epochs = 2
+  c.train.batch_size = 4
+  with caplog.at_level(logging.INFO, logger='absl'):
+    info = train.train_and_evaluate(c, tmp_path / 'run')
+  assert info['compiled'] == {'train_step': 1, 'eval_step': 1}
+  assert 'train_step compiled 1 times' in caplog.text
+  assert info['step_shape']['eval_patch_slots'] >= counts.max()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from feature_store import store as store_lib
-from moemil_jax import data as data_lib
+from moemil_jax import store_reader
 
 
 def _all_files(store_dir: Path) -> list[Path]:
@@ -33,11 +33,11 @@ def raw_read(store_dir: Path) -> int:
 def run(store_dir: str | Path, *, repeats: int = 3) -> dict[str, Any]:
   store_dir = Path(store_dir)
   load_times, raw_times = [], []
-  cohort = data_lib.load_store(store_dir)  # warms the page cache
+  cohort = store_reader.load_store(store_dir)  # warms the page cache
   raw_read(store_dir)
   for _ in range(repeats):
     start = time.perf_counter()
-    cohort = data_lib.load_store(store_dir)
+    cohort = store_reader.load_store(store_dir)
     load_times.append(time.perf_counter() - start)
     start = time.perf_counter()
     decoded = raw_read(store_dir)

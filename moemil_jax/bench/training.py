@@ -2,7 +2,7 @@
 
 P1: FLOPs of one compiled training step (XLA's own cost analysis) per second of step time,
 as a fraction of a large matmul's FLOP/s measured in the same process and dtype.
-P2: epoch time of the PyTorch eager reference (`moemil_jax.torch_reference`, one bag per
+P2: epoch time of the PyTorch eager reference (`moemil_jax.bench.torch_reference`, one bag per
 forward as CLAM does, features in RAM, same thread count) divided by the epoch time of our
 jitted step, on the same patients, the same subsampled patches and the same loss. Two
 regimes: paper-like bags (lognormal, median ~2,000 patches, up to 20,000) and small bags.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from absl import logging
 
-from moemil_jax import data as data_lib
-from moemil_jax import torch_reference
+from moemil_jax import batching, store_reader
+from moemil_jax import device_data as device_data_lib
 from moemil_jax import train as train_lib
-from moemil_jax.bench import timing
+from moemil_jax.bench import timing, torch_reference
 from moemil_jax.configs import paper
 from moemil_jax.configs import test as test_config
 
@@ -73,20 +73,24 @@ class Setup:
   """Everything both implementations train from: one cohort, all patients in training."""
 
   config: Any
-  cohort: data_lib.Cohort
-  device_data: data_lib.DeviceData
+  cohort: store_reader.Cohort
+  device_data: device_data_lib.DeviceData
   train_ids: np.ndarray
   steps_per_epoch: int
 
-  def batches(self, epoch: int = 0) -> list[data_lib.Batch]:
-    dc = self.config.data
-    return data_lib.train_batches(
+  def packing(self) -> batching.Packing:
+    return batching.training_packing(
+      self.cohort.patch_count[self.train_ids],
+      batch_size=self.config.train.batch_size,
+      max_patches=self.config.data.max_train_patches,
+    )
+
+  def batches(self, epoch: int = 0) -> list[batching.Batch]:
+    return batching.train_batches(
       self.train_ids,
       self.cohort.patch_count,
-      data_lib.bag_layout(self.cohort.patch_count),
-      batch_size=self.config.train.batch_size,
-      buckets=dc.bag_buckets,
-      max_patches=dc.max_train_patches,
+      batching.bag_layout(self.cohort.patch_count),
+      self.packing(),
       rng=np.random.default_rng([self.config.seed, epoch]),
     )
 
@@ -95,9 +99,9 @@ def setup(store_dir: Path, config=None) -> Setup:
   config = config or paper.get_config()
   config.store = str(store_dir)
   config.data.radiomics_lasso = False  # preprocessing is not what is timed
-  cohort = data_lib.load_store(store_dir)
+  cohort = store_reader.load_store(store_dir)
   cohort.split = np.full(cohort.num_patients, 'train')
-  device_data = data_lib.prepare(cohort, config.data, seed=config.seed)
+  device_data = device_data_lib.prepare(cohort, config.data, seed=config.seed)
   train_ids = np.arange(cohort.num_patients)
   return Setup(
     config, cohort, device_data, train_ids, math.ceil(len(train_ids) / config.train.batch_size)
@@ -124,7 +128,7 @@ class JaxTrainer:
     self.data = s.device_data.tree()
     self.key = jax.random.key(s.config.seed)
 
-  def run_step(self, batch: data_lib.Batch, i: int = 0):
+  def run_step(self, batch: batching.Batch, i: int = 0):
     self.params, self.opt_state, m = self.step(
       self.params,
       self.opt_state,
@@ -143,7 +147,7 @@ class JaxTrainer:
     jax.block_until_ready((self.params, m))
     return time.perf_counter() - start
 
-  def step_flops(self, batch: data_lib.Batch) -> float:
+  def step_flops(self, batch: batching.Batch) -> float:
     compiled = self.step.lower(
       self.params, self.opt_state, self.rest, self.data, batch.tree(), self.key
     ).compile()
@@ -203,15 +207,12 @@ class TorchTrainer:
       'has_mri_deep': bool(self.mri_count[p] > 0),
     }
 
-  def run_step(self, batch: data_lib.Batch) -> float:
+  def run_step(self, batch: batching.Batch) -> float:
     c = self.s.config
-    rows = np.flatnonzero(batch.patient_mask)
-    pids = batch.patient[rows]
+    bags = list(batch.patient_rows())
+    pids = np.array([p for p, _ in bags])
     self.opt.zero_grad(set_to_none=True)
-    outs = [
-      self.model(self.patient(int(p), batch.patch_index[r][batch.patch_valid[r]]))
-      for r, p in zip(rows, pids)
-    ]
+    outs = [self.model(self.patient(p, rows)) for p, rows in bags]
     loss = torch_reference.total_loss(
       outs,
       {k: v[pids] for k, v in self.targets.items()},
@@ -240,9 +241,7 @@ def p2_regime(s: Setup, *, repeats: int) -> dict[str, Any]:
   torch.set_num_threads(os.cpu_count() or 1)
   jt, tt = JaxTrainer(s), TorchTrainer(s)
   batches = s.batches(0)
-  real = sum(int(b.patch_valid.sum()) for b in batches)
-  slots = sum(b.patch_valid.size for b in batches)
-  jax_first = jt.epoch(0)  # compiles every bucket shape of this epoch
+  jax_first = jt.epoch(0)  # compiles the one step shape
   torch_first = tt.epoch(0)
   jax_times, torch_times = [], []
   for _ in range(repeats):
@@ -254,8 +253,8 @@ def p2_regime(s: Setup, *, repeats: int) -> dict[str, Any]:
     'median_bag': float(np.median(s.cohort.patch_count)),
     'max_bag': int(s.cohort.patch_count.max()),
     'steps_per_epoch': len(batches),
-    'batch_shapes': sorted(list(map(list, data_lib.batch_shapes(batches)))),
-    'real_patch_fraction': real / max(slots, 1),
+    'step_shape': list(batches[0].patch_index.shape),
+    'real_patch_fraction': 1.0 - batching.padding_fraction(batches),
     'jax_epoch_s': jax_s,
     'torch_epoch_s': torch_s,
     'jax_first_epoch_s': jax_first,
@@ -267,17 +266,17 @@ def p2_regime(s: Setup, *, repeats: int) -> dict[str, Any]:
 
 
 def p1(s: Setup, *, repeats: int) -> dict[str, Any]:
-  """Compiled FLOPs of the largest-bucket step of an epoch / its time / matmul peak (float32)."""
+  """Compiled FLOPs of a training step / its time / matmul peak (float32)."""
   jt = JaxTrainer(s)
   batches = s.batches(0)
-  batch = max(batches, key=lambda b: b.patch_index.size)
+  batch = max(batches, key=lambda b: b.real_slots())
   flops = jt.step_flops(batch)
   step_s = timing.median_seconds(lambda: jt.run_step(batch), repeats=repeats, warmup=1)
   dtype = jnp.dtype(s.config.model.compute_dtype)
   peak = timing.matmul_peak_flops(dtype=dtype)
   return {
     'batch_shape': list(batch.patch_index.shape),
-    'real_patch_fraction': float(batch.patch_valid.mean()),
+    'real_patch_fraction': batch.real_slots() / batch.patch_segment.size,
     'step_flops': flops,
     'step_s': step_s,
     'achieved_flops_per_s': flops / step_s,

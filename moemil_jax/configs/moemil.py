@@ -28,11 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.radiomics_transform = 'quantile'  # rank-based, robust to heavy tails; or 'zscore'
   c.data.radiomics_min_present = 0.5  # keep a column present for this share of patients
   c.data.radiomics_top_k = 32  # keep the k columns most associated with the outcomes; 0 = all
-  # Padded bag sizes (patches per patient): powers of two keep padding near a third while
-  # compiling one step per size in use.
-  c.data.bag_buckets = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+  # Bags are packed into steps of one fixed shape (moemil_jax/batching.py).
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
-  c.data.max_eval_patches = 0  # 0 = whole bag (rounded up to a bucket)
+  c.data.max_eval_patches = 0  # 0 = whole bag
   c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
   # Patients dealt to groups, one per device of the data axis (0 = as many as devices; on one
   # device, N reproduces the batches of an N-device run).
@@ -73,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.patience = 15  # epochs without improvement before stopping; 0 = off
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10  # steps
+  # Random batches; > 0 spreads OS events so that every batch's Cox risk set has this many.
+  c.train.min_events_per_batch = 0
+  c.train.checkpoint_every = 10  # epochs between "latest" checkpoints (and the last epoch)
   # > 1: K members on K folds of the development center in one program, the epoch chosen
   # on their pooled out-of-fold score, predictions averaged (moemil_jax/ensemble.py).
   c.train.ensemble = 5

@@ -5,7 +5,6 @@ from moemil_jax.configs import moemil
 
 def get_config():
   c = moemil.get_config()
-  c.data.bag_buckets = (64, 128, 256)
   c.data.max_train_patches = 128
   c.data.radiomics_lasso = False
   c.data.radiomics_top_k = 0  # the tiny test stores have few columns: keep them all
@@ -22,5 +21,6 @@ def get_config():
   c.train.warmup_epochs = 1
   c.train.patience = 0
   c.train.log_every = 5
+  c.train.checkpoint_every = 1  # resume tests stop and kill runs between epochs
   c.train.ensemble = 0  # one model: most tests check single-model training
   return c

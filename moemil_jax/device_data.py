@@ -1,0 +1,198 @@
+"""The device-resident arrays of a run: preprocessed once, then only indexed by batches.
+
+`prepare` fits the preprocessing on the training patients (radiomics selection and
+scaling, deep MRI and patch statistics), and puts every array on the device once, the
+patches laid out by `batching.BagLayout` (with a mesh: one block per device of the data
+axis, each built by the process that owns the device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from moemil_jax import parallel, preprocess
+from moemil_jax.batching import BagLayout, bag_layout
+from moemil_jax.store_reader import Cohort
+
+
+@dataclasses.dataclass
+class DeviceData:
+  """Everything a step needs, resident on the device; batches only carry indices."""
+
+  patches: jax.Array  # (total + 1, 1024) float16; last row is a zero pad
+  patch_mean: jax.Array  # (1024,) float32
+  patch_inv_std: jax.Array  # (1024,) float32
+  radiomics: jax.Array  # (P, F) float32 (z-scored, 0 where missing)
+  has_radiomics: jax.Array  # (P,) bool
+  mri_deep: jax.Array  # (P, S, 2048) float32 (z-scored)
+  mri_deep_count: jax.Array  # (P,) int32
+  response: jax.Array  # (P,) float32 (0 where unknown)
+  has_response: jax.Array  # (P,) bool
+  os_months: jax.Array  # (P,) float32
+  os_event: jax.Array  # (P,) int32
+  has_survival: jax.Array  # (P,) bool
+  radiomics_columns: list[str]
+
+  def tree(self) -> dict[str, jax.Array]:
+    return {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if f.name != 'radiomics_columns'
+    }
+
+
+def _warn_degenerate_labels(cohort: Cohort, train: np.ndarray) -> None:
+  """Says when a training split cannot teach a task; training still runs (the loss is 0 or
+  one-sided) so that a multi-task model can learn the other task."""
+  events = int(cohort.os_event[train & ~np.isnan(cohort.os_months)].sum())
+  if events == 0:
+    logging.warning(
+      'training split: no OS events (%d patients, all censored or OS unknown); '
+      'the survival loss is 0 and the risk head is untrained',
+      int(train.sum()),
+    )
+  labels = cohort.response[train]
+  classes = np.unique(labels[~np.isnan(labels)]).astype(int).tolist()
+  if len(classes) < 2:
+    logging.warning(
+      'training split: IC response has %s (%d labelled patients); the response head '
+      'cannot learn to separate classes',
+      f'only class {classes}' if classes else 'no labels',
+      int((~np.isnan(labels)).sum()),
+    )
+
+
+def prepare(
+  cohort: Cohort,
+  data_config,
+  *,
+  seed: int = 0,
+  device=None,
+  layout: BagLayout | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> DeviceData:
+  """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device.
+
+  Without a mesh everything goes to `device`. With one, the per-patient arrays are
+  replicated and the patches are split in `layout.groups` blocks along the data axis, each
+  built by the process that owns its device from the bags that process read.
+  """
+  layout = layout or bag_layout(cohort.patch_count)
+  if cohort.split is None:
+    raise ValueError('prepare() needs cohort.split; call assign_splits first')
+  train = cohort.split == 'train'
+  _warn_degenerate_labels(cohort, train)
+  sel = preprocess.fit_radiomics(
+    cohort.radiomics,
+    train,
+    cohort.response,
+    corr_threshold=data_config.radiomics_corr_threshold,
+    lasso=data_config.radiomics_lasso,
+    lasso_cs=data_config.radiomics_lasso_cs,
+    seed=seed,
+    transform=data_config.get('radiomics_transform', 'zscore'),
+    min_present=data_config.get('radiomics_min_present', 0.5),
+    top_k=data_config.get('radiomics_top_k', 0),
+    os_months=cohort.os_months,
+    os_event=cohort.os_event,
+  )
+  rad = (
+    sel.transform(cohort.radiomics)
+    if len(cohort.radiomics.columns)
+    else np.zeros((cohort.num_patients, 1), np.float32)
+  )
+  has_rad = cohort.has_radiomics & (len(sel.columns) > 0)
+  rad[~has_rad] = 0.0
+
+  d_mean, d_std = preprocess.masked_mean_std(cohort.mri_deep, train, cohort.mri_deep_count)
+  deep = ((cohort.mri_deep - d_mean) / d_std).astype(np.float32)
+  deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
+
+  surv = ~np.isnan(cohort.os_months)
+  patches = _device_patches(cohort, layout, device, mesh)
+  weights = _device_rows(layout, lambda g: _train_rows(cohort, layout, train, g), device, mesh)
+  p_mean, p_inv_std = _patch_statistics(patches, weights)
+  if mesh is not None:
+    device = parallel.replicated(mesh)
+
+  def put(x):
+    return jax.device_put(x, device)
+
+  return DeviceData(
+    patches=patches,
+    patch_mean=parallel.replicate(p_mean, mesh),
+    patch_inv_std=parallel.replicate(p_inv_std, mesh),
+    radiomics=put(rad),
+    has_radiomics=put(has_rad),
+    mri_deep=put(deep),
+    mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
+    response=put(np.nan_to_num(cohort.response).astype(np.float32)),
+    has_response=put(~np.isnan(cohort.response)),
+    os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
+    os_event=put(cohort.os_event.astype(np.int32)),
+    has_survival=put(surv),
+    radiomics_columns=sel.columns,
+  )
+
+
+def _bag_block(cohort: Cohort, layout: BagLayout, g: int) -> np.ndarray:
+  block = np.zeros((layout.rows, cohort.patches.shape[1]), np.float16)
+  for p in np.flatnonzero((layout.group == g) & (cohort.patch_count > 0)):
+    o, c = cohort.patch_offset[p], cohort.patch_count[p]
+    if o < 0:
+      raise ValueError(
+        f'patient {cohort.patient_id[p]}: bag not read by process '
+        f'{jax.process_index()}, whose device holds group {g}'
+      )
+    start = layout.offset[p] - g * layout.rows
+    block[start : start + c] = cohort.patches[o : o + c]
+  return block
+
+
+def _train_rows(cohort: Cohort, layout: BagLayout, train: np.ndarray, g: int) -> np.ndarray:
+  """(rows,) float32 of block g: 1 on the training patients' patches."""
+  w = np.zeros(layout.rows, np.float32)
+  for p in np.flatnonzero((layout.group == g) & train & (cohort.patch_count > 0)):
+    start = layout.offset[p] - g * layout.rows
+    w[start : start + cohort.patch_count[p]] = 1.0
+  return w
+
+
+@jax.jit
+def _patch_statistics(patches: jax.Array, weights: jax.Array):
+  """Mean and 1/std of every feature over the weighted rows, on the device (two passes;
+  sums over blocks of 256 rows, then over blocks, to keep float32 round-off small)."""
+  x = patches.reshape(-1, 256, patches.shape[-1])
+  w = weights.reshape(-1, 256, 1)
+  n = jnp.maximum(jnp.sum(weights), 1.0)
+  mean = jnp.sum(jnp.sum(w * x.astype(jnp.float32), 1), 0) / n
+  var = jnp.sum(jnp.sum(w * jnp.square(x.astype(jnp.float32) - mean), 1), 0) / n
+  std = jnp.sqrt(var)
+  return mean, 1.0 / jnp.where(std > 1e-6, std, 1.0)
+
+
+def _device_rows(layout: BagLayout, block, device, mesh, width: int | None = None) -> jax.Array:
+  """A per-row array laid out like the patches: block(g) for each group g (with a mesh,
+  each process builds only the blocks of its own devices)."""
+  if mesh is None:
+    return jax.device_put(np.concatenate([block(g) for g in range(layout.groups)]), device)
+  if mesh.shape[parallel.DATA] != layout.groups:
+    raise ValueError(
+      f"bag layout has {layout.groups} groups, the mesh's data axis "
+      f'{mesh.shape[parallel.DATA]} devices'
+    )
+  shape = (layout.groups * layout.rows,) + (() if width is None else (width,))
+  return jax.make_array_from_callback(
+    shape, parallel.batch_sharded(mesh), lambda index: block((index[0].start or 0) // layout.rows)
+  )
+
+
+def _device_patches(cohort: Cohort, layout: BagLayout, device, mesh) -> jax.Array:
+  return _device_rows(
+    layout, lambda g: _bag_block(cohort, layout, g), device, mesh, cohort.patches.shape[1]
+  )

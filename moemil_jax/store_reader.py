@@ -1,0 +1,196 @@
+"""Reading a feature store into host arrays: one row per patient, every slide in one bag.
+
+The store is read once (clinical table, slide bags, radiomics, deep MRI features); all
+slides of a patient are concatenated, in slide-id order, into one bag. A data-parallel
+process can read only the bags its own devices will hold (`load_store(bags_to_read=...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from absl import logging
+
+from feature_store import store
+
+
+@dataclasses.dataclass
+class Cohort:
+  """Host arrays, one row per patient (clinical.parquet order)."""
+
+  patient_id: np.ndarray  # (P,) str
+  center: np.ndarray  # (P,) str
+  response: np.ndarray  # (P,) float, NaN when unknown
+  os_months: np.ndarray  # (P,) float, NaN when unknown
+  os_event: np.ndarray  # (P,) int
+  patches: np.ndarray  # (total, 1024) float16, bags back to back
+  patch_offset: np.ndarray  # (P,) int64 into patches; -1 for bags not read (see load_store)
+  patch_count: np.ndarray  # (P,) int64
+  radiomics: pd.DataFrame  # (P, F) float64 wide: "<sequence>:<feature>"; NaN rows w/o MRI
+  mri_deep: np.ndarray  # (P, S, 2048) float32, zero padded
+  mri_deep_count: np.ndarray  # (P,) int64
+  split: np.ndarray | None = None  # (P,) str in SPLITS
+  bags_partitioned: bool = False  # each process read only some bags (statistics span processes)
+
+  @property
+  def num_patients(self) -> int:
+    return len(self.patient_id)
+
+  @property
+  def has_radiomics(self) -> np.ndarray:
+    return self.radiomics.notna().any(axis=1).to_numpy()
+
+
+def _read_clinical(path: Path) -> pd.DataFrame:
+  if not path.exists():
+    raise store.StoreError(f'{path}: not found')
+  df = pq.read_table(path).to_pandas()
+  missing = sorted(set(store.CLINICAL_COLUMNS) - set(df.columns))
+  if missing:
+    raise store.StoreError(f'{path}: missing columns {missing}')
+  if df['patient_id'].duplicated().any():
+    dup = df.loc[df['patient_id'].duplicated(), 'patient_id'].iloc[0]
+    raise store.StoreError(f'{path}: patient_id {dup!r} appears more than once')
+  bad = ~df['center'].isin(['A', 'B'])
+  if bad.any():
+    row = int(np.flatnonzero(bad)[0])
+    raise store.StoreError(
+      f"{path}: row {row} has center {df['center'].iloc[row]!r}, expected 'A' or 'B'"
+    )
+  resp = df['ic_response']
+  if not resp.dropna().isin([0, 1]).all():
+    raise store.StoreError(f'{path}: ic_response must be 0, 1 or null')
+  return df.reset_index(drop=True)
+
+
+def load_store(
+  store_dir: str | Path, *, bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Cohort:
+  """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays.
+
+  bags_to_read: given every patient's patch count (read from the slide files' footers and
+  patient column only), returns the (P,) mask of patients whose patch embeddings to read.
+  A data-parallel process passes the patients its own devices hold, so that the slides
+  (the bulk of a store) are read once across processes; unread bags keep their
+  `patch_count` and get `patch_offset` -1. The per-patient tables are read whole.
+  """
+  root = Path(store_dir)
+  info = store.read_store_json(root)
+  clinical = _read_clinical(root / store.CLINICAL)
+  ids = clinical['patient_id'].astype(str).to_numpy()
+  index = {pid: i for i, pid in enumerate(ids)}
+  wsi_dim = int(info.get('encoder', {}).get('dim', store.WSI_DIM))
+  wsi_sha = info.get('wsi', {}).get('fingerprint_sha256')  # extracted stores; synthetic: none
+
+  files = store.slide_files(root)
+  wanted = None
+  if bags_to_read is not None:
+    slide_patients = [store.slide_patient_and_rows(path) for path in files]
+    all_counts = np.zeros(len(ids), np.int64)
+    for path, (pid, rows) in zip(files, slide_patients):
+      if rows and pid not in index:
+        raise store.StoreError(f'{path}: patient_id {pid!r} not in clinical.parquet')
+      if pid in index:
+        all_counts[index[pid]] += rows
+    wanted = np.asarray(bags_to_read(all_counts), bool)
+    files = [
+      path for path, (pid, _) in zip(files, slide_patients) if pid in index and wanted[index[pid]]
+    ]
+
+  # WSI: all slides of a patient form one bag, in slide-id order.
+  per_patient: list[list[np.ndarray]] = [[] for _ in ids]
+  for path in files:
+    bag = store.read_slide(path, expected_dim=wsi_dim)
+    if wsi_sha and bag.metadata.get('fingerprint_sha256') != wsi_sha:
+      raise store.StoreError(
+        f'{path}: made with encoder fingerprint {bag.metadata.get("fingerprint_sha256")}, '
+        f"but the store's is {wsi_sha}: features from another extraction cannot be mixed; "
+        're-extract this slide into the store'
+      )
+    if bag.patient_id not in index:
+      if len(bag.embeddings):
+        raise store.StoreError(f'{path}: patient_id {bag.patient_id!r} not in clinical.parquet')
+      continue
+    per_patient[index[bag.patient_id]].append(bag.embeddings)
+  counts = np.array([sum(len(e) for e in bags) for bags in per_patient], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  patches = np.zeros((int(counts.sum()), wsi_dim), np.float16)
+  for i, bags in enumerate(per_patient):
+    if bags:
+      patches[offsets[i] : offsets[i] + counts[i]] = np.concatenate(bags)
+  if wanted is not None:
+    if not np.array_equal(counts[wanted], all_counts[wanted]):
+      raise store.StoreError(f'{root}/{store.WSI_DIR}: slide files changed while being read')
+    counts, offsets = all_counts, np.where(wanted, offsets, -1)
+  logging.info(
+    'store %s: %d patients, %d slides read, %d patches', root, len(ids), len(files), len(patches)
+  )
+
+  radiomics = _read_radiomics(root / store.RADIOMICS, ids)
+  mri_deep, mri_count = _read_mri_deep(root / store.MRI_DEEP, index)
+  surv_known = clinical['os_months'].notna() & clinical['os_event'].notna()
+  return Cohort(
+    patient_id=ids,
+    center=clinical['center'].astype(str).to_numpy(),
+    response=clinical['ic_response'].astype('Float64').to_numpy(np.float64, na_value=np.nan),
+    os_months=np.where(
+      surv_known,
+      clinical['os_months'].astype('Float64').to_numpy(np.float64, na_value=np.nan),
+      np.nan,
+    ),
+    os_event=clinical['os_event'].fillna(0).astype(np.int64).to_numpy(),
+    patches=patches,
+    patch_offset=offsets,
+    patch_count=counts,
+    radiomics=radiomics,
+    mri_deep=mri_deep,
+    mri_deep_count=mri_count,
+    bags_partitioned=wanted is not None,
+  )
+
+
+def _read_radiomics(path: Path, ids: np.ndarray) -> pd.DataFrame:
+  if not path.exists():
+    logging.warning('%s: not found; no radiomics features', path)
+    return pd.DataFrame(index=ids)
+  df = pq.read_table(path).to_pandas()
+  for col in ('patient_id', 'sequence'):
+    if col not in df.columns:
+      raise store.StoreError(f'{path}: missing column {col!r}')
+  feats = [c for c in df.columns if c not in ('patient_id', 'sequence')]
+  wide = df.pivot_table(
+    index='patient_id', columns='sequence', values=feats, aggfunc='first', dropna=False
+  )
+  wide.columns = [f'{seq}:{feat}' for feat, seq in wide.columns]
+  wide = wide[sorted(wide.columns)]
+  return wide.reindex(ids).astype(np.float64)
+
+
+def _read_mri_deep(path: Path, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+  n = len(index)
+  if not path.exists():
+    logging.warning('%s: not found; no deep MRI features', path)
+    return np.zeros((n, 1, store.MRI_DEEP_DIM), np.float32), np.zeros(n, np.int64)
+  table = pq.read_table(path)
+  emb = store.embeddings_from_column(table.column('embedding'), path).astype(np.float32)
+  meta = table.select(['patient_id', 'sequence', 'slice_index']).to_pandas()
+  seq_rank = {s: i for i, s in enumerate(store.MRI_SEQUENCES)}
+  meta['seq_rank'] = meta['sequence'].map(lambda s: seq_rank.get(s, len(seq_rank)))
+  meta['row'] = np.arange(len(meta))
+  unknown = set(meta['patient_id']) - set(index)
+  if unknown:
+    raise store.StoreError(f'{path}: patient_id {sorted(unknown)[0]!r} not in clinical.parquet')
+  meta = meta.sort_values(['patient_id', 'seq_rank', 'sequence', 'slice_index'], kind='stable')
+  counts = np.zeros(n, np.int64)
+  groups = meta.groupby('patient_id', sort=False)['row']
+  for pid, rows in groups:
+    counts[index[pid]] = len(rows)
+  out = np.zeros((n, max(int(counts.max(initial=0)), 1), emb.shape[1]), np.float32)
+  for pid, rows in groups:
+    out[index[pid], : len(rows)] = emb[rows.to_numpy()]
+  return out, counts
