@@ -258,3 +258,292 @@ def test_time_dependent_auc_matches_sksurv_on_gbsg2():
     metrics.time_dependent_auc(
       time[train], event[train], time[~train], event[~train], risk[~train], 10 * 365.25
     )
+
+
+# --------------------------------------------------------------------------- evaluation at scale
+# The O(n log n) C-index, the vectorised bootstraps and the sort-and-count time-dependent AUC
+# against the implementations they replaced (kept here as references) and lifelines / sksurv.
+
+
+def tied_cohorts(count, seed):
+  """Small cohorts with many tied times (0 included), tied risks and any share of censoring."""
+  rng = np.random.default_rng(seed)
+  for _ in range(count):
+    n = int(rng.integers(2, 60))
+    time = rng.integers(0, rng.integers(1, 12), n).astype(float)
+    event = rng.random(n) < rng.random()
+    risk = rng.integers(0, rng.integers(1, 8), n) * 0.25
+    yield time, event, risk
+
+
+def brute_force_harrell_counts(time, event, risk):
+  """(concordant, tied-risk, comparable) pairs straight from lifelines' rules, O(n^2)."""
+  correct = tied = pairs = 0
+  for j in np.flatnonzero(event):
+    comparable = (time > time[j]) | ((time == time[j]) & ~event)
+    pairs += int(comparable.sum())
+    correct += int((comparable & (risk < risk[j])).sum())
+    tied += int((comparable & (risk == risk[j])).sum())
+  return correct, tied, pairs
+
+
+def reference_concordance_index_ci(time, event, risk, *, alpha=0.05, n_bootstrap=1000, seed=0):
+  """The explicit-resampling bootstrap this replaced: lifelines on every resampled cohort."""
+  from lifelines.utils import concordance_index as lifelines_c
+
+  t, e, r = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+  try:
+    c = lifelines_c(t, -r, e)
+  except ZeroDivisionError:  # no comparable pairs (or no events): None, as when the CI is
+    return None
+  rng = np.random.default_rng(seed)
+  boot = []
+  for _ in range(n_bootstrap):
+    idx = rng.integers(0, len(t), len(t))
+    if not e[idx].any():
+      continue
+    try:
+      boot.append(lifelines_c(t[idx], -r[idx], e[idx]))
+    except ZeroDivisionError:
+      continue
+  if len(boot) < n_bootstrap // 2:
+    return None
+  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+  return c, float(lo), float(hi)
+
+
+def reference_auc_bootstrap(y, score, *, alpha=0.05, n_bootstrap=2000, seed=0):
+  """The stratified bootstrap loop this replaced (Mann-Whitney from midranks per resample)."""
+
+  def auc(p, q):
+    ranks = stats.rankdata(np.r_[p, q])
+    return (ranks[: p.size].sum() - p.size * (p.size + 1) / 2) / (p.size * q.size)
+
+  rng = np.random.default_rng(seed)
+  pos, neg = score[y == 1], score[y == 0]
+  boot = []
+  for _ in range(n_bootstrap):
+    p = rng.choice(pos, size=pos.size, replace=True)
+    q = rng.choice(neg, size=neg.size, replace=True)
+    boot.append(auc(p, q))
+  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+  return auc(pos, neg), float(lo), float(hi)
+
+
+def reference_censoring_survival(train_time, train_event):
+  """The O(unique times x n) censoring Kaplan-Meier this replaced."""
+  times = np.unique(train_time)
+  at_risk = np.array([(train_time >= s).sum() for s in times], np.float64)
+  deaths = np.array([((train_time == s) & train_event).sum() for s in times], np.float64)
+  censored = np.array([((train_time == s) & ~train_event).sum() for s in times], np.float64)
+  denom = at_risk - deaths
+  factor = np.where(censored > 0, 1.0 - censored / np.where(denom > 0, denom, 1.0), 1.0)
+  surv = np.cumprod(factor)
+
+  def g(t):
+    idx = np.searchsorted(times, t, side='right') - 1
+    return np.where(idx >= 0, surv[np.clip(idx, 0, None)], 1.0)
+
+  return g
+
+
+def reference_time_dependent_auc(train_time, train_event, time, event, risk, at, tied_tol=1e-8):
+  """The cases x controls matrix this replaced (None where undefined)."""
+  cases = event & (time <= at)
+  controls = time > at
+  if at >= train_time.max() or not cases.any() or not controls.any():
+    return None
+  g = reference_censoring_survival(train_time, train_event)(time[cases])
+  if (g <= 0).any():
+    return None
+  w = 1.0 / g
+  diff = risk[cases][:, None] - risk[controls][None, :]
+  tied = np.abs(diff) <= tied_tol
+  wins = np.where(tied, 0.5, (diff > 0).astype(np.float64))
+  return float((w[:, None] * wins).sum() / (w.sum() * controls.sum()))
+
+
+def test_fast_concordance_equals_lifelines_and_sksurv_bit_for_bit():
+  from lifelines.utils import concordance_index as lifelines_c
+
+  sksurv_metrics = pytest.importorskip('sksurv.metrics')
+  checked = 0
+  for time, event, risk in tied_cohorts(400, seed=0):
+    try:
+      ref = lifelines_c(time, -risk, event)
+    except ZeroDivisionError:
+      ref = None
+    try:
+      mine = metrics.concordance_index(time, event, risk)
+    except metrics.UndefinedMetric as err:
+      assert ref is None or not event.any(), str(err)
+      continue
+    assert mine == ref  # the same whole-number counts, the same division
+    # sksurv ties risks within 1e-8; these risks are 0.25 apart, so it must agree too.
+    assert mine == pytest.approx(
+      sksurv_metrics.concordance_index_censored(event, time, risk)[0], abs=1e-12
+    )
+    checked += 1
+  assert checked > 300
+  # Larger, with real-valued times and risks.
+  rng = np.random.default_rng(1)
+  time = np.round(rng.exponential(30, 5000), 1)
+  event = rng.random(5000) < 0.4
+  risk = np.round(rng.normal(size=5000) - time / 30, 2)
+  assert metrics.concordance_index(time, event, risk) == lifelines_c(time, -risk, event)
+
+
+def test_concordance_undefined_cases():
+  with pytest.raises(metrics.UndefinedMetric, match='no events'):
+    metrics.concordance_index([1.0, 2.0, 3.0], [0, 0, 0], [1.0, 2.0, 3.0])
+  with pytest.raises(metrics.UndefinedMetric, match='no comparable pairs'):
+    metrics.concordance_index([2.0, 2.0, 1.0], [1, 1, 0], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match='lengths differ'):
+    metrics.concordance_index([1.0, 2.0], [1, 0], [1.0, 2.0, 3.0])
+
+
+def test_weighted_concordance_counts_equal_the_repeated_cohort():
+  rng = np.random.default_rng(2)
+  for time, event, risk in tied_cohorts(60, seed=3):
+    plan = metrics._concordance_plan(time, event, risk)
+    weights = rng.integers(0, 4, (3, len(time)))
+    correct, tied, pairs = metrics._concordance_counts(plan, weights[:, plan.order].astype(float))
+    for b, w in enumerate(weights):
+      ref = brute_force_harrell_counts(np.repeat(time, w), np.repeat(event, w), np.repeat(risk, w))
+      assert (correct[b], tied[b], pairs[b]) == ref
+
+
+def test_concordance_ci_equals_explicit_resampling_with_the_same_draws(rossi):
+  df, risk = rossi
+  t, e = df['week'].to_numpy(float), df['arrest'].to_numpy()
+  for seed in (0, 1):
+    ref = reference_concordance_index_ci(t, e, risk, n_bootstrap=200, seed=seed)
+    assert metrics.concordance_index_ci(t, e, risk, n_bootstrap=200, seed=seed) == ref
+  assert metrics.concordance_index_ci(t, e, risk, alpha=0.1, n_bootstrap=150, seed=4) == (
+    reference_concordance_index_ci(t, e, risk, alpha=0.1, n_bootstrap=150, seed=4)
+  )
+  # Small tied cohorts, where resamples without comparable pairs are left out (or too many are).
+  undefined = 0
+  for i, (time, event, r) in enumerate(tied_cohorts(80, seed=5)):
+    if not event.any():
+      continue
+    ref = reference_concordance_index_ci(time, event, r, n_bootstrap=40, seed=i)
+    try:
+      mine = metrics.concordance_index_ci(time, event, r, n_bootstrap=40, seed=i)
+    except metrics.UndefinedMetric as err:
+      assert ref is None and 'comparable pairs' in str(err)
+      undefined += 1
+      continue
+    assert mine == ref
+  assert undefined > 0
+
+
+def test_concordance_ci_chunks_give_the_same_answer(monkeypatch, rossi):
+  df, risk = rossi
+  args = df['week'].to_numpy(float), df['arrest'].to_numpy(), risk
+  whole = metrics.concordance_index_ci(*args, n_bootstrap=50, seed=7)
+  monkeypatch.setattr(metrics, '_BOOTSTRAP_CELLS', 3 * len(risk))  # chunks of 3 resamples
+  assert metrics.concordance_index_ci(*args, n_bootstrap=50, seed=7) == whole
+
+
+def test_auc_bootstrap_equals_explicit_resampling_with_the_same_draws(rossi, monkeypatch):
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  prio = df['prio'].to_numpy(float)  # many ties
+  for score, seed in ((risk, 0), (prio, 1)):
+    ref = reference_auc_bootstrap(y, score, n_bootstrap=300, seed=seed)
+    assert metrics.roc_auc_ci(y, score, method='bootstrap', n_bootstrap=300, seed=seed) == ref
+  monkeypatch.setattr(metrics, '_BOOTSTRAP_CELLS', 7)
+  y, score = hanley_mcneil_data()
+  ref = reference_auc_bootstrap(y, score, alpha=0.1, n_bootstrap=100, seed=3)
+  got = metrics.roc_auc_ci(y, score, method='bootstrap', alpha=0.1, n_bootstrap=100, seed=3)
+  assert got == ref
+
+
+def test_censoring_survival_equals_the_reference_and_sksurv():
+  from sksurv.nonparametric import kaplan_meier_estimator
+
+  rng = np.random.default_rng(6)
+  for _ in range(100):
+    n = int(rng.integers(1, 50))
+    time = rng.integers(0, rng.integers(1, 15), n).astype(float)
+    event = rng.random(n) < rng.random()
+    query = np.r_[np.linspace(-1, 16, 69), time]
+    g = metrics._censoring_survival(time, event)
+    np.testing.assert_array_equal(g(query), reference_censoring_survival(time, event)(query))
+    # scikit-survival's reverse Kaplan-Meier (what cumulative_dynamic_auc weights by).
+    at, surv = kaplan_meier_estimator(event, time, reverse=True)
+    np.testing.assert_allclose(g(at), surv, rtol=0, atol=1e-12)
+
+
+def test_time_dependent_auc_equals_the_matrix_and_sksurv_with_ties():
+  sksurv_metrics = pytest.importorskip('sksurv.metrics')
+  from sksurv.util import Surv
+
+  rng = np.random.default_rng(7)
+  compared = with_sksurv = 0
+  for _ in range(150):
+    n_train, n = int(rng.integers(3, 80)), int(rng.integers(2, 80))
+    train_time = rng.integers(0, 18, n_train).astype(float)
+    train_event = rng.random(n_train) < 0.5
+    time = rng.integers(0, 15, n).astype(float)
+    event = rng.random(n) < 0.5
+    # Risks on a 0.1 grid nudged by ~tied_tol: differences straddle the tie tolerance.
+    risk = rng.integers(0, 5, n) * 0.1 + rng.choice([0.0, 1e-8, 2e-8, -1e-8, 5e-9], n)
+    at = float(rng.integers(1, 12))
+    for tol in (1e-8, 0.0, 0.15):
+      ref = reference_time_dependent_auc(train_time, train_event, time, event, risk, at, tol)
+      if ref is None:
+        with pytest.raises(metrics.UndefinedMetric):
+          metrics.time_dependent_auc(train_time, train_event, time, event, risk, at, tied_tol=tol)
+        continue
+      mine = metrics.time_dependent_auc(
+        train_time, train_event, time, event, risk, at, tied_tol=tol
+      )
+      assert mine == pytest.approx(ref, abs=1e-12)
+      compared += 1
+    # sksurv groups risks by chained np.isclose (rtol 1e-5): compare on the grid without nudges.
+    grid = np.round(risk, 1)
+    defined = reference_time_dependent_auc(train_time, train_event, time, event, grid, at)
+    if defined is not None and time.max() < train_time.max():  # sksurv's range requirement
+      try:
+        sk = sksurv_metrics.cumulative_dynamic_auc(
+          Surv.from_arrays(train_event, train_time), Surv.from_arrays(event, time), grid, [at]
+        )[0][0]
+      except ValueError:  # undefined there too (no cases, censoring survival 0, ...)
+        continue
+      mine = metrics.time_dependent_auc(train_time, train_event, time, event, grid, at)
+      assert mine == pytest.approx(sk, abs=1e-12)
+      with_sksurv += 1
+  assert compared > 100 and with_sksurv > 20
+
+
+def test_time_dependent_auc_on_a_large_cohort_is_linear_memory():
+  # About 9,000 cases x 8,000 controls: each cases x controls float64 matrix the old code built
+  # was 0.5 GB; sorting and counting needs a few MB.
+  from moemil_jax.bench import evaluation as bench_evaluation
+
+  t, e, r = bench_evaluation.cohort(20_000, seed=0)
+  train_t, train_e, _ = bench_evaluation.cohort(20_000, seed=1)
+  auc, _, peak_mb = bench_evaluation._peak_mb(
+    lambda: metrics.time_dependent_auc(train_t, train_e, t, e, r, 36.0)
+  )
+  assert 0.6 < auc < 0.9 and peak_mb < 100
+  # The first 2,000 patients, against the matrix.
+  ref = reference_time_dependent_auc(
+    train_t[:2000], train_e[:2000] > 0, t[:2000], e[:2000] > 0, r[:2000], 36.0
+  )
+  mine = metrics.time_dependent_auc(
+    train_t[:2000], train_e[:2000], t[:2000], e[:2000], r[:2000], 36.0
+  )
+  assert mine == pytest.approx(ref, abs=1e-12)
+
+
+def test_evaluation_bench_reports_its_figures():
+  from moemil_jax.bench import evaluation as bench_evaluation
+
+  out = bench_evaluation.run(quick=True, n_bootstrap=20, lifelines_resamples=0)
+  assert out['n'] == 10_000 and out['eval_cindex_ci_s'] > 0
+  assert 0 < out['eval_tdauc_mb'] < 50 < out['old_tdauc_one_matrix_mb']
+  lo, hi = out['c_index_ci']
+  assert lo < out['c_index'] < hi
