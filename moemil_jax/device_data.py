@@ -1,7 +1,8 @@
 """The device-resident arrays of a run: preprocessed once, then only indexed by batches.
 
 `prepare` fits the preprocessing on the training patients (radiomics selection and
-scaling, deep MRI and patch statistics), and puts every array on the device once, the
+scaling, deep MRI and patch statistics; `preprocess.Fitted`), or applies a saved one, and
+puts every array on the device once, the
 patches laid out by `batching.BagLayout` (with a mesh: one block per device of the data
 axis, each built by the process that owns the device).
 """
@@ -37,12 +38,13 @@ class DeviceData:
   os_event: jax.Array  # (P,) int32
   has_survival: jax.Array  # (P,) bool
   radiomics_columns: list[str]
+  fitted: preprocess.Fitted  # what the arrays were normalised with (saved in model bundles)
 
   def tree(self) -> dict[str, jax.Array]:
     return {
       f.name: getattr(self, f.name)
       for f in dataclasses.fields(self)
-      if f.name != 'radiomics_columns'
+      if f.name not in ('radiomics_columns', 'fitted')
     }
 
 
@@ -75,14 +77,54 @@ def prepare(
   device=None,
   layout: BagLayout | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  fitted: preprocess.Fitted | None = None,
 ) -> DeviceData:
-  """Fits preprocessing on cohort.split == 'train' and puts the arrays on the device.
+  """Fits preprocessing on cohort.split == 'train' (or applies `fitted`, for patients
+  scored by a saved model) and puts the arrays on the device.
 
   Without a mesh everything goes to `device`. With one, the per-patient arrays are
   replicated and the patches are split in `layout.groups` blocks along the data axis, each
   built by the process that owns its device from the bags that process read.
   """
   layout = layout or bag_layout(cohort.patch_count)
+  patches = _device_patches(cohort, layout, device, mesh)
+  if fitted is None:
+    fitted = _fit(cohort, data_config, seed, layout, patches, device, mesh)
+  rad = fitted.radiomics.transform(cohort.radiomics) if len(cohort.radiomics.columns) else None
+  if rad is None:
+    rad = np.zeros((cohort.num_patients, max(fitted.radiomics.width, 1)), np.float32)
+  has_rad = cohort.has_radiomics & (len(fitted.radiomics.columns) > 0)
+  rad[~has_rad] = 0.0
+  deep = ((cohort.mri_deep - fitted.deep_mean) / fitted.deep_std).astype(np.float32)
+  deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
+  surv = ~np.isnan(cohort.os_months)
+  if mesh is not None:
+    device = parallel.replicated(mesh)
+
+  def put(x):
+    return jax.device_put(x, device)
+
+  return DeviceData(
+    patches=patches,
+    patch_mean=put(fitted.patch_mean.astype(np.float32)),
+    patch_inv_std=put(fitted.patch_inv_std.astype(np.float32)),
+    radiomics=put(rad),
+    has_radiomics=put(has_rad),
+    mri_deep=put(deep),
+    mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
+    response=put(np.nan_to_num(cohort.response).astype(np.float32)),
+    has_response=put(~np.isnan(cohort.response)),
+    os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
+    os_event=put(cohort.os_event.astype(np.int32)),
+    has_survival=put(surv),
+    radiomics_columns=fitted.radiomics.columns,
+    fitted=fitted,
+  )
+
+
+def _fit(cohort: Cohort, data_config, seed, layout, patches, device, mesh) -> preprocess.Fitted:
+  """Radiomics selection and scaling, deep MRI statistics (host) and patch statistics
+  (device) from the training patients."""
   if cohort.split is None:
     raise ValueError('prepare() needs cohort.split; call assign_splits first')
   train = cohort.split == 'train'
@@ -101,42 +143,22 @@ def prepare(
     os_months=cohort.os_months,
     os_event=cohort.os_event,
   )
-  rad = (
-    sel.transform(cohort.radiomics)
-    if len(cohort.radiomics.columns)
-    else np.zeros((cohort.num_patients, 1), np.float32)
-  )
-  has_rad = cohort.has_radiomics & (len(sel.columns) > 0)
-  rad[~has_rad] = 0.0
-
   d_mean, d_std = preprocess.masked_mean_std(cohort.mri_deep, train, cohort.mri_deep_count)
-  deep = ((cohort.mri_deep - d_mean) / d_std).astype(np.float32)
-  deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
-
-  surv = ~np.isnan(cohort.os_months)
-  patches = _device_patches(cohort, layout, device, mesh)
   weights = _device_rows(layout, lambda g: _train_rows(cohort, layout, train, g), device, mesh)
   p_mean, p_inv_std = _patch_statistics(patches, weights)
-  if mesh is not None:
-    device = parallel.replicated(mesh)
-
-  def put(x):
-    return jax.device_put(x, device)
-
-  return DeviceData(
-    patches=patches,
-    patch_mean=parallel.replicate(p_mean, mesh),
-    patch_inv_std=parallel.replicate(p_inv_std, mesh),
-    radiomics=put(rad),
-    has_radiomics=put(has_rad),
-    mri_deep=put(deep),
-    mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
-    response=put(np.nan_to_num(cohort.response).astype(np.float32)),
-    has_response=put(~np.isnan(cohort.response)),
-    os_months=put(np.nan_to_num(cohort.os_months).astype(np.float32)),
-    os_event=put(cohort.os_event.astype(np.int32)),
-    has_survival=put(surv),
-    radiomics_columns=sel.columns,
+  z_max = np.zeros(len(sel.columns))
+  rows = train & cohort.has_radiomics
+  if sel.columns and rows.any():
+    z_max = np.abs(sel.transform(cohort.radiomics[rows])[:, : len(sel.columns)]).max(0)
+  bags = cohort.patch_count[train & (cohort.patch_count > 0)]
+  return preprocess.Fitted(
+    radiomics=sel,
+    deep_mean=d_mean,
+    deep_std=d_std,
+    patch_mean=np.asarray(p_mean.addressable_data(0)),
+    patch_inv_std=np.asarray(p_inv_std.addressable_data(0)),
+    radiomics_abs_z_max=z_max,
+    bag_range=(int(bags.min(initial=0)), int(bags.max(initial=0))),
   )
 
 

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moemil_jax import sweep, train
+from moemil_jax import bundle, sweep, train
 
 
 def ensemble_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
@@ -77,6 +77,19 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
     shutil.rmtree(path)
   ckpt.save(path, nnx.to_pure_dict(result.params))
   ckpt.wait_until_finished()
+
+  stacked = nnx.to_pure_dict(result.params)
+  members = [
+    bundle.Member(
+      m.name,
+      jax.tree.map(lambda x, k=k: np.asarray(x)[k], stacked),
+      result.fitted[m.fold],
+      result.radiomics_dim,
+      float(np.median(result.log_risk[k, result.splits[k] == 'train'])),
+    )
+    for k, m in enumerate(result.members)
+  ]
+  bundle.write(workdir, config, members, bundle.operating_points(frame), config.store)
 
   run_info = {
     'model': config.name,

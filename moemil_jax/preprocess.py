@@ -38,7 +38,7 @@ class RadiomicsSelection:
   def transform(self, wide: pd.DataFrame) -> np.ndarray:
     if not self.columns:
       return np.zeros((len(wide), 1), np.float32)
-    x = wide[self.columns].to_numpy(np.float64)
+    x = wide.reindex(columns=self.columns).to_numpy(np.float64)  # absent columns: imputed
     missing = np.isnan(x)
     if self.quantile is not None:
       x = self.quantile.transform(x)  # NaN stays NaN
@@ -50,6 +50,74 @@ class RadiomicsSelection:
     if flags:
       x = np.concatenate([x, np.stack(flags, 1).astype(np.float64)], 1)
     return x.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Fitted:
+  """Everything preprocessing learned from the training patients: enough to score anyone.
+
+  Saved in a model bundle (`moemil_jax/bundle.py`) as arrays (orbax) plus JSON metadata,
+  never pickled.
+  """
+
+  radiomics: RadiomicsSelection
+  deep_mean: np.ndarray  # (2048,) deep MRI features, training slices
+  deep_std: np.ndarray
+  patch_mean: np.ndarray  # (D,) patch embeddings, training patches
+  patch_inv_std: np.ndarray
+  radiomics_abs_z_max: np.ndarray  # (F,) largest |z| of each kept column in training
+  bag_range: tuple[int, int]  # smallest and largest non-empty training bag
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    out = {
+      'deep_mean': self.deep_mean,
+      'deep_std': self.deep_std,
+      'patch_mean': self.patch_mean,
+      'patch_inv_std': self.patch_inv_std,
+      'radiomics_mean': self.radiomics.mean,
+      'radiomics_std': self.radiomics.std,
+      'radiomics_abs_z_max': self.radiomics_abs_z_max,
+    }
+    if self.radiomics.quantile is not None:
+      out['quantiles'] = self.radiomics.quantile.quantiles_
+      out['references'] = self.radiomics.quantile.references_
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  def metadata(self) -> dict[str, Any]:
+    return {
+      'radiomics_columns': list(self.radiomics.columns),
+      'radiomics_sequences': list(self.radiomics.sequences),
+      'radiomics_transform': 'quantile' if self.radiomics.quantile is not None else 'zscore',
+      'bag_range': [int(b) for b in self.bag_range],
+    }
+
+  @classmethod
+  def from_saved(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> 'Fitted':
+    quantile = None
+    if meta['radiomics_transform'] == 'quantile':
+      from sklearn.preprocessing import QuantileTransformer
+
+      q = np.asarray(arrays['quantiles'], np.float64)
+      quantile = QuantileTransformer(n_quantiles=len(q), output_distribution='normal')
+      quantile.quantiles_ = q
+      quantile.references_ = np.asarray(arrays['references'], np.float64)
+      quantile.n_features_in_ = q.shape[1]
+    selection = RadiomicsSelection(
+      list(meta['radiomics_columns']),
+      np.asarray(arrays['radiomics_mean'], np.float64),
+      np.asarray(arrays['radiomics_std'], np.float64),
+      sequences=list(meta['radiomics_sequences']),
+      quantile=quantile,
+    )
+    return cls(
+      selection,
+      np.asarray(arrays['deep_mean']),
+      np.asarray(arrays['deep_std']),
+      np.asarray(arrays['patch_mean'], np.float32),
+      np.asarray(arrays['patch_inv_std'], np.float32),
+      np.asarray(arrays['radiomics_abs_z_max'], np.float64),
+      tuple(meta['bag_range']),
+    )
 
 
 def fit_radiomics(

@@ -108,6 +108,8 @@ class SweepResult:
   ensemble: dict[str, float]
   predictions: pd.DataFrame
   seconds: float
+  fitted: dict | None = None  # fold -> preprocess.Fitted on that fold's training patients
+  radiomics_dim: int = 0  # the members' radiomics input width (the widest fold's selection)
   best_epoch: int | None = None  # with select_epoch: the epoch the members were kept from
   selection_history: list | None = None  # with select_epoch: per-epoch out-of-fold score
 
@@ -139,10 +141,12 @@ def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
   """Shared arrays (once) and per-fold preprocessing stacked along a leading fold axis."""
   cpu = jax.devices('cpu')[0]
   per_fold = {k: [] for k in PER_FOLD}
+  fitted = []
   for f, split in splits.items():
     c = dataclasses.replace(cohort, split=split)
     d = device_data.prepare(c, config.data, seed=config.seed, device=cpu)
-    mean, std = preprocess.masked_mean_std(cohort.mri_deep, split == 'train', cohort.mri_deep_count)
+    fitted.append(d.fitted)
+    mean, std = d.fitted.deep_mean, d.fitted.deep_std
     per_fold['patch_mean'].append(np.asarray(d.patch_mean))
     per_fold['patch_inv_std'].append(np.asarray(d.patch_inv_std))
     per_fold['radiomics'].append(np.asarray(d.radiomics))
@@ -161,6 +165,7 @@ def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
     jax.device_put(shared),
     jax.device_put({k: np.stack(v) for k, v in per_fold.items()}),
     width,
+    dict(zip(splits, fitted)),
   )
 
 
@@ -303,7 +308,7 @@ def train_sweep(
     if not (s == 'train').any():
       raise ValueError(f'{config.store}: fold {f} has no training patients')
   fold_index = np.array([folds.index(m.fold) for m in members], np.int32)
-  shared, per_fold, radiomics_dim = _fold_data(config, cohort, splits)
+  shared, per_fold, radiomics_dim, fitted = _fold_data(config, cohort, splits)
   layout = batching.bag_layout(cohort.patch_count)
   patch_counts = (
     cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
@@ -456,6 +461,8 @@ def train_sweep(
     ensemble,
     frame,
     seconds,
+    fitted=fitted,
+    radiomics_dim=radiomics_dim,
     best_epoch=best_epoch,
     selection_history=history,
   )

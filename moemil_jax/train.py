@@ -26,7 +26,17 @@ import pandas as pd
 from absl import logging
 from flax import nnx
 
-from moemil_jax import batching, losses, metrics, models, parallel, preprocess, splits, store_reader
+from moemil_jax import (
+  batching,
+  bundle,
+  losses,
+  metrics,
+  models,
+  parallel,
+  preprocess,
+  splits,
+  store_reader,
+)
 from moemil_jax import device_data as device_data_lib
 
 PREDICTIONS = 'predictions.parquet'
@@ -248,7 +258,9 @@ def load_data(config, mesh) -> RunData:
   )
 
 
-def _predict(eval_step, params, rest, device_data, batches, num_patients, num_experts, mesh=None):
+def predict_patients(
+  eval_step, params, rest, device_data, batches, num_patients, num_experts, mesh=None
+):
   """Dispatches every evaluation step; returns a function that fetches the predictions
   (so the host can plan the next epoch while the device evaluates)."""
   data_tree = device_data.tree()
@@ -380,7 +392,7 @@ def train_and_evaluate(
     meta['step'] += len(plan)
 
     # Evaluation: dispatched, then the next epoch is planned while the device works.
-    fetch = _predict(
+    fetch = predict_patients(
       eval_step,
       params,
       rest,
@@ -462,7 +474,7 @@ def train_and_evaluate(
 
   # Predictions with the best checkpoint, for every patient.
   params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
-  logit, risk, gates = _predict(
+  logit, risk, gates = predict_patients(
     eval_step,
     params,
     rest,
@@ -500,6 +512,10 @@ def train_and_evaluate(
   if parallel.is_writer():
     frame.to_parquet(workdir / PREDICTIONS, index=False)
     (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + '\n')
+    member = bundle.Member(
+      'best', _host_tree(nnx.to_pure_dict(params)), device_data.fitted, radiomics_dim
+    )
+    bundle.write(workdir, config, [member], bundle.operating_points(frame), config.store)
   for split in splits.SPLITS:
     ids = np.flatnonzero(cohort.split == split)
     writer.add_scalar(
@@ -532,6 +548,14 @@ class _NoWriter:
 
   def close(self):
     pass
+
+
+def _host_tree(tree):
+  """Device arrays (replicated ones too, on any process) as host numpy arrays."""
+  return jax.tree.map(
+    lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+    tree,
+  )
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -104,3 +104,19 @@ def test_explain_restores_the_first_member_exactly(run):
   for i in np.flatnonzero(trained.cohort.patch_count > 0)[:3]:
     out = heatmaps._forward(trained.model, trained.patient_inputs(trained.cohort.patient_id[i]))
     assert float(out['response_logit'][0]) == pytest.approx(result.logits[0, i], abs=1e-4)
+
+
+def test_bundle_scores_like_the_ensemble(run, tmp_path):
+  """The ensemble's bundle, applied to a copy of the store, gives its predictions."""
+  import shutil
+
+  from moemil_jax import predict
+
+  config, workdir, _ = run
+  frame = pd.read_parquet(workdir / 'predictions.parquet')
+  moved = shutil.copytree(config.store, tmp_path / 'moved')
+  model = predict.load_bundle(workdir)
+  assert len(model.members) == 3 and model.operating_points['threshold_fixed_on'] == 'out_of_fold'
+  got = model.predict(moved)
+  np.testing.assert_allclose(got.response_prob, frame.response_prob, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.log_risk, frame.log_risk, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,98 @@
+r"""Scores new patients with trained models: a response probability and a risk group each.
+
+  python -m launch.predict --model=runs/moemil --store=NEW_STORE --out=predictions.csv
+  python -m launch.predict --model=runs/seed0 --model=runs/seed1 --store=NEW_STORE \
+      --out=predictions.csv --patients=NPC101,NPC102
+  python -m launch.predict --model=runs/moemil --manifest=new_patients.csv \
+      --store=NEW_STORE --out=predictions.csv
+
+--model: a finished training workdir (its bundle/ holds everything the model needs); give
+it several times to average runs (folds or seeds). --store: a feature store made with the
+same encoder and settings as the training store (refused otherwise); with --manifest, the
+new patients' images are first extracted into --store with exactly the settings the model
+was trained with. Output columns: see README.md, "Predict for new patients".
+"""
+
+from absl import app, flags, logging
+
+_MODELS = flags.DEFINE_multi_string('model', None, 'Training workdir(s) holding a bundle/.')
+_STORE = flags.DEFINE_string('store', None, 'Feature store of the patients to score.')
+_MANIFEST = flags.DEFINE_string(
+  'manifest', None, 'Extract these patients into --store first (labels may be empty).'
+)
+_WEIGHTS = flags.DEFINE_string(
+  'encoder_weights',
+  None,
+  'With --manifest: the encoder weights file, when the model was trained on features from '
+  'a weights file (the bundle records only its name and hash).',
+)
+_DEVICE = flags.DEFINE_string('device', 'cpu', 'With --manifest: torch device for extraction.')
+_OUT = flags.DEFINE_string('out', None, 'Output CSV, one row per patient.')
+_PATIENTS = flags.DEFINE_list('patients', None, 'Only these patient ids.')
+flags.mark_flags_as_required(['model', 'store', 'out'])
+
+
+def extraction_config(meta: dict, weights: str | None, device: str):
+  """The ExtractConfig that reproduces the training store's features."""
+  from feature_store import extract, slides
+
+  trained = meta['trained_on']
+  wsi, mri = trained.get('wsi'), trained.get('mri')
+  if not wsi or not mri:
+    raise ValueError(
+      'the model was trained on a store without extraction settings (a synthetic store): '
+      'new patients cannot be extracted the same way'
+    )
+  name = wsi['encoder']['weights']
+  if name not in ('imagenet', 'random') and not weights:
+    raise ValueError(f'the model used encoder weights {name!r}: pass --encoder_weights=PATH')
+  return extract.ExtractConfig(
+    device=device,
+    target_mpp=wsi['target_mpp'],
+    patch_px=wsi['patch_px'],
+    encoder_weights=weights or name,
+    radiomics_params=mri['radiomics']['params'],
+    mri_slices=mri['slices'],
+    fallback_mpp=wsi.get('fallback_mpp'),
+    tissue=slides.TissueParams(**wsi['tissue']),
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import sys
+  from pathlib import Path
+
+  from moemil_jax import bundle, predict
+
+  try:
+    models = [predict.load_bundle(path) for path in _MODELS.value]
+    if _MANIFEST.value:
+      from feature_store import extract
+
+      cfg = extraction_config(models[0].meta, _WEIGHTS.value, _DEVICE.value)
+      summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
+      if summary.failed:
+        logging.warning('%d item(s) failed to extract: see %s', summary.failed, _STORE.value)
+    table = predict.predict_ensemble(models, _STORE.value, _PATIENTS.value)
+  except (bundle.BundleError, ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  table.to_csv(out, index=False)
+  warned = int((table.warnings != '').sum())
+  print(
+    f'{len(table)} patients scored by {table.model.iloc[0]} -> {out} '
+    f'(response threshold {table.attrs["threshold"]:.3f}, risk cutoff '
+    f'{table.attrs["cutoff"]:.3f}; {warned} with warnings)'
+  )
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,244 @@
+"""Scoring new patients with trained models: `load_bundle(run_dir).predict(store)`.
+
+  from moemil_jax import predict
+  model = predict.load_bundle('runs/moemil')            # a finished training workdir
+  table = model.predict('new_store', patients=['NPC101'])
+  table[['patient_id', 'response_prob', 'response_class', 'log_risk', 'risk_group']]
+
+  predict.predict_ensemble([predict.load_bundle(d) for d in run_dirs], 'new_store')
+
+The store must hold features made exactly as the training store's (same encoder, weights,
+patch size and MPP, radiomics settings): a store with another fingerprint is refused with
+one line naming the difference. Each patient is scored from its own features only (unless
+the model was trained with per-center harmonisation, which re-standardises the new store's
+centers on their own patients, and says so), with every preprocessing statistic taken from
+the bundle. Labels are not needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from moemil_jax import batching, bundle, models, preprocess, store_reader, train
+from moemil_jax import device_data as device_data_lib
+
+MODALITY_NAMES = {'wsi': 'WSI', 'radiomics': 'MRI radiomics', 'mri_deep': 'deep MRI'}
+Z_WARNING = 1.5  # warn when a radiomics z-score exceeds this times the largest seen in training
+
+
+def subset(cohort: store_reader.Cohort, rows: np.ndarray) -> store_reader.Cohort:
+  """The cohort restricted to `rows` (patient indices), bags copied back to back."""
+  rows = np.asarray(rows, np.int64)
+  counts = cohort.patch_count[rows]
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  patches = np.zeros((int(counts.sum()), cohort.patches.shape[1]), cohort.patches.dtype)
+  for new, old in zip(offsets, rows):
+    o, c = cohort.patch_offset[old], cohort.patch_count[old]
+    patches[new : new + c] = cohort.patches[o : o + c]
+  return dataclasses.replace(
+    cohort,
+    patient_id=cohort.patient_id[rows],
+    center=cohort.center[rows],
+    response=cohort.response[rows],
+    os_months=cohort.os_months[rows],
+    os_event=cohort.os_event[rows],
+    patches=patches,
+    patch_offset=offsets,
+    patch_count=counts,
+    radiomics=cohort.radiomics.iloc[rows],
+    mri_deep=cohort.mri_deep[rows],
+    mri_deep_count=cohort.mri_deep_count[rows],
+    split=None,
+  )
+
+
+class Bundle:
+  """A loaded model bundle (one or more members) that scores patients of a feature store."""
+
+  def __init__(self, run_dir: str | Path):
+    self.run_dir = Path(run_dir)
+    self.meta, self.members = bundle.read(run_dir)
+    self.config = ml_collections.ConfigDict(self.meta['config'])
+    self.operating_points = self.meta['operating_points']
+
+  @property
+  def name(self) -> str:
+    return str(self.config.name)
+
+  def check_store(self, store_dir: str | Path) -> None:
+    """Refuses a store whose features were made otherwise than the training store's."""
+    diff = bundle.fingerprint_difference(
+      self.meta['trained_on'], bundle.store_fingerprint(store_dir)
+    )
+    if diff:
+      raise bundle.BundleError(
+        f'{store_dir}: features made differently from the store {self.run_dir} was trained '
+        f'on ({diff}); extract the new patients with the same encoder and settings'
+      )
+
+  def load(self, store_dir: str | Path, patients: Sequence[str] | None = None):
+    """The store's patients (or the named ones), as the model needs them."""
+    self.check_store(store_dir)
+    cohort = store_reader.load_store(store_dir)
+    if patients:
+      index = {p: i for i, p in enumerate(cohort.patient_id)}
+      missing = [p for p in patients if p not in index]
+      if missing:
+        raise bundle.BundleError(f'{store_dir}: patient {missing[0]!r} is not in the store')
+      cohort = subset(cohort, np.array([index[p] for p in patients]))
+    if self.config.data.harmonise_centers:
+      preprocess.harmonise_centers(cohort)
+    return cohort
+
+  def outputs(self, cohort) -> dict[str, np.ndarray]:
+    """Per member: response logits, log-risks (minus the member's offset) and gates."""
+    config = self.config
+    counts = (
+      cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)
+    )
+    layout = batching.bag_layout(cohort.patch_count)
+    packing = batching.evaluation_packing(
+      counts, batching.training_packing(counts, batch_size=config.train.batch_size)
+    )
+    batches = batching.eval_batches(np.arange(cohort.num_patients), counts, layout, packing)
+    logits, risks, gates = [], [], []
+    for member in self.members:
+      data = device_data_lib.prepare(cohort, config.data, layout=layout, fitted=member.fitted)
+      have = int(data.radiomics.shape[1])
+      data.radiomics = jnp.pad(data.radiomics, ((0, 0), (0, member.radiomics_width - have)))
+      config_json = json.dumps(config.to_dict(), sort_keys=True)
+      _, _, eval_step = train.compiled_steps(config_json, member.radiomics_width, 1)
+      model = train.build_model(config, member.radiomics_width)
+      _, params, rest = nnx.split(model, nnx.Param, ...)
+      nnx.replace_by_pure_dict(params, member.params)
+      params, rest = jax.device_put((params, rest), jax.devices()[0])
+      logit, risk, gate = train.predict_patients(
+        eval_step, params, rest, data, batches, cohort.num_patients, config.model.num_experts
+      )()
+      logits.append(logit)
+      risks.append(risk - member.risk_offset)
+      gates.append(gate)
+    return {'logit': np.stack(logits), 'log_risk': np.stack(risks), 'gates': np.stack(gates)}
+
+  def predict(self, store_dir: str | Path, patients: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per patient: probabilities, classes, risks, groups, gates and warnings."""
+    cohort = self.load(store_dir, patients)
+    out = self.outputs(cohort)
+    return _table(
+      cohort,
+      out['logit'].mean(0),
+      out['log_risk'].mean(0),
+      out['gates'].mean(0),
+      self.operating_points,
+      self.config,
+      self.members[0].fitted,
+      f'{self.name} ({len(self.members)} member{"s" if len(self.members) > 1 else ""})',
+    )
+
+
+def load_bundle(run_dir: str | Path) -> Bundle:
+  return Bundle(run_dir)
+
+
+def predict_ensemble(
+  bundles: Sequence[Bundle], store_dir: str | Path, patients: Sequence[str] | None = None
+) -> pd.DataFrame:
+  """Several runs (folds or seeds) averaged: mean logit, mean log-risk, mean gates; the
+  threshold and cutoff are the runs' means. One run is just that run."""
+  if len(bundles) == 1:
+    return bundles[0].predict(store_dir, patients)
+  first = bundles[0]
+  for b in bundles[1:]:
+    if tuple(b.config.model.modalities) != tuple(first.config.model.modalities):
+      raise bundle.BundleError(
+        f'{b.run_dir} uses modalities {tuple(b.config.model.modalities)}, {first.run_dir} '
+        f'{tuple(first.config.model.modalities)}: an ensemble needs the same inputs'
+      )
+  cohort = first.load(store_dir, patients)
+  for b in bundles[1:]:
+    b.check_store(store_dir)
+  outs = [b.outputs(cohort) for b in bundles]
+  run_mean = {k: np.stack([o[k].mean(0) for o in outs]).mean(0) for k in outs[0]}
+  points = {
+    'threshold': float(np.mean([b.operating_points['threshold'] for b in bundles])),
+    'cutoff': float(np.mean([b.operating_points['cutoff'] for b in bundles])),
+  }
+  gates = run_mean['gates'] if len({o['gates'].shape for o in outs}) == 1 else None
+  return _table(
+    cohort,
+    run_mean['logit'],
+    run_mean['log_risk'],
+    gates,
+    points,
+    first.config,
+    first.members[0].fitted,
+    f'ensemble of {len(bundles)} runs: ' + ', '.join(str(b.run_dir) for b in bundles),
+  )
+
+
+def _table(cohort, logit, risk, gates, points, config, fitted, model_name) -> pd.DataFrame:
+  prob = 1.0 / (1.0 + np.exp(-logit))
+  modalities = tuple(config.model.modalities)
+  present = {
+    'wsi': cohort.patch_count > 0,
+    'radiomics': cohort.has_radiomics,
+    'mri_deep': cohort.mri_deep_count > 0,
+  }
+  used = [
+    '+'.join(m for m in modalities if present[m][i]) or 'none' for i in range(cohort.num_patients)
+  ]
+  frame = pd.DataFrame(
+    {
+      'patient_id': cohort.patient_id.astype(str),
+      'response_prob': prob.astype(np.float64),
+      'response_class': (prob >= points['threshold']).astype(np.int64),
+      'log_risk': risk.astype(np.float64),
+      'risk_group': np.where(risk > points['cutoff'], 'high', 'low'),
+      'modalities_used': used,
+    }
+  )
+  if gates is not None:
+    for t, task in enumerate(models.TASKS):
+      for e in range(gates.shape[-1]):
+        frame[f'gate_{task}_e{e}'] = gates[:, t, e].astype(np.float64)
+  frame['warnings'] = _warnings(cohort, modalities, present, fitted, config)
+  frame['model'] = model_name
+  frame.attrs.update(points)
+  return frame
+
+
+def _warnings(cohort, modalities, present, fitted, config) -> list[str]:
+  """Per patient: missing modalities and inputs outside what training saw ('' if none)."""
+  lo, hi = fitted.bag_range
+  z = None
+  if fitted.radiomics.columns and len(cohort.radiomics.columns):
+    z = np.abs(fitted.radiomics.transform(cohort.radiomics)[:, : len(fitted.radiomics.columns)])
+    limit = np.maximum(Z_WARNING * fitted.radiomics_abs_z_max, 3.0)
+  out = []
+  for i in range(cohort.num_patients):
+    notes = [f'no {MODALITY_NAMES[m]}' for m in modalities if not present[m][i]]
+    n = int(cohort.patch_count[i])
+    if 'wsi' in modalities and n and hi and not lo <= n <= hi:
+      notes.append(f'bag of {n} patches outside the training range {lo}-{hi}')
+    if z is not None and 'radiomics' in modalities and present['radiomics'][i]:
+      beyond = np.flatnonzero(z[i] > limit)
+      if len(beyond):
+        worst = beyond[np.argmax(z[i, beyond])]
+        notes.append(
+          f'{len(beyond)} radiomics feature(s) beyond the training range '
+          f'(worst {fitted.radiomics.columns[worst]}, |z| {z[i, worst]:.1f})'
+        )
+    if config.data.harmonise_centers:
+      notes.append("features standardised within this store's center (harmonise_centers)")
+    out.append('; '.join(notes))
+  return out
