@@ -37,12 +37,14 @@ from feature_store import store as store_lib
 from moemil_jax import evaluation, metrics, preprocess, store_reader
 
 BASELINES = ('tnm', 'tnm_ebv', 'radiomics_linear', 'wsi_meanpool')
+COMBINED = 'moemil_clinical'
 ALL_BASELINES = BASELINES
 LABELS = {
   'tnm': 'TNM comparator',
   'tnm_ebv': 'TNM + EBV DNA baseline',
   'radiomics_linear': 'Radiomics baseline',
   'wsi_meanpool': 'WSI mean-pool baseline',
+  COMBINED: 'MoEMIL + clinical (TNM, EBV DNA)',
 }
 STAGE_ORDER = {'I': 1, 'II': 2, 'III': 3, 'IVA': 4, 'IVB': 5}
 TNM_FEATURES = ('t_stage', 'n_stage', 'overall_stage')
@@ -161,6 +163,64 @@ def _clinical_predictions(
   cph = CoxPHFitter(penalizer=0.01).fit(cox_df, 'os_months', 'os_event')
   log_risk = np.asarray(cph.predict_log_partial_hazard(pd.DataFrame(z, columns=names)))
   return _frame(df, model, lr.decision_function(z), log_risk)
+
+
+def _clinical_z(df: pd.DataFrame, train: np.ndarray) -> tuple[np.ndarray, list[str]]:
+  """Stages and log10(EBV DNA + 1) (missing: the training median), z-scored on `train`."""
+  ebv = np.log10(pd.to_numeric(df['ebv_dna'], errors='coerce').to_numpy(float) + 1.0)
+  known = np.isfinite(ebv)
+  if not (train & known).any():
+    raise BaselineSkipped('no patient of the fitting set has EBV DNA')
+  x = np.column_stack([_stage_matrix(df), np.where(known, ebv, np.median(ebv[train & known]))])
+  mean, sd = x[train].mean(0), x[train].std(0)
+  return (x - mean) / np.where(sd > 0, sd, 1.0), [*TNM_FEATURES, 'log10_ebv_dna']
+
+
+def combined_predictions(clinical: pd.DataFrame, primary: pd.DataFrame) -> pd.DataFrame:
+  """The nomogram NPC papers report: the model's score with TNM and EBV DNA.
+
+  A logistic regression on (response logit, stages, log EBV DNA) and a Cox model on
+  (log-risk, the same clinical variables), fitted where the model's scores are honest: its
+  out-of-fold predictions when it has them (ensembles), else its validation split, never
+  its training predictions (which it has fitted) nor the external test. Applied to every
+  patient with the model's own score.
+  """
+  from lifelines import CoxPHFitter
+  from sklearn.linear_model import LogisticRegression
+
+  split_of = primary.set_index('patient_id')['split']
+  df = _patients(clinical, split_of, (*TNM_FEATURES, 'ebv_dna'))
+  p = primary.set_index('patient_id').loc[df['patient_id']]
+  if 'oof_response_logit' in p and p['oof_response_logit'].notna().any():
+    fit = p['oof_response_logit'].notna().to_numpy()
+    logit_fit, risk_fit = p['oof_response_logit'].to_numpy(float), p['oof_log_risk'].to_numpy(float)
+  else:
+    fit = (df['split'] == 'val').to_numpy()
+    logit_fit, risk_fit = p['response_logit'].to_numpy(float), p['log_risk'].to_numpy(float)
+  if fit.sum() < 10:
+    raise BaselineSkipped('fewer than 10 out-of-fold or validation patients to fit it on')
+  z, names = _clinical_z(df, fit)
+  logit_all, risk_all = p['response_logit'].to_numpy(float), p['log_risk'].to_numpy(float)
+  scale_l, scale_r = np.std(logit_fit[fit]) or 1.0, np.std(risk_fit[fit]) or 1.0
+  y, t, e = _outcomes(df)
+  labelled = fit & np.isfinite(y)
+  if len(np.unique(y[labelled])) < 2:
+    raise BaselineSkipped('the fitting set has one response class only')
+  x_fit = np.column_stack([logit_fit / scale_l, z])
+  lr = LogisticRegression(C=1.0, max_iter=1000).fit(x_fit[labelled], y[labelled].astype(int))
+  logit = lr.decision_function(np.column_stack([logit_all / scale_l, z]))
+  cols = ['model_log_risk', *names]
+  os_ok = fit & np.isfinite(t) & np.isfinite(e)
+  cox_df = pd.DataFrame(np.column_stack([risk_fit / scale_r, z])[os_ok], columns=cols)
+  cph = CoxPHFitter(penalizer=0.01).fit(
+    cox_df.assign(os_months=t[os_ok], os_event=e[os_ok]), 'os_months', 'os_event'
+  )
+  log_risk = np.asarray(
+    cph.predict_log_partial_hazard(
+      pd.DataFrame(np.column_stack([risk_all / scale_r, z]), columns=cols)
+    )
+  )
+  return _frame(df, COMBINED, logit, log_risk)
 
 
 def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame:
@@ -512,12 +572,13 @@ def _baseline_predictions(
   clinical = pd.read_parquet(clinical_path)
   clinical['patient_id'] = clinical['patient_id'].astype(str)
   out: dict[str, pd.DataFrame] = {}
-  if 'tnm' in names:  # as it always has, TNM needs clinical.parquet only
+  clinical_only = {'tnm': tnm_predictions, 'tnm_ebv': tnm_ebv_predictions}
+  for name in [n for n in names if n in clinical_only]:  # clinical.parquet is all they need
     try:
-      out['tnm'] = tnm_predictions(clinical, split_of)
+      out[name] = clinical_only[name](clinical, split_of)
     except _UNFITTABLE as e:
-      skip('tnm', str(e))
-  rest = [n for n in names if n != 'tnm']
+      skip(name, str(e))
+  rest = [n for n in names if n not in clinical_only]
   if not rest:
     return out
   try:
@@ -534,9 +595,6 @@ def _baseline_predictions(
   train = (df['split'] == 'train').to_numpy()
   for name in rest:
     try:
-      if name == 'tnm_ebv':
-        out[name] = tnm_ebv_predictions(clinical, split_of)
-        continue
       if name == 'radiomics_linear':
         # Same rows and response as training: the whole store, training patients by split.
         x, has = radiomics_matrix(

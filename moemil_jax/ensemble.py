@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moemil_jax import bundle, sweep, train
+from moemil_jax import bundle, preprocess, sweep, train
 
 
 def ensemble_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
@@ -108,6 +108,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
     'split_counts': {s: int((cohort.split == s).sum()) for s in ('train', 'val', 'test')},
     'seconds': result.seconds,
     'processes': jax.process_count(),
+    'harmonise': preprocess.harmonise_mode(config.data),
   }
   (workdir / train.RUN_JSON).write_text(
     json.dumps(run_info, indent=2, default=train._jsonable) + '\n'

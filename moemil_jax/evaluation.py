@@ -2,8 +2,11 @@
 
 Input: a workdir with one folder per trained model, each holding `predictions.parquet`
 (one row per patient) and `run.json` (names the model and the feature store). Every
-threshold is fixed on the training split and applied unchanged to validation and the
-external test: the Youden threshold for response, the median training risk for OS.
+threshold is fixed once and applied unchanged to every split: the Youden threshold for
+response and the median log-risk for OS, on out-of-fold predictions when the run has them
+(ensembles), else on the validation split (model selection), else on training; never on the
+external test. A model trained to fit its training patients would look perfect there, so
+training is the last resort (the results say which was used: `threshold_fixed_on`).
 The comparators of `moemil_jax.baselines` (TNM; TNM + EBV DNA; penalised logistic and Cox
 models on radiomics and on mean-pooled slide embeddings) are fitted on training patients
 only, with the primary model's split assignment, and evaluated here exactly as the deep
@@ -22,14 +25,15 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from moemil_jax import metrics
+from moemil_jax import bundle, metrics, preprocess
 
 PREDICTIONS = 'predictions.parquet'
 RUN_JSON = 'run.json'
 SPLITS = ('train', 'val', 'test')
-SPLIT_NAMES = {'train': 'Training', 'val': 'Validation', 'test': 'External test'}
+SPLIT_NAMES = {'train': 'Training', 'val': 'Validation (model selection)', 'test': 'External test'}
 MODEL_ORDER = (
   'moemil',
+  'moemil_clinical',
   'dlr',
   'pathomics',
   'tnm',
@@ -47,6 +51,7 @@ DISPLAY_NAMES = {
   'tnm_ebv': 'TNM + EBV DNA',
   'radiomics_linear': 'Radiomics (L2 logistic / Cox)',
   'wsi_meanpool': 'WSI mean-pool (L2 logistic / Cox)',
+  'moemil_clinical': 'MoEMIL + clinical (TNM, EBV DNA)',
   'ceiling': 'Ceiling (what the views allow)',
   'oracle': 'Oracle (truth)',
 }
@@ -235,15 +240,17 @@ def _with_os(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def response_results(df: pd.DataFrame, *, n_bootstrap: int, ci_method: str) -> dict[str, Any]:
-  """AUC (CI), Youden threshold from training, threshold metrics, Brier and calibration per split."""
+  """AUC (CI), Youden threshold (`bundle.operating_points`), threshold metrics, Brier and
+  calibration per split."""
   out: dict[str, Any] = {}
-  train = _labelled(df[df['split'] == 'train'])
-  threshold, reason = _try(
-    metrics.youden_threshold, train['ic_response'].astype(int), train['response_prob']
-  )
+  points = bundle.operating_points(df)
+  threshold = None
+  if points['threshold_fixed_on'].startswith('default'):
+    out['threshold_undefined'] = 'no split with both response classes to fix the Youden threshold'
+  else:
+    threshold = points['threshold']
+    out['threshold_fixed_on'] = points['threshold_fixed_on']
   out['threshold'] = threshold
-  if reason:
-    out['threshold_undefined'] = f'Youden threshold not fixed on training: {reason}'
   for split in SPLITS:
     part = df[df['split'] == split]
     lab = _labelled(part)
@@ -274,11 +281,13 @@ def response_results(df: pd.DataFrame, *, n_bootstrap: int, ci_method: str) -> d
 def survival_results(
   df: pd.DataFrame, *, horizons: tuple[float, ...], n_bootstrap: int
 ) -> dict[str, Any]:
-  """C-index (CI), training-median risk groups, log-rank, HR and time-dependent AUC per split."""
+  """C-index (CI), median-risk groups (`bundle.operating_points`), log-rank, HR and
+  time-dependent AUC per split."""
   out: dict[str, Any] = {}
-  train = _with_os(df[df['split'] == 'train'])
-  cutoff = float(np.median(train['log_risk'])) if len(train) else None
+  points = bundle.operating_points(df)
+  cutoff = None if points['cutoff_fixed_on'].startswith('default') else points['cutoff']
   out['cutoff'] = cutoff
+  out['cutoff_fixed_on'] = points['cutoff_fixed_on']
   for split in SPLITS:
     part = _with_os(df[df['split'] == split])
     t, e = part['os_months'].to_numpy(float), part['os_event'].to_numpy(float)
@@ -294,7 +303,7 @@ def survival_results(
       res['undefined'] = (
         'no patients with OS in this split'
         if len(part) == 0
-        else 'no training patients with OS to fix the risk cutoff'
+        else 'no patients with a log-risk to fix the risk cutoff'
       )
       out[split] = res
       continue
@@ -323,9 +332,9 @@ def survival_results(
       res['hr'], res['hr_lo'], res['hr_hi'], res['hr_p'] = hr
     td = {}
     for h in horizons:
-      value, reason = _try(
-        metrics.time_dependent_auc, train['os_months'], train['os_event'], t, e, risk, h
-      )
+      # Censoring weights from the evaluated split's own patients: follow-up differs between
+      # centers, and another center's censoring curve would weight these patients wrongly.
+      value, reason = _try(metrics.time_dependent_auc, t, e, t, e, risk, h)
       td[f'{h:g}'] = value if reason is None else {'undefined': reason}
     res['td_auc'] = td
     out[split] = res
@@ -413,6 +422,10 @@ def evaluate_predictions(
     'delong': delong_comparisons(predictions, primary),
     'notes': list(notes or []),
   }
+  combined, clinical = 'moemil_clinical', 'tnm_ebv'
+  if combined in predictions and clinical in predictions:
+    pair = {k: predictions[k] for k in (combined, clinical)}
+    results['delong_combined_vs_clinical'] = delong_comparisons(pair, combined)
   return Evaluation(predictions=dict(predictions), results=_clean(results))
 
 
@@ -461,6 +474,24 @@ def evaluate(
         baselines.baseline_predictions(
           store, split_of, names=wanted, notes=notes, data_config=data_config
         )
+      )
+  if with_baselines and 'moemil_clinical' not in predictions:
+    store = found[primary][1].get('store')
+    try:
+      clinical = pd.read_parquet(Path(store) / 'clinical.parquet')
+      clinical['patient_id'] = clinical['patient_id'].astype(str)
+      predictions['moemil_clinical'] = baselines.combined_predictions(
+        clinical, predictions[primary]
+      )
+    except (EvaluationError, ValueError, OSError, TypeError) as e:
+      notes.append(f'{baselines.label("moemil_clinical")} skipped: {e}')
+      logging.warning('%s', notes[-1])
+  for name, (_, info) in found.items():
+    data_config = info.get('config', {}).get('data', {})
+    if data_config and preprocess.harmonise_mode(data_config) == 'per_center':
+      notes.append(
+        f'{display_name(name)}: features standardised within each center on its own patients '
+        '(data.harmonise=per_center, transductive: it needs a batch of patients per center)'
       )
   if truth is not None:
     truth_table = pd.read_csv(truth, dtype={'patient_id': str})
@@ -585,7 +616,7 @@ def undefined_notes(ev: Evaluation) -> list[str]:
 
 def format_comparison(table: pd.DataFrame) -> str:
   """The comparison table as fixed-width text for the terminal (splits stacked as row blocks)."""
-  lines = ['MoEMIL vs comparators (cutoffs and thresholds fixed on training)']
+  lines = ['MoEMIL vs comparators (thresholds and cutoffs fixed on validation or out-of-fold)']
   metrics_cols = ('AUC', 'C-index', 'Log-rank P')
   header = ['Model'] + [f'{SPLIT_NAMES[s]}' for s in SPLITS]
   for metric in metrics_cols:

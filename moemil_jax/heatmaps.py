@@ -491,7 +491,7 @@ def _ensemble_member(workdir: Path, config, device_data, *, member: int):
     first_layer = next(iter(params['radiomics']['layers'].values()))
     width = int(first_layer['kernel'].shape[0])
   device_data.radiomics = jnp.pad(device_data.radiomics, ((0, 0), (0, width - have)))
-  model = train.build_model(config, width)
+  model = train.build_model(config, width, int(device_data.patches.shape[1]))
   _, state, _ = nnx.split(model, nnx.Param, ...)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
@@ -535,7 +535,7 @@ def load_run(workdir: str | Path) -> TrainedRun:
         'the store changed since training'
       )
     radiomics_dim = int(device_data.radiomics.shape[1])
-    model = train.build_model(config, radiomics_dim)
+    model = train.build_model(config, radiomics_dim, int(device_data.patches.shape[1]))
     _, params, _ = nnx.split(model, nnx.Param, ...)
     tx = train.make_optimizer(config.train, 1)
     _, best = train.checkpoint_managers(workdir)

@@ -96,8 +96,7 @@ class Bundle:
       if missing:
         raise bundle.BundleError(f'{store_dir}: patient {missing[0]!r} is not in the store')
       cohort = subset(cohort, np.array([index[p] for p in patients]))
-    if self.config.data.harmonise_centers:
-      preprocess.harmonise_centers(cohort)
+    preprocess.harmonise(cohort, self.config.data)
     return cohort
 
   def outputs(self, cohort) -> dict[str, np.ndarray]:
@@ -117,8 +116,9 @@ class Bundle:
       have = int(data.radiomics.shape[1])
       data.radiomics = jnp.pad(data.radiomics, ((0, 0), (0, member.radiomics_width - have)))
       config_json = json.dumps(config.to_dict(), sort_keys=True)
-      _, _, eval_step = train.compiled_steps(config_json, member.radiomics_width, 1)
-      model = train.build_model(config, member.radiomics_width)
+      patch_dim = int(data.patches.shape[1])
+      _, _, eval_step = train.compiled_steps(config_json, member.radiomics_width, 1, patch_dim)
+      model = train.build_model(config, member.radiomics_width, patch_dim)
       _, params, rest = nnx.split(model, nnx.Param, ...)
       nnx.replace_by_pure_dict(params, member.params)
       params, rest = jax.device_put((params, rest), jax.devices()[0])
@@ -238,7 +238,7 @@ def _warnings(cohort, modalities, present, fitted, config) -> list[str]:
           f'{len(beyond)} radiomics feature(s) beyond the training range '
           f'(worst {fitted.radiomics.columns[worst]}, |z| {z[i, worst]:.1f})'
         )
-    if config.data.harmonise_centers:
-      notes.append("features standardised within this store's center (harmonise_centers)")
+    if preprocess.harmonise_mode(config.data) == 'per_center':
+      notes.append("features standardised within this store's centers (harmonise=per_center)")
     out.append('; '.join(notes))
   return out

@@ -294,6 +294,48 @@ def _read_patch_rows(cohort: Cohort, rows: np.ndarray) -> np.ndarray:
   )
 
 
+HARMONISE_MODES = ('none', 'reference', 'per_center')
+
+
+def harmonise_mode(data_config) -> str:
+  """config.data.harmonise ('none', 'reference' or 'per_center'); the older boolean
+  `harmonise_centers = True` means 'per_center'."""
+  mode = data_config.get('harmonise', None) or (
+    'per_center' if data_config.get('harmonise_centers', False) else 'none'
+  )
+  if mode not in HARMONISE_MODES:
+    raise ValueError(f'data.harmonise={mode!r}: choose one of {HARMONISE_MODES}')
+  return mode
+
+
+def harmonise(cohort: Cohort, data_config) -> str:
+  """Applies config.data.harmonise to the cohort (in place); returns the mode.
+
+  'none' and 'reference' change nothing here: every normalisation statistic (patches, deep
+  MRI, radiomics scaling and selection) is fitted on the training patients, who all come
+  from the development center(s), and applied unchanged to every center, so a new patient
+  is scored on their own. 'reference' names that choice explicitly. 'per_center' is
+  transductive: each center's features are standardised with that center's own unlabelled
+  patients (at least `data.min_center_patients`), which removes location and scale shifts
+  between hospitals but needs a batch of patients from the new center, and is flagged in
+  run.json and the report.
+  """
+  mode = harmonise_mode(data_config)
+  if mode != 'per_center':
+    return mode
+  minimum = int(data_config.get('min_center_patients', 20))
+  centers, counts = np.unique(cohort.center, return_counts=True)
+  for center, n in zip(centers, counts):
+    if n < minimum:
+      raise ValueError(
+        f'data.harmonise=per_center: center {center!r} has {n} patients, fewer than '
+        f'data.min_center_patients={minimum}; its statistics would be noise: use '
+        "data.harmonise='reference' or more patients"
+      )
+  harmonise_centers(cohort)
+  return mode
+
+
 def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
   """Standardises every feature within each center (in place): a simple site harmonisation.
 

@@ -310,9 +310,11 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
     "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
     f'<title>{html.escape(primary)}: clinical evaluation</title><style>{_CSS}</style></head><body>',
     f'<h1>{html.escape(primary)}: IC response and overall survival</h1>',
-    '<p>Thresholds are fixed on the training split and applied unchanged to validation and the '
-    'external test: the Youden threshold of the response probability, and the median training '
-    'log-risk for high/low OS risk groups. AUC 95% CI: '
+    '<p>Thresholds are fixed once and applied unchanged to every split: the Youden threshold '
+    'of the response probability and the median log-risk for high/low OS risk groups, on '
+    'out-of-fold predictions (ensembles), else on the validation split (model selection), '
+    'else on training; never on the external test. Time-dependent AUC: censoring weights '
+    "from each split's own patients. AUC 95% CI: "
     f'{html.escape(ev.results["ci_method"])}; C-index 95% CI: patient bootstrap. '
     'TNM: logistic regression (response) and Cox model (OS) on T, N and overall stage, fitted '
     'on training patients only.</p>',

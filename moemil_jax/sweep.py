@@ -92,7 +92,8 @@ def load(config) -> store_reader.Cohort:
   if not config.store:
     raise ValueError('config.store is empty: pass --store or --config.store')
   cohort = store_reader.load_store(config.store)
-  return preprocess.harmonise_centers(cohort) if config.data.harmonise_centers else cohort
+  preprocess.harmonise(cohort, config.data)
+  return cohort
 
 
 @dataclasses.dataclass
@@ -327,7 +328,9 @@ def train_sweep(
   for m in members:
     c = config.copy_and_resolve_references()
     c.seed = m.seed
-    graphdef, params, rest = nnx.split(train.build_model(c, radiomics_dim), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(
+      train.build_model(c, radiomics_dim, int(cohort.patches.shape[1])), nnx.Param, ...
+    )
     inits.append((params, rest))
   tx, step, evaluate = _steps(config, graphdef, steps_per_epoch, vectorize)
   params = [p for p, _ in inits]

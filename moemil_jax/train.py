@@ -46,8 +46,12 @@ RUN_JSON = 'run.json'
 # --------------------------------------------------------------------------- model, optimizer, steps
 
 
-def build_model(config, radiomics_dim: int) -> models.MoEMIL:
-  return models.MoEMIL(config.model, radiomics_dim=radiomics_dim, rngs=nnx.Rngs(params=config.seed))
+def build_model(config, radiomics_dim: int, patch_dim: int = 1024) -> models.MoEMIL:
+  """The model for these input widths: the store's patch embedding width (1,024 for the
+  ResNet50-layer3 trunk) and the selected radiomics columns."""
+  return models.MoEMIL(
+    config.model, radiomics_dim=radiomics_dim, wsi_dim=patch_dim, rngs=nnx.Rngs(params=config.seed)
+  )
 
 
 def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -87,10 +91,12 @@ def make_loss_fn(config, graphdef, *, mesh=None, gather_inputs=batching.gather_i
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(config_json: str, radiomics_dim: int, steps_per_epoch: int):
+def compiled_steps(
+  config_json: str, radiomics_dim: int, steps_per_epoch: int, patch_dim: int = 1024
+):
   """Jitted train/eval steps, cached so runs with the same config share compilations."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  graphdef, _, _ = nnx.split(build_model(config, radiomics_dim), nnx.Param, ...)
+  graphdef, _, _ = nnx.split(build_model(config, radiomics_dim, patch_dim), nnx.Param, ...)
   tx = make_optimizer(config.train, steps_per_epoch)
   dtype = jnp.dtype(config.model.compute_dtype)
   mesh = parallel.mesh_from_config(config)  # None: single device, as without config.mesh
@@ -216,8 +222,7 @@ def load_data(config, mesh) -> RunData:
     else lambda counts: np.isin(batching.bag_layout(counts, groups).group, own_groups),
   )
   layout = batching.bag_layout(cohort.patch_count, groups)
-  if dc.harmonise_centers:
-    preprocess.harmonise_centers(cohort)
+  preprocess.harmonise(cohort, dc)
   cohort.split = splits.assign_splits(
     cohort,
     test_center=config.split.test_center,
@@ -320,8 +325,9 @@ def train_and_evaluate(
   steps_per_epoch = len(first_plan)  # later epochs differ by a step or so: the schedule's unit
 
   config_json = json.dumps(config.to_dict(), sort_keys=True)
-  tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch)
-  _, params, rest = nnx.split(build_model(config, radiomics_dim), nnx.Param, ...)
+  patch_dim = int(device_data.patches.shape[1])
+  tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch, patch_dim)
+  _, params, rest = nnx.split(build_model(config, radiomics_dim, patch_dim), nnx.Param, ...)
   opt_state = tx.init(params)
   # Committed to their devices, as restored checkpoints are: one compiled program for both.
   params, rest, opt_state = (
@@ -508,6 +514,7 @@ def train_and_evaluate(
     'radiomics_columns': device_data.radiomics_columns,
     'processes': jax.process_count(),
     'bag_groups': rd.layout.groups,
+    'harmonise': preprocess.harmonise_mode(config.data),
   }
   if parallel.is_writer():
     frame.to_parquet(workdir / PREDICTIONS, index=False)
@@ -531,7 +538,7 @@ def train_and_evaluate(
     workdir / RUN_JSON,
     best_meta['epoch'],
     tc.val_metric,
-    best_meta['best_metric'],
+    'undefined' if best_meta['best_metric'] is None else f'{best_meta["best_metric"]:.3f}',
   )
   return {
     **run_info,

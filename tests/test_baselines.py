@@ -199,6 +199,7 @@ def test_evaluate_adds_the_baselines_to_the_comparison(fitted, tmp_path):
   table = evaluation.comparison_table(ev)
   assert list(table.index) == [
     'MoEMIL',
+    'MoEMIL + clinical (TNM, EBV DNA)',
     'TNM',
     'TNM + EBV DNA',
     'Radiomics (L2 logistic / Cox)',
@@ -207,7 +208,11 @@ def test_evaluate_adds_the_baselines_to_the_comparison(fitted, tmp_path):
     'Oracle (truth)',
   ]
   assert not ev.results['notes']
-  assert set(ev.results['delong']['test']) == set(baselines.ALL_BASELINES) | {'oracle', 'ceiling'}
+  assert set(ev.results['delong']['test']) == set(baselines.ALL_BASELINES) | {
+    'oracle',
+    'ceiling',
+    baselines.COMBINED,
+  }
   for name in baselines.ALL_BASELINES:  # the same frames as baseline_predictions gives
     np.testing.assert_array_equal(ev.predictions[name]['log_risk'], out[name]['log_risk'])
   assert table.loc['Radiomics (L2 logistic / Cox)', 'AUC External test (95% CI)'] != 'n/a'
@@ -235,7 +240,8 @@ def test_unfittable_baselines_are_skipped_with_notes(fitted, tmp_path):
     tmp_path / 'workdir', _rewrite_outcomes(store, tmp_path / 'one_class', one_class), split_of
   )
   ev = evaluation.evaluate(workdir, n_bootstrap=20)
-  assert ev.models == ['moemil']
+  # The combined comparator is fitted on the validation split, which has both classes.
+  assert ev.models == ['moemil', 'moemil_clinical']
   assert len(ev.results['notes']) == 4
   assert all('skipped' in n and 'one response class' in n for n in ev.results['notes'])
   assert ev.results['notes'] == evaluation.undefined_notes(ev)[:4]

@@ -72,7 +72,7 @@ def _config(module, store):
         node = node[part]
       node[key[-1]] = value
   c.store = str(store)
-  c.data.harmonise_centers = True
+  c.data.harmonise = 'per_center'
   c.data.max_train_patches = 64
   c.train.epochs = 20
   c.train.learning_rate = 1e-3

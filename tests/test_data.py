@@ -165,7 +165,7 @@ def test_bad_clinical_names_the_file(store, tmp_path):
   bad = tmp_path / 'store'
   shutil.copytree(store, bad)
   table = pq.read_table(bad / 'clinical.parquet').to_pandas()
-  table.loc[2, 'center'] = 'C'
+  table.loc[2, 'center'] = '../C'  # any safe name is a center; a path is not
   table.to_parquet(bad / 'clinical.parquet')
   with pytest.raises(store_lib.StoreError, match='clinical.parquet: row 2'):
     store_reader.load_store(bad)
@@ -220,3 +220,72 @@ def test_univariate_selection_is_survival_aware_stable_and_train_only():
   again = preprocess.fit_radiomics(wide, train, y2, os_months=t2, os_event=e, **kw)
   assert again.columns == sel.columns
   np.testing.assert_allclose(again.mean, sel.mean)
+
+
+def test_reference_harmonisation_uses_no_statistic_of_the_test_center(store):
+  """Everything fitted comes from training patients: center B's features cannot move it."""
+  config = test_config.get_config().data
+  config.harmonise = 'reference'
+
+  def fitted(cohort):
+    assert preprocess.harmonise(cohort, config) == 'reference'
+    cohort.split = splits.assign_splits(cohort, seed=0)
+    return device_data.prepare(cohort, config).fitted
+
+  base = fitted(store_reader.load_store(store))
+  shifted = store_reader.load_store(store)
+  b = shifted.center == 'B'
+  for p in np.flatnonzero(b):
+    o, c = shifted.patch_offset[p], shifted.patch_count[p]
+    shifted.patches[o : o + c] = (shifted.patches[o : o + c] * 3 + 5).astype(np.float16)
+  shifted.mri_deep[b] = shifted.mri_deep[b] * 2 - 1
+  shifted.radiomics.loc[b] = shifted.radiomics.loc[b] * 10 + 3
+  moved = fitted(shifted)
+  for name, value in base.arrays().items():
+    np.testing.assert_array_equal(moved.arrays()[name], value, err_msg=name)
+  assert moved.radiomics.columns == base.radiomics.columns
+
+
+def test_per_center_harmonisation_needs_enough_patients_per_center(store):
+  cohort = store_reader.load_store(store)
+  config = test_config.get_config().data
+  config.harmonise = 'per_center'
+  config.min_center_patients = int((cohort.center == 'B').sum()) + 1
+  with pytest.raises(ValueError, match="center 'B' has .* fewer than data.min_center_patients"):
+    preprocess.harmonise(cohort, config)
+  config.min_center_patients = 5
+  assert preprocess.harmonise(cohort, config) == 'per_center'
+  train_b = cohort.patches[cohort.patch_offset[cohort.center == 'B'][0]]
+  assert np.isfinite(train_b.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize('selection', ['lasso', 'top_k'])
+def test_radiomics_selection_sees_training_patients_only(selection):
+  """Outcomes and values of non-training patients cannot change what is selected."""
+  rng = np.random.default_rng(3)
+  n, f = 160, 30
+  y = (rng.random(n) < 0.5).astype(float)
+  x = rng.normal(size=(n, f))
+  x[:, :3] += 1.5 * y[:, None]  # three informative columns
+  wide = pd.DataFrame(x, columns=[f't1:f{j:02d}' for j in range(f)])
+  train = np.arange(n) < 100
+  t = rng.exponential(30, n)
+  e = (rng.random(n) < 0.6).astype(int)
+  kw = dict(corr_threshold=0.0, lasso=selection == 'lasso', top_k=5 if selection == 'top_k' else 0)
+
+  def fit(wide, y, t):
+    return preprocess.fit_radiomics(wide, train, y, os_months=t, os_event=e, seed=0, **kw)
+
+  base = fit(wide, y, t)
+  assert {'t1:f00', 't1:f01', 't1:f02'} <= set(base.columns)  # it does find the signal
+  other = wide.copy()
+  other.loc[~train] = rng.normal(size=(n - 100, f)) * 50  # wild values outside training
+  flipped = y.copy()
+  flipped[~train] = 1 - flipped[~train]
+  shuffled_t = t.copy()
+  shuffled_t[~train] = rng.permutation(t[~train])
+  moved = fit(other, flipped, shuffled_t)
+  assert moved.columns == base.columns
+  # Equal up to the summation order of the copied frame (1e-16), not merely close.
+  np.testing.assert_allclose(moved.mean, base.mean, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(moved.std, base.std, rtol=1e-12, atol=1e-14)

@@ -31,19 +31,22 @@ def test_trunks_have_clam_and_full_widths(wsi_encoder, patches):
   assert wsi_encoder(patches[:0]).shape == (0, 1024)
 
 
-def test_wsi_trunk_is_resnet50_up_to_layer3(wsi_encoder, patches):
-  """Same numbers as running torchvision's ResNet50 by hand and pooling layer3."""
+def test_wsi_trunk_is_resnet50_up_to_layer3(wsi_encoder):
+  """Same numbers as torchvision's own pipeline: the IMAGENET1K_V1 transform's normalisation
+  and crop size, and layer3 taken by torchvision's feature extractor, then mean-pooled."""
+  from torchvision.models import ResNet50_Weights
+  from torchvision.models.feature_extraction import create_feature_extractor
+
+  reference = ResNet50_Weights.IMAGENET1K_V1.transforms()
+  assert reference.crop_size == [encoders.INPUT_PX]  # patches are resized to the crop size
+  images = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
   model, _, _ = encoders.load_resnet50('random')
-  x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255
-  x = torch.nn.functional.interpolate(x, size=(224, 224), mode='bilinear', antialias=True)
-  mean = torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(encoders.IMAGENET_STD).view(1, 3, 1, 1)
-  x = (x - mean) / std
+  layer3 = create_feature_extractor(model.eval(), {'layer3': 'out'})
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+  x = torchvision.transforms.functional.normalize(x, reference.mean, reference.std)
   with torch.inference_mode():
-    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    h = model.layer3(model.layer2(model.layer1(h)))
-    ref = h.mean((2, 3)).numpy()
-  np.testing.assert_allclose(wsi_encoder(patches), ref, rtol=1e-4, atol=1e-5)
+    ref = layer3(x)['out'].mean((2, 3)).numpy()
+  np.testing.assert_allclose(wsi_encoder(images), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_float16_storage_changes_embeddings_little(wsi_encoder, patches, tmp_path):

@@ -106,7 +106,7 @@ def evaluated(tmp_path_factory):
 
 def test_models_and_metrics_match_libraries(evaluated):
   workdir, ev = evaluated
-  assert ev.models == ['moemil', 'dlr', 'pathomics', 'tnm']
+  assert ev.models == ['moemil', 'moemil_clinical', 'dlr', 'pathomics', 'tnm', 'tnm_ebv']
   for name in ev.models:
     df = ev.predictions[name]
     r = ev.results['per_model'][name]
@@ -126,12 +126,13 @@ def test_models_and_metrics_match_libraries(evaluated):
   json.dumps(ev.results)  # JSON-serialisable, NaN-free
 
 
-def test_cutoffs_fixed_on_training_and_applied_unchanged(evaluated):
+def test_cutoffs_fixed_on_validation_and_applied_unchanged(evaluated):
   _, ev = evaluated
   df = ev.predictions['moemil']
   surv = ev.results['per_model']['moemil']['survival']
-  cutoff = np.median(df.loc[df['split'] == 'train', 'log_risk'])
-  assert surv['cutoff'] == pytest.approx(cutoff)
+  cutoff = np.median(df.loc[df['split'] == 'val', 'log_risk'])  # model selection, not training
+  assert surv['cutoff'] == pytest.approx(cutoff) and surv['cutoff_fixed_on'] == 'validation'
+  assert cutoff != pytest.approx(np.median(df.loc[df['split'] == 'train', 'log_risk']))
   for split in ('val', 'test'):
     part = df[df['split'] == split]
     high = part['log_risk'] > cutoff
@@ -150,10 +151,11 @@ def test_cutoffs_fixed_on_training_and_applied_unchanged(evaluated):
     )
     assert surv[split]['hr'] == pytest.approx(cph.hazard_ratios_['g'], rel=1e-6)
   resp = ev.results['per_model']['moemil']['response']
-  train = df[(df['split'] == 'train') & df['ic_response'].notna()]
+  val = df[(df['split'] == 'val') & df['ic_response'].notna()]
   assert resp['threshold'] == pytest.approx(
-    metrics.youden_threshold(train['ic_response'].astype(int), train['response_prob'])
+    metrics.youden_threshold(val['ic_response'].astype(int), val['response_prob'])
   )
+  assert resp['threshold_fixed_on'] == 'validation'
   test = df[(df['split'] == 'test') & df['ic_response'].notna()]
   called = test['response_prob'] >= resp['threshold']
   assert resp['test']['tp'] == int((called & (test['ic_response'] == 1)).sum())
@@ -162,17 +164,57 @@ def test_cutoffs_fixed_on_training_and_applied_unchanged(evaluated):
 def test_delong_comparisons_and_tables(evaluated):
   _, ev = evaluated
   for split in evaluation.SPLITS:
-    assert set(ev.results['delong'][split]) == {'dlr', 'pathomics', 'tnm'}
+    assert set(ev.results['delong'][split]) == {
+      'dlr',
+      'pathomics',
+      'tnm',
+      'tnm_ebv',
+      'moemil_clinical',
+    }
     assert 0 <= ev.results['delong'][split]['pathomics']['p'] <= 1
   table = evaluation.comparison_table(ev)
-  assert list(table.index) == ['MoEMIL', 'DLR', 'Pathomics', 'TNM']
+  assert list(table.index) == [
+    'MoEMIL',
+    'MoEMIL + clinical (TNM, EBV DNA)',
+    'DLR',
+    'Pathomics',
+    'TNM',
+    'TNM + EBV DNA',
+  ]
   assert 'AUC External test (95% CI)' in table.columns
-  assert 'Log-rank P Validation' in table.columns
+  assert 'Log-rank P Validation (model selection)' in table.columns
   text = evaluation.format_comparison(table)
   for name in ('MoEMIL', 'DLR', 'Pathomics', 'TNM', 'C-index', 'Log-rank P', 'External test'):
     assert name in text
-  assert evaluation.survival_table(ev, 'test').shape[0] == 4
+  assert evaluation.survival_table(ev, 'test').shape[0] == 6
   assert 'DeLong P vs MoEMIL' in evaluation.response_table(ev, 'val').columns
+
+
+def test_combined_comparator_is_fitted_on_validation_and_tested(tmp_path):
+  """MoEMIL + clinical: fitted on the validation split, in metrics.json with DeLong tests."""
+  workdir = write_workdir(tmp_path)
+  ev = evaluation.evaluate(workdir, n_bootstrap=50, with_baselines=True)
+  assert {'tnm_ebv', 'moemil_clinical'} <= set(ev.models)
+  combined = ev.predictions['moemil_clinical']
+  assert combined['response_prob'].between(0, 1).all()
+  for split in evaluation.SPLITS:
+    assert 0 <= ev.results['delong'][split]['moemil_clinical']['p'] <= 1
+    assert 0 <= ev.results['delong_combined_vs_clinical'][split]['tnm_ebv']['p'] <= 1
+  # Fitted on validation only: changing training patients' outcomes does not move it.
+  pred = pd.read_parquet(workdir / 'moemil' / 'predictions.parquet')
+  train = pred['split'] == 'train'
+  pred.loc[train, 'response_logit'] = -pred.loc[train, 'response_logit']
+  pred.loc[train, 'response_prob'] = 1 / (1 + np.exp(-pred.loc[train, 'response_logit']))
+  pred.to_parquet(workdir / 'moemil' / 'predictions.parquet', index=False)
+  again = evaluation.evaluate(workdir, n_bootstrap=50, with_baselines=True)
+  test = combined['split'] == 'test'
+  np.testing.assert_allclose(
+    again.predictions['moemil_clinical'].loc[test, 'response_prob'],
+    combined.loc[test, 'response_prob'],
+    rtol=1e-9,
+  )
+  saved = json.loads(json.dumps(ev.results))
+  assert 'moemil_clinical' in saved['per_model'] and 'tnm_ebv' in saved['per_model']
 
 
 def test_tnm_uses_training_patients_only(tmp_path):
@@ -206,7 +248,10 @@ def test_one_class_split_reports_undefined_auc(tmp_path):
   assert 'auc' not in val
   assert 'one class' in val['auc_undefined']
   assert ev.results['delong']['val']['dlr']['undefined']
-  assert evaluation.comparison_table(ev).loc['MoEMIL', 'AUC Validation (95% CI)'] == 'n/a'
+  assert (
+    evaluation.comparison_table(ev).loc['MoEMIL', 'AUC Validation (model selection) (95% CI)']
+    == 'n/a'
+  )
   assert any('one class' in line for line in evaluation.undefined_notes(ev))
   assert 'auc' in ev.results['per_model']['moemil']['response']['test']
 

@@ -32,7 +32,7 @@ IMAGE_PROBE = (
   'document.body.dataset.images = imgs.length; document.body.dataset.loaded = '
   'imgs.filter(i => i.complete && i.naturalWidth > 0).length;});</script>'
 )
-N_IMAGES = 3 * 3 + 4 * 3  # ROC, calibration, DCA per split + KM per model per split
+N_IMAGES = 3 * 3 + 6 * 3  # ROC, calibration, DCA per split + KM per model (6) per split
 
 
 @pytest.fixture(scope='module')
@@ -46,9 +46,16 @@ def test_report_files(written):
   workdir, ev, paths = written
   assert json.loads((workdir / 'metrics.json').read_text()) == ev.results
   comparison = pd.read_csv(workdir / 'comparison.csv', index_col=0)
-  assert list(comparison.index) == ['MoEMIL', 'DLR', 'Pathomics', 'TNM']
+  assert list(comparison.index) == [
+    'MoEMIL',
+    'MoEMIL + clinical (TNM, EBV DNA)',
+    'DLR',
+    'Pathomics',
+    'TNM',
+    'TNM + EBV DNA',
+  ]
   md = (workdir / 'comparison.md').read_text().splitlines()
-  assert md[0].startswith('| Model') and set(md[1]) <= {'|', '-', ' '} and len(md) == 6
+  assert md[0].startswith('| Model') and set(md[1]) <= {'|', '-', ' '} and len(md) == 8
   for split in evaluation.SPLITS:
     assert (workdir / f'response_{split}.md').exists() and (
       workdir / f'survival_{split}.csv'
