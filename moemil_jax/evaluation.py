@@ -598,19 +598,37 @@ def survival_table(ev: Evaluation, split: str) -> pd.DataFrame:
 
 
 def undefined_notes(ev: Evaluation) -> list[str]:
-  """Every 'undefined' reason and warning in the results, as readable lines for the report."""
+  """Every 'undefined' reason and warning in the results, one line per kind: the notes,
+  then e.g. 'survival: no patients with OS in this split (Validation: MoEMIL, DLR)'."""
   lines = list(ev.results.get('notes', []))
+  groups: dict[tuple[str, str], dict[str, list[str]]] = {}
 
-  def walk(node: Any, path: list[str]) -> None:
-    if isinstance(node, dict):
-      for k, v in node.items():
-        if (k.endswith('undefined') or k.endswith('warning')) and isinstance(v, str):
-          lines.append(f'{" / ".join(path)}: {v}')
-        else:
-          walk(v, path + [display_name(k) if k in DISPLAY_NAMES else k])
+  def add(kind: str, message: str, split: str, model: str) -> None:
+    by_split = groups.setdefault((kind, message), {})
+    by_split.setdefault(SPLIT_NAMES.get(split, split), []).append(display_name(model))
 
-  walk(ev.results['per_model'], [])
-  walk({'DeLong': ev.results['delong']}, [])
+  for model, tasks in ev.results['per_model'].items():
+    for task, result in tasks.items():
+      for key, value in result.items():
+        if key.endswith(('undefined', 'warning')) and isinstance(value, str):
+          add(task, value, 'all splits', model)
+      for split in SPLITS:
+        for key, value in (result.get(split) or {}).items():
+          if key.endswith(('undefined', 'warning')) and isinstance(value, str):
+            add(task, value, split, model)
+  for split, per_model in ev.results.get('delong', {}).items():
+    for model, result in per_model.items():
+      if isinstance(result.get('undefined'), str):
+        add('DeLong vs MoEMIL', result['undefined'], split, model)
+  everyone = {display_name(m) for m in ev.results.get('models', [])}
+  comparators = everyone - {display_name(ev.results.get('primary', ''))}
+
+  def names(models: list[str]) -> str:
+    return 'all models' if comparators <= set(models) else ', '.join(models)
+
+  for (kind, message), by_split in groups.items():
+    where = '; '.join(f'{split}: {names(models)}' for split, models in by_split.items())
+    lines.append(f'{kind}: {message} ({where})')
   return lines
 
 
@@ -622,11 +640,15 @@ def format_comparison(table: pd.DataFrame) -> str:
   for metric in metrics_cols:
     cols = [c for c in table.columns if c.startswith(metric + ' ')]
     block = [[str(m)] + [str(table.loc[m, c]) for c in cols] for m in table.index]
+    # A split no model has (an ensemble has no validation split) is left out.
+    kept = [0] + [i + 1 for i in range(len(cols)) if any(r[i + 1] != 'n/a' for r in block)]
+    block = [[r[i] for i in kept] for r in block]
+    header_kept = [header[i] for i in kept]
     title = metric + (' (95% CI)' if metric != 'Log-rank P' else '')
-    widths = [max(len(r[i]) for r in block + [header]) for i in range(len(header))]
+    widths = [max(len(r[i]) for r in block + [header_kept]) for i in range(len(header_kept))]
     lines.append('')
     lines.append(title)
-    lines.append('  '.join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append('  '.join(h.ljust(w) for h, w in zip(header_kept, widths)))
     lines.append('  '.join('-' * w for w in widths))
     lines.extend('  '.join(v.ljust(w) for v, w in zip(r, widths)) for r in block)
   if table.apply(lambda c: c.astype(str).str.endswith('*')).to_numpy().any():

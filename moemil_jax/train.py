@@ -235,6 +235,12 @@ def load_data(config, mesh) -> RunData:
   logging.info('split: %s', counts)
   if counts['train'] == 0:
     raise ValueError(f'{store_dir}: no training patients (center != {config.split.test_center})')
+  if counts['val'] == 0:
+    raise ValueError(
+      f'{store_dir}: no validation patients (split.val_fraction={config.split.val_fraction}, '
+      f'{counts["train"]} development patients), so no checkpoint can be chosen: raise '
+      'split.val_fraction or train an ensemble (--ensemble=5), which selects out of fold'
+    )
   data = device_data_lib.prepare(cohort, dc, seed=config.seed, layout=layout, mesh=mesh)
   patch_counts = (
     cohort.patch_count if 'wsi' in config.model.modalities else np.zeros_like(cohort.patch_count)

@@ -135,3 +135,21 @@ def test_one_compiled_step_whatever_the_bag_sizes(tmp_path, caplog):
   assert info['compiled'] == {'train_step': 1, 'eval_step': 1}
   assert 'train_step compiled 1 times' in caplog.text
   assert info['step_shape']['eval_patch_slots'] >= counts.max()
+
+
+def test_no_validation_patients_stops_with_one_line(store, tmp_path):
+  c = _config(store)
+  c.split.val_fraction = 0.0
+  with pytest.raises(ValueError, match='no validation patients') as err:
+    train.train_and_evaluate(c, tmp_path)
+  assert '\n' not in str(err.value)
+
+
+def test_nan_validation_metric_never_replaces_the_best_checkpoint():
+  first = {'best_epoch': None, 'best_metric': None}
+  assert train._improved(first, float('nan'))  # the first epoch is kept, whatever its metric
+  kept = {'best_epoch': 3, 'best_metric': 0.61}
+  assert not train._improved(kept, float('nan'))
+  assert not train._improved(kept, 0.60) and train._improved(kept, 0.62)
+  undefined = {'best_epoch': 1, 'best_metric': None}  # the best so far had a NaN metric
+  assert train._improved(undefined, 0.55) and not train._improved(undefined, float('nan'))
