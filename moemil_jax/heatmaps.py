@@ -18,7 +18,6 @@ carry patient identifiers and never reach any output.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -378,10 +377,10 @@ class SlideAttention:
 
 @dataclasses.dataclass
 class TrainedRun:
-  """The best checkpoint of a training workdir with the data it was trained on.
+  """A trained model (from its bundle) with the patients of a feature store.
 
-  Preprocessing is refitted on the same training split (deterministic from the config), so
-  the model sees exactly the normalisation it was trained with.
+  Built from the run's model bundle: the model sees exactly the normalisation it was trained
+  with, on the training store or on any store made with the same encoder and settings.
   """
 
   workdir: Path
@@ -467,86 +466,43 @@ def _forward(model, inputs):
 _JIT_FORWARD = None
 
 
-def _ensemble_member(workdir: Path, config, device_data, *, member: int):
-  """One member of an ensemble workdir (moemil_jax/ensemble.py) as a model, and its epoch.
-
-  Members were built with the widest fold's radiomics width, so this fold's radiomics are
-  zero-padded to it, as in the sweep.
-  """
-  import jax
+def load_run(workdir: str | Path, store_dir: str | Path | None = None) -> TrainedRun:
+  """A trained run's model (member 0 of an ensemble) from its bundle, with the patients of
+  `store_dir` (default: the store it was trained on) preprocessed as in training."""
   import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
-  from moemil_jax import train
-
-  path = (workdir / 'checkpoints' / 'ensemble').resolve()
-  if not path.exists():
-    raise FileNotFoundError(f'{path}: no ensemble checkpoint; is {workdir} a finished run?')
-  stacked = ocp.StandardCheckpointer().restore(path)
-  params = jax.tree.map(lambda x: np.asarray(x)[member], stacked)
-  have = int(device_data.radiomics.shape[1])
-  width = have
-  if 'radiomics' in params:
-    first_layer = next(iter(params['radiomics']['layers'].values()))
-    width = int(first_layer['kernel'].shape[0])
-  device_data.radiomics = jnp.pad(device_data.radiomics, ((0, 0), (0, width - have)))
-  model = train.build_model(config, width, int(device_data.patches.shape[1]))
-  _, state, _ = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  info = json.loads((workdir / train.RUN_JSON).read_text())
-  return model, int(info['ensemble']['best_epoch'])
-
-
-def load_run(workdir: str | Path) -> TrainedRun:
-  """Restores <workdir>/checkpoints/best with the config and store named in run.json."""
   import ml_collections
   from flax import nnx
 
+  from moemil_jax import bundle, preprocess, store_reader, train
   from moemil_jax import device_data as device_data_lib
-  from moemil_jax import preprocess, splits, store_reader, train
 
   workdir = Path(workdir)
-  run_json = workdir / train.RUN_JSON
-  if not run_json.exists():
-    raise FileNotFoundError(f'{run_json}: not found; is {workdir} a finished training workdir?')
-  info = json.loads(run_json.read_text())
-  config = ml_collections.ConfigDict(info['config'])
-  store_dir = Path(info['store'])
+  meta, members = bundle.read(workdir)
+  member = members[0]
+  config = ml_collections.ConfigDict(meta['config'])
+  store_dir = Path(store_dir or meta['trained_on']['store'])
+  difference = bundle.fingerprint_difference(
+    meta['trained_on'], bundle.store_fingerprint(store_dir)
+  )
+  if difference:
+    raise ValueError(
+      f'{store_dir}: features made differently from the training store ({difference})'
+    )
   cohort = store_reader.load_store(store_dir)
-  cohort.split = splits.assign_splits(
-    cohort,
-    test_center=config.split.test_center,
-    val_fraction=config.split.val_fraction,
-    seed=config.split.seed,
-    folds=config.split.folds,
-    fold=config.split.fold,
+  preprocess.harmonise(cohort, config.data)
+  device_data = device_data_lib.prepare(cohort, config.data, fitted=member.fitted)
+  have = int(device_data.radiomics.shape[1])
+  device_data.radiomics = jnp.pad(
+    device_data.radiomics, ((0, 0), (0, member.radiomics_width - have))
   )
-  device_data = device_data_lib.prepare(cohort, config.data, seed=config.seed)
-  members = info.get('ensemble', {}).get('members')
-  if members:  # an ensemble: explain its first member (fold 0, the split assigned above)
-    model, step = _ensemble_member(workdir, config, device_data, member=0)
-    logging.info('%s is an ensemble of %d: explaining member %s', workdir, len(members), members[0])
-  else:
-    if list(device_data.radiomics_columns) != list(info.get('radiomics_columns', [])):
-      raise ValueError(
-        f'{store_dir}: radiomics selection differs from the one in {run_json}; '
-        'the store changed since training'
-      )
-    radiomics_dim = int(device_data.radiomics.shape[1])
-    model = train.build_model(config, radiomics_dim, int(device_data.patches.shape[1]))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    tx = train.make_optimizer(config.train, 1)
-    _, best = train.checkpoint_managers(workdir)
-    step = best.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{workdir}/checkpoints/best holds no checkpoint')
-    train.restore_checkpoint(best, step, params, tx.init(params))
-    nnx.update(model, params)
-  mri_mean, mri_std = preprocess.masked_mean_std(
-    cohort.mri_deep, cohort.split == 'train', cohort.mri_deep_count
-  )
+  model = train.build_model(config, member.radiomics_width, int(device_data.patches.shape[1]))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, member.params)
+  nnx.update(model, params)
+  if len(members) > 1:
+    logging.info(
+      '%s is an ensemble of %d: explaining member %s', workdir, len(members), member.name
+    )
   rows = []
   for path in store.slide_files(store_dir):
     t = pq.read_table(path, columns=['patient_id'])
@@ -560,7 +516,7 @@ def load_run(workdir: str | Path) -> TrainedRun:
         }
       )
   slide_table = pd.DataFrame(rows, columns=['slide_id', 'patient_id', 'path', 'n'])
-  logging.info('restored %s (best epoch %d) from %s', config.name, step, workdir)
+  logging.info('restored %s (%s) from %s', config.name, member.name, workdir)
   return TrainedRun(
     workdir,
     config,
@@ -568,7 +524,7 @@ def load_run(workdir: str | Path) -> TrainedRun:
     cohort,
     device_data,
     model,
-    mri_mean.astype(np.float32),
-    mri_std.astype(np.float32),
+    member.fitted.deep_mean.astype(np.float32),
+    member.fitted.deep_std.astype(np.float32),
     slide_table,
   )

@@ -573,8 +573,39 @@ def _report(config, cohort, members, logits, risks, splits):
   return table, by_fold, ensemble, frame
 
 
-def write(result: SweepResult, workdir) -> None:
-  """sweep.json (members, per-member, per-fold and ensemble metrics) + predictions.parquet."""
+TEST_COLUMNS = ('test_auc', 'test_cindex')
+
+
+def reported(result: SweepResult, report_test: str = 'selected') -> dict[str, Any]:
+  """The tables a user sees. 'selected': validation metrics for every member and test
+  metrics only for the member chosen on validation (best mean of validation AUC and
+  C-index) and for the ensemble, so that no choice can be made on the test set; 'all':
+  every member's test metrics too (for method comparisons, said explicitly)."""
+  if report_test not in ('selected', 'all'):
+    raise ValueError(f"report_test={report_test!r}: use 'selected' or 'all'")
+  table, folds = result.metrics, result.fold_metrics
+  score = table[['val_auc', 'val_cindex']].mean(axis=1, skipna=True)
+  chosen = table.loc[score.fillna(-np.inf).idxmax()]
+  selected = {
+    'member': chosen['member'],
+    'chosen_on': 'mean of validation AUC and C-index',
+    **{c: chosen[c] for c in ('val_auc', 'val_cindex', *TEST_COLUMNS)},
+  }
+  if report_test == 'selected':
+    table = table.drop(columns=list(TEST_COLUMNS))
+    folds = folds[[c for c in folds.columns if not c.startswith('test_')]]
+  return {
+    'report_test': report_test,
+    'metrics': table,
+    'fold_metrics': folds,
+    'selected_member': selected,
+    'ensemble': result.ensemble,
+  }
+
+
+def write(result: SweepResult, workdir, report_test: str = 'selected') -> None:
+  """sweep.json (members, per-member, per-fold and ensemble metrics, as `reported` shows
+  them) + predictions.parquet."""
   from pathlib import Path
 
   workdir = Path(workdir)
@@ -583,15 +614,18 @@ def write(result: SweepResult, workdir) -> None:
   def clean(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
+  shown = reported(result, report_test)
   summary = {
     'members': [dataclasses.asdict(m) for m in result.members],
     'seconds': result.seconds,
+    'report_test': report_test,
     'metrics': [
-      {k: clean(v) for k, v in r.items()} for r in result.metrics.to_dict(orient='records')
+      {k: clean(v) for k, v in r.items()} for r in shown['metrics'].to_dict(orient='records')
     ],
     'fold_metrics': [
-      {k: clean(v) for k, v in r.items()} for r in result.fold_metrics.to_dict(orient='records')
+      {k: clean(v) for k, v in r.items()} for r in shown['fold_metrics'].to_dict(orient='records')
     ],
+    'selected_member': {k: clean(v) for k, v in shown['selected_member'].items()},
     'ensemble': {k: clean(v) for k, v in result.ensemble.items()},
     'train_loss': result.train_loss.tolist(),
   }

@@ -90,6 +90,17 @@ def test_reports(both, setup, tmp_path):
   sweep.write(vec, tmp_path)
   summary = json.loads((tmp_path / 'sweep.json').read_text())
   assert len(summary['metrics']) == len(MEMBERS) and summary['ensemble']['members'] == 4
+  # By default no member's test metric is shown, except the one chosen on validation.
+  assert summary['report_test'] == 'selected'
+  assert all('test_auc' not in r and 'val_auc' in r for r in summary['metrics'])
+  assert not any(k.startswith('test_') for r in summary['fold_metrics'] for k in r)
+  score = vec.metrics[['val_auc', 'val_cindex']].mean(axis=1)
+  best = vec.metrics.loc[score.idxmax()]
+  assert summary['selected_member']['member'] == best.member
+  assert summary['selected_member']['test_auc'] == pytest.approx(best.test_auc)
+  sweep.write(vec, tmp_path / 'all', report_test='all')
+  every = json.loads((tmp_path / 'all' / 'sweep.json').read_text())
+  assert all('test_auc' in r for r in every['metrics'])
 
 
 def test_bad_fold_is_refused(setup):
