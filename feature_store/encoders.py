@@ -64,8 +64,12 @@ def load_resnet50(weights: str, kind: str = 'mri') -> tuple[torchvision.models.R
     with torch.random.fork_rng(devices=[]):
       torch.manual_seed(RANDOM_SEED)
       model = torchvision.models.resnet50(weights=None)
-    logging.warning(
-      'encoder weights are RANDOM (seed %d): features are not pretrained', RANDOM_SEED
+    logging.log_first_n(  # once per process, not once per encoder
+      logging.WARNING,
+      'encoder weights are RANDOM (seed %d): features are NOT pretrained, fine for a demo or '
+      'a test, not for a study (--encoder_weights=imagenet downloads the ImageNet weights once)',
+      1,
+      RANDOM_SEED,
     )
     return model.eval(), _sha256_state(model.state_dict()), False
   model = torchvision.models.resnet50(weights=None)

@@ -60,10 +60,14 @@ class ExtractConfig:
   fallback_mpp: float | None = None
   tissue: slides.TissueParams = slides.TissueParams()
   overwrite: bool = False
+  outcomes_required: bool = True  # False: a manifest of new patients to score (no labels)
+  prune: bool = False  # remove the files of patients no longer in the manifest
 
 
 @dataclasses.dataclass
 class Summary:
+  patients: int = 0  # valid manifest rows (patients in clinical.parquet)
+  rejected: int = 0  # manifest rows refused (each logged with its line and column)
   slides_done: int = 0
   slides_skipped: int = 0
   patches: int = 0
@@ -71,6 +75,8 @@ class Summary:
   mri_skipped: int = 0
   failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
   finalised: bool = False
+  orphans: list[str] = dataclasses.field(default_factory=list)  # patients not in the manifest
+  pruned: bool = False  # their files were removed (--prune)
 
   @property
   def failed(self) -> int:
@@ -292,6 +298,48 @@ def _check_existing(store_dir: Path, wsi_sha: str, mri_sha: str, overwrite: bool
     path.unlink(missing_ok=True)
 
 
+def orphan_files(store_dir: Path, keep: set[str]) -> dict[str, list[Path]]:
+  """The unit files (slides, MRI parts) of patients not in `keep`, by patient id."""
+  out: dict[str, list[Path]] = {}
+  for path in store.slide_files(store_dir):
+    pid, _ = store.slide_patient_and_rows(path)
+    pid = pid or str(store.table_metadata(path).get('patient_id', ''))
+    if pid and pid not in keep:
+      out.setdefault(pid, []).append(path)
+  for suffix in ('.radiomics.parquet', '.deep.parquet'):
+    for path in sorted((Path(store_dir) / MRI_DIR).glob(f'*{suffix}')):
+      pid = path.name[: -len(suffix)]
+      if pid not in keep:
+        out.setdefault(pid, []).append(path)
+  return out
+
+
+def _handle_orphans(store_dir: Path, man: manifest_lib.Manifest, prune: bool) -> list[str]:
+  """Warns about (or, with prune, removes) the files of patients no longer in the manifest.
+  A rejected row still names its patient: its files are kept for when the row is fixed."""
+  keep = {p.patient_id for p in man.patients} | {e.patient_id for e in man.errors}
+  orphans = orphan_files(store_dir, keep)
+  if not orphans:
+    return []
+  if not prune:
+    names = sorted(orphans)
+    logging.warning(
+      '%s holds the files of %d patient(s) no longer in the manifest (%s): training ignores '
+      'them; --prune removes them',
+      store_dir,
+      len(names),
+      ', '.join(names[:5]) + (', ...' if len(names) > 5 else ''),
+    )
+    return names
+  for pid, paths in sorted(orphans.items()):
+    # One unlink per file (each atomic); the deep MRI part marks a patient complete, so it
+    # goes first. A kill halfway leaves files the next --prune removes.
+    for path in sorted(paths, key=lambda p: not p.name.endswith('.deep.parquet')):
+      path.unlink(missing_ok=True)
+    logging.info('pruned %s: %d file(s), no longer in the manifest', pid, len(paths))
+  return sorted(orphans)
+
+
 def extract(
   manifest_path: Path | str, store_dir: Path | str, cfg: ExtractConfig = ExtractConfig()
 ) -> Summary:
@@ -299,10 +347,15 @@ def extract(
   store_dir = Path(store_dir)
   if not 0 <= cfg.shard_index < cfg.shard_count:
     raise ValueError(f'shard_index {cfg.shard_index} not in [0, shard_count={cfg.shard_count})')
-  man = manifest_lib.read_manifest(manifest_path)
+  man = manifest_lib.read_manifest(manifest_path, outcomes_required=cfg.outcomes_required)
   for err in man.errors:
     logging.error('%s: %s', manifest_path, err)
   logging.info('manifest: %d valid patients, %d problems', len(man.patients), len(man.errors))
+  if not man.patients:
+    raise manifest_lib.ManifestError(
+      f'{manifest_path}: no valid patient row ({len(man.errors)} problems, each logged above '
+      'with its line and column); fix them and rerun: nothing was extracted'
+    )
 
   wsi_encoder = encoders.Encoder('wsi', cfg.encoder_weights, cfg.device)
   mri_encoder = encoders.Encoder('mri', cfg.encoder_weights, cfg.device)
@@ -325,7 +378,9 @@ def extract(
   _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
   store_dir.mkdir(parents=True, exist_ok=True)
 
-  summary = Summary()
+  summary = Summary(patients=len(man.patients), rejected=len({e.line for e in man.errors}))
+  summary.orphans = _handle_orphans(store_dir, man, cfg.prune)
+  summary.pruned = bool(summary.orphans) and cfg.prune
   all_slides = [(p, s) for p in man.patients for s in p.slides]
   my_slides = all_slides[cfg.shard_index :: cfg.shard_count]
   mri_patients = [p for p in man.patients if p.mri]

@@ -18,7 +18,6 @@ import pyarrow as pa
 from feature_store import store
 
 MANIFEST_COLUMNS = store.CLINICAL_COLUMNS + ('slides', 'mri_t1', 'mri_t2', 'mri_t1c', 'mri_mask')
-CENTERS = ('A', 'B')
 SEXES = ('M', 'F')
 OVERALL_STAGES = ('I', 'II', 'III', 'IVA', 'IVB')
 T_STAGES = (1, 2, 3, 4)
@@ -94,8 +93,11 @@ def _float(value: str, *, positive: bool = False, non_negative: bool = False) ->
   return x
 
 
-def _parse_clinical(row: dict[str, str]) -> tuple[dict, list[tuple[str, str]]]:
-  """Typed clinical values and a list of (column, message) problems."""
+def _parse_clinical(
+  row: dict[str, str], outcomes_required: bool = True
+) -> tuple[dict, list[tuple[str, str]]]:
+  """Typed clinical values and a list of (column, message) problems. Without
+  `outcomes_required` (patients to be scored), OS may be empty too."""
   out: dict = {}
   problems: list[tuple[str, str]] = []
 
@@ -134,7 +136,7 @@ def _parse_clinical(row: dict[str, str]) -> tuple[dict, list[tuple[str, str]]]:
     return parse
 
   field('patient_id', patient_id)
-  field('center', choice(CENTERS))
+  field('center', lambda raw: store.validate_id(raw, what='center'))
   field('age', optional_float)
   field('sex', choice(SEXES))
   field('ebv_dna', optional_float)
@@ -142,22 +144,34 @@ def _parse_clinical(row: dict[str, str]) -> tuple[dict, list[tuple[str, str]]]:
   field('n_stage', lambda raw: _int_in(raw, N_STAGES))
   field('overall_stage', choice(OVERALL_STAGES))
   field('ic_response', binary(optional=True))
-  field('os_months', lambda raw: _float(raw, positive=True))
-  field('os_event', binary(optional=False))
+  if outcomes_required:
+    field('os_months', lambda raw: _float(raw, positive=True))
+  else:
+    field('os_months', lambda raw: None if raw == '' else _float(raw, positive=True))
+  field('os_event', binary(optional=not outcomes_required))
   return out, problems
 
 
-def read_manifest(path: Path | str) -> Manifest:
+def read_manifest(path: Path | str, *, outcomes_required: bool = True) -> Manifest:
   """Reads and validates manifest.csv; file paths are resolved relative to it."""
   path = Path(path)
   root = path.resolve().parent
   try:
-    with open(path, newline='') as f:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark.
+    with open(path, newline='', encoding='utf-8-sig') as f:
       reader = csv.DictReader(f)
       header = [h.strip() for h in (reader.fieldnames or [])]
       rows = list(reader)
+  except FileNotFoundError as e:
+    raise ManifestError(f'{path}: no such manifest file; check --manifest') from e
   except OSError as e:
     raise ManifestError(f'{path}: cannot read manifest ({e})') from e
+  except UnicodeDecodeError as e:
+    raise ManifestError(
+      f'{path}: not UTF-8 text (byte {e.start}); save it as "CSV UTF-8" and rerun'
+    ) from e
+  except csv.Error as e:
+    raise ManifestError(f'{path}: not a readable CSV file ({e})') from e
   missing = [c for c in MANIFEST_COLUMNS if c not in header]
   if missing:
     raise ManifestError(
@@ -184,7 +198,7 @@ def read_manifest(path: Path | str) -> Manifest:
     if None in raw_row:
       errors.append(RowError(line, '*', f'{len(raw_row[None])} more fields than the header'))
       continue
-    clinical, problems = _parse_clinical(row)
+    clinical, problems = _parse_clinical(row, outcomes_required)
     pid = clinical.get('patient_id', (row.get('patient_id') or '').strip())
     row_errors = [RowError(line, c, m, pid) for c, m in problems]
     if 'patient_id' in clinical:
@@ -272,7 +286,7 @@ def clinical_table(
       'overall_stage': pa.array(col('overall_stage'), pa.string()),
       'ic_response': pa.array(col('ic_response'), pa.int8()),
       'os_months': pa.array(col('os_months'), pa.float64()),
-      'os_event': pa.array(np.asarray(col('os_event'), np.int8), pa.int8()),
+      'os_event': pa.array(col('os_event'), pa.int8()),  # null for patients to score
       'has_wsi': pa.array([bool(has_wsi.get(p, False)) for p in pids], pa.bool_()),
       'has_mri': pa.array([bool(has_mri.get(p, False)) for p in pids], pa.bool_()),
     }

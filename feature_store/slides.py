@@ -81,7 +81,10 @@ def slide_mpp(slide: openslide.OpenSlide, fallback_mpp: float | None = None) -> 
     return float(np.mean(values)), 'slide'
   if fallback_mpp:
     return float(fallback_mpp), 'fallback'
-  raise SlideError('slide has no MPP (openslide.mpp-x/y); pass a fallback MPP to use it anyway')
+  raise SlideError(
+    'slide has no MPP (openslide.mpp-x/y); if you know it, pass --fallback_mpp=UM_PER_PX '
+    '(about 0.25 for a 40x scan, 0.5 for 20x)'
+  )
 
 
 def _to_rgb(region: np.ndarray) -> np.ndarray:

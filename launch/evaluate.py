@@ -1,6 +1,6 @@
 r"""Evaluates every trained model under a workdir and writes the clinical report.
 
-  python -m launch.evaluate --workdir=/tmp/run
+  python -m launch.evaluate --workdir=runs/
 
 Reads <workdir>/<model>/predictions.parquet (+ run.json naming the feature store), adds the
 comparators fitted on the training patients of that store (TNM from clinical.parquet; with
@@ -9,12 +9,22 @@ moemil_jax/baselines.py), writes metrics.json, CSV/Markdown tables, PNG figures 
 self-contained report.html into the workdir, and prints the comparison table.
 """
 
-from absl import app, flags, logging
+import json
+from pathlib import Path
 
-from moemil_jax import evaluation, report
+from absl import flags, logging
 
+from launch import cli
+
+EXAMPLE = '--workdir=runs/ [--truth=cohort/truth.csv] [--pseudonymise]'
+PREDICTIONS, RUN_JSON = 'predictions.parquet', 'run.json'
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Folder with one subfolder per trained model.', required=True)
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Folder with one subfolder per trained model (the parent of each launch.train --workdir).',
+  required=True,
+)
 flags.DEFINE_enum('ci_method', 'delong', ['delong', 'bootstrap'], '95% CI method for the AUC.')
 flags.DEFINE_integer(
   'n_bootstrap', 1000, 'Bootstrap resamples for C-index (and AUC if bootstrap) CIs.'
@@ -42,8 +52,55 @@ flags.DEFINE_string(
 )
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses, in one line that says what to pass instead, a folder that is not one holding
+  trained models: missing, one model's own folder, empty, or two runs of one model name."""
+  root = Path(workdir)
+  example = 'python -m launch.train --config=moemil --store=STORE --workdir=RUNS/moemil'
+  if not root.is_dir():
+    raise cli.UserError(
+      f'--workdir={workdir}: no such folder; pass the folder that holds one subfolder per '
+      f'trained model (train one with {example})'
+    )
+  if (root / PREDICTIONS).exists():
+    raise cli.UserError(
+      f"--workdir={workdir} is one model's folder; pass the folder above it: "
+      f'--workdir={root.parent}'
+    )
+  models = sorted(p for p in root.iterdir() if (p / PREDICTIONS).exists())
+  if not models:
+    unfinished = sorted(p.name for p in root.iterdir() if (p / 'checkpoints').exists())
+    hint = (
+      f' ({", ".join(unfinished)} started training but did not finish: rerun it)'
+      if unfinished
+      else ''
+    )
+    raise cli.UserError(
+      f'--workdir={workdir}: no trained model in it (no */{PREDICTIONS}){hint}; '
+      f'train one first: {example}'
+    )
+  names: dict[str, Path] = {}
+  for sub in models:
+    try:
+      name = str(json.loads((sub / RUN_JSON).read_text()).get('model') or sub.name)
+    except (OSError, ValueError):
+      name = sub.name
+    if name in names:
+      raise cli.UserError(
+        f'{names[name]} and {sub} are both model {name!r}; keep one of them in {workdir} or '
+        f'retrain one under another name (--config.name=OTHER)'
+      )
+    names[name] = sub
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
+  check_workdir(FLAGS.workdir)
+  if FLAGS.truth and not Path(FLAGS.truth).is_file():
+    raise cli.UserError(f"--truth={FLAGS.truth}: no such file (a synthetic cohort's truth.csv)")
+  from moemil_jax import evaluation, report  # after flag parsing: keeps --help fast
+
   ev = evaluation.evaluate(
     FLAGS.workdir,
     n_bootstrap=FLAGS.n_bootstrap,
@@ -78,7 +135,11 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(
+    main,
+    example=EXAMPLE,
+    interrupted='interrupted: the trained models are untouched; run the same command again',
+  )
 
 
 if __name__ == '__main__':

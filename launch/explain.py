@@ -14,7 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import cli
+
+EXAMPLE = '--workdir=runs/moemil --patients=P001,P017 --manifest=cohort/manifest.csv'
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (run.json, checkpoints/best).')
 _PATIENTS = flags.DEFINE_list('patients', None, 'Patient IDs to explain.')
@@ -90,8 +94,12 @@ def explain(
   device: str = 'cpu',
   heatmaps: bool = True,
   gradcam: bool = True,
+  store_dir: str | Path | None = None,
+  out_dir: str | Path | None = None,
 ) -> list[Path]:
-  """Writes the PNGs for `patients` into <workdir>/explain/ and returns their paths."""
+  """Writes the PNGs for `patients` into <workdir>/explain/ (or `out_dir`) and returns their
+  paths. `store_dir`: the patients' feature store, when not the one the model was trained
+  on (it must be made with the same encoder and settings)."""
   from feature_store import extract, store
   from feature_store import manifest as manifest_lib
   from moemil_jax import gradcam as gradcam_lib
@@ -99,14 +107,16 @@ def explain(
   from moemil_jax import report
 
   workdir = Path(workdir)
-  out_dir = workdir / report.EXPLAIN
-  run = heatmaps_lib.load_run(workdir)
+  out_dir = Path(out_dir) if out_dir else workdir / report.EXPLAIN
+  run = heatmaps_lib.load_run(workdir, store_dir)
   info = store.read_store_json(run.store_dir)
-  man = manifest_lib.read_manifest(manifest)
+  man = manifest_lib.read_manifest(manifest, outcomes_required=False)  # images only
   by_id = {p.patient_id: p for p in man.patients}
   missing = [p for p in patients if p not in by_id]
   if missing:
-    raise KeyError(f'{manifest}: no valid row for patient(s) {missing}')
+    raise manifest_lib.ManifestError(
+      f'{manifest}: no valid row for patient(s) {missing}; check --patients and the manifest'
+    )
   for pid in patients:
     store.validate_id(pid, what='patient_id')
     run.patient_index(pid)  # clear error if the store does not know the patient
@@ -175,7 +185,7 @@ def explain(
         '%s: Grad-CAM of %s (%+.3f) on %d slices', pid, task, res['output'], res['slices']
       )
       written.append(res['png'])
-  for candidate in (workdir / 'report.html', workdir.parent / 'report.html'):
+  for candidate in () if store_dir else (workdir / 'report.html', workdir.parent / 'report.html'):
     if candidate.exists():
       report.add_interpretation(candidate)
       logging.info('interpretation added to %s', candidate)
@@ -184,9 +194,22 @@ def explain(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   if not _MANIFEST.value:
-    raise app.UsageError("--manifest is needed to find the patients' slides and MRI")
+    raise cli.UserError(
+      "--manifest is needed to find the patients' slides and MRI: pass the cohort's manifest.csv"
+    )
+  workdir = Path(_WORKDIR.value)
+  if not (workdir / 'run.json').exists():
+    above = [p.parent.name for p in workdir.glob('*/run.json')]
+    raise cli.UserError(
+      f'--workdir={workdir}: no run.json, not a finished training run'
+      + (
+        f"; pass one model's folder, e.g. --workdir={workdir / above[0]}"
+        if above
+        else '; train one first with launch.train'
+      )
+    )
   paths = explain(
     _WORKDIR.value,
     _PATIENTS.value,
@@ -208,7 +231,11 @@ def main(argv):
 
 def run():
   flags.mark_flags_as_required(['workdir', 'patients'])
-  app.run(main)
+  cli.run(
+    main,
+    example=EXAMPLE,
+    interrupted='interrupted: the trained model is untouched; run the same command again',
+  )
 
 
 if __name__ == '__main__':

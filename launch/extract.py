@@ -1,12 +1,15 @@
-r"""Extract slide-patch and MRI features once into a Parquet feature store.
+r"""Extracts slide-patch and MRI features once into a Parquet feature store.
 
   python -m launch.extract --manifest=cohort/manifest.csv --store=store/ \
       --device=cuda --batch_size=256 --workers=8
 
-Shards: --shard_index/--num_shards, or torchrun's RANK/WORLD_SIZE when the flags
-are left at their defaults. Exit status 0 when everything was extracted, 1 when
-some items failed (the summary and failures.parquet say which), 2 when the store
-could not start (store made with another fingerprint, weights unavailable, unreadable manifest).
+Rerunning the same command resumes: finished slides and MRI are skipped. Shards:
+--shard_index/--num_shards, or torchrun's RANK/WORLD_SIZE when the flags are left at their
+defaults. The last line reads `N patients extracted, K rejected, F failed`. Exit status 0 when
+every manifest row was valid and every item extracted (or --keep_going); 1 when rows were
+rejected or items failed (the log names each, failures.parquet records them); 2 when nothing
+could start (no valid row, a store made with another fingerprint, weights unavailable,
+unreadable manifest); 130 when interrupted (the store stays intact: rerun to resume).
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import cli
+
+EXAMPLE = '--manifest=cohort/manifest.csv --store=store/ [--device=cuda --batch_size=256]'
 
 _MANIFEST = flags.DEFINE_string('manifest', None, 'Cohort manifest CSV.', required=True)
 _STORE = flags.DEFINE_string('store', None, 'Feature store directory.', required=True)
@@ -65,6 +72,18 @@ _MIN_PATCH = flags.DEFINE_float(
 _PEN = flags.DEFINE_bool(
   'tissue_pen_filter', True, 'Drop blue, green and black marker ink from tissue.'
 )
+_PRUNE = flags.DEFINE_bool(
+  'prune',
+  False,
+  'Remove the store files of patients no longer in the manifest (one log line each); '
+  'without it they are kept, with a warning, and training ignores them.',
+)
+_KEEP_GOING = flags.DEFINE_bool(
+  'keep_going',
+  False,
+  'Exit 0 when some manifest rows were rejected or some items failed (they are still logged '
+  'and recorded in failures.parquet); without it such a run exits 1.',
+)
 
 
 def _device(name: str) -> str:
@@ -76,8 +95,9 @@ def _device(name: str) -> str:
 
 
 def main(argv):
-  del argv
-  from feature_store import encoders, extract, manifest, slides
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
+  from feature_store import encoders, extract, slides
 
   shard_index = (
     _SHARD_INDEX.value if _SHARD_INDEX.value is not None else int(os.environ.get('RANK', 0))
@@ -85,19 +105,14 @@ def main(argv):
   shard_count = (
     _SHARD_COUNT.value if _SHARD_COUNT.value is not None else int(os.environ.get('WORLD_SIZE', 1))
   )
+  if not 0 <= shard_index < shard_count:
+    raise cli.UserError(f'--shard_index={shard_index} must be in [0, --num_shards={shard_count})')
   device = _device(_DEVICE.value)
   weights = _WEIGHTS.value
   if weights == 'auto':
     weights = 'imagenet' if encoders.imagenet_cached() else 'random'
-    print(
-      f'encoder weights: {weights}'
-      + (
-        ''
-        if weights == 'imagenet'
-        else ' (ImageNet weights are not in the torch cache and this machine is offline: '
-        'features are NOT pretrained, fine for a demo, not for a study)'
-      )
-    )
+    if weights == 'imagenet':  # 'random' says so once, when the encoder is built
+      print('encoder weights: imagenet (found in the torch cache)')
   if device == 'cuda' and 'LOCAL_RANK' in os.environ:  # torchrun: one GPU per local process
     device = f'cuda:{os.environ["LOCAL_RANK"]}'
   cfg = extract.ExtractConfig(
@@ -113,6 +128,7 @@ def main(argv):
     shard_count=shard_count,
     fallback_mpp=_FALLBACK_MPP.value,
     overwrite=_OVERWRITE.value,
+    prune=_PRUNE.value,
     tissue=slides.TissueParams(
       sthresh=_SATURATION.value,
       mthresh=_MEDIAN.value,
@@ -125,23 +141,40 @@ def main(argv):
     ),
   )
   logging.info('extracting on %s, shard %d of %d', device, shard_index + 1, shard_count)
-  try:
-    summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
-  except (extract.FingerprintMismatch, encoders.EncoderError, manifest.ManifestError) as e:
-    logging.error('%s', e)
-    sys.exit(2)
+  summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
   print(
     f'extracted {summary.slides_done} slides ({summary.patches} patches), skipped '
     f'{summary.slides_skipped}; MRI {summary.mri_done} patients, skipped {summary.mri_skipped}; '
     f'{summary.failed} failed'
-    + ('' if summary.finalised else '; store not assembled yet (other shards)')
   )
-  if summary.failed:
-    sys.exit(1)
+  print(summary_line(summary, _STORE.value), flush=True)
+  if (summary.rejected or summary.failed) and not _KEEP_GOING.value:
+    sys.exit(cli.EXIT_FAILURES)
+
+
+def summary_line(summary, store: str) -> str:
+  """`N patients extracted, K rejected, F failed: see STORE/failures.parquet`."""
+  line = (
+    f'{summary.patients} patients extracted, {summary.rejected} rejected, {summary.failed} failed'
+  )
+  if summary.orphans:
+    line += f'; {len(summary.orphans)} in the store but no longer in the manifest: ' + (
+      'pruned' if summary.pruned else 'kept, --prune removes them'
+    )
+  if not summary.finalised:
+    return line + ' in this shard; store not assembled yet (other shards are still running)'
+  if summary.rejected or summary.failed:
+    line += f': see {os.path.join(store, "failures.parquet")}'
+  return line
 
 
 def run():
-  app.run(main)
+  cli.run(
+    main,
+    example=EXAMPLE,
+    interrupted='interrupted: the store is intact (every finished slide and MRI is kept); '
+    'run the same command again to resume',
+  )
 
 
 if __name__ == '__main__':

@@ -15,6 +15,10 @@ was trained with. Output columns: see README.md, "Predict for new patients".
 
 from absl import app, flags, logging
 
+from launch import cli
+
+EXAMPLE = '--model=runs/moemil --store=NEW_STORE --out=predictions.csv'
+
 _MODELS = flags.DEFINE_multi_string('model', None, 'Training workdir(s) holding a bundle/.')
 _STORE = flags.DEFINE_string('store', None, 'Feature store of the patients to score.')
 _MANIFEST = flags.DEFINE_string(
@@ -29,6 +33,12 @@ _WEIGHTS = flags.DEFINE_string(
 _DEVICE = flags.DEFINE_string('device', 'cpu', 'With --manifest: torch device for extraction.')
 _OUT = flags.DEFINE_string('out', None, 'Output CSV, one row per patient.')
 _PATIENTS = flags.DEFINE_list('patients', None, 'Only these patient ids.')
+_EXPLAIN = flags.DEFINE_bool(
+  'explain',
+  False,
+  "With --manifest: each patient's slide attention heatmaps and MRI Grad-CAM (of the first "
+  "--model; member 0 of an ensemble) into <out's folder>/explain/, as launch.explain does.",
+)
 flags.mark_flags_as_required(['model', 'store', 'out'])
 
 
@@ -55,13 +65,13 @@ def extraction_config(meta: dict, weights: str | None, device: str):
     mri_slices=mri['slices'],
     fallback_mpp=wsi.get('fallback_mpp'),
     tissue=slides.TissueParams(**wsi['tissue']),
+    outcomes_required=False,
   )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import sys
   from pathlib import Path
 
   from moemil_jax import bundle, predict
@@ -77,11 +87,25 @@ def main(argv):
         logging.warning('%d item(s) failed to extract: see %s', summary.failed, _STORE.value)
     table = predict.predict_ensemble(models, _STORE.value, _PATIENTS.value)
   except (bundle.BundleError, ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    raise cli.UserError(str(e)) from None
   out = Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   table.to_csv(out, index=False)
+  if _EXPLAIN.value:
+    if not _MANIFEST.value:
+      raise cli.UserError('--explain needs --manifest: the heatmaps are drawn on the slides')
+    from launch import explain
+
+    pictures = explain.explain(
+      _MODELS.value[0],
+      list(table.patient_id),
+      manifest=_MANIFEST.value,
+      encoder_weights=_WEIGHTS.value,
+      device=_DEVICE.value,
+      store_dir=_STORE.value,
+      out_dir=out.parent / 'explain',
+    )
+    print(f'{len(pictures)} explanation images -> {out.parent / "explain"}')
   warned = int((table.warnings != '').sum())
   print(
     f'{len(table)} patients scored by {table.model.iloc[0]} -> {out} '
@@ -91,7 +115,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main, example=EXAMPLE)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import cli
+
+EXAMPLE = '--out=runs/stress --presets=realistic,hard --seeds=0,1,2,3,4'
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output folder.', required=True)
@@ -65,7 +69,7 @@ def _one_cohort(out: Path, preset: str, seed: int) -> pd.DataFrame:
       [
         '-m',
         'launch.train',
-        f'--config={ROOT}/moemil_jax/configs/{model}.py',
+        f'--config={model}',
         f'--store={store}',
         f'--workdir={workdir}',
         *FLAGS.train_flag,
@@ -110,7 +114,8 @@ def summary(table: pd.DataFrame) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   frames = []
@@ -126,7 +131,12 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(
+    main,
+    example=EXAMPLE,
+    interrupted='interrupted: finished cohorts and models are kept; run the same command '
+    'again to go on',
+  )
 
 
 if __name__ == '__main__':

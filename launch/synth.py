@@ -10,9 +10,12 @@ signal flags given explicitly on the command line override the preset's values.
 
 import dataclasses
 
-from absl import app, flags
+from absl import flags
 
 from feature_store import synthetic, synthetic_cohort, synthetic_store
+from launch import cli
+
+EXAMPLE = '--out=cohort/ --patients=40 [--kind=store --preset=realistic]'
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output folder.', required=True)
@@ -74,7 +77,10 @@ flags.DEFINE_integer(
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
+  if FLAGS.patients < 4:
+    raise cli.UserError(f'--patients={FLAGS.patients}: a synthetic cohort needs at least 4')
   knobs, shape = synthetic_store.preset_config(FLAGS.preset)
   knob_flags = (
     'wsi_signal',
@@ -111,7 +117,11 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(
+    main,
+    example=EXAMPLE,
+    interrupted='interrupted: files are written whole; run the same command again (the same seed writes the same files)',
+  )
 
 
 if __name__ == '__main__':

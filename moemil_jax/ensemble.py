@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moemil_jax import bundle, preprocess, sweep, train
+from moemil_jax import bundle, preprocess, splits, sweep, train
 
 
 def ensemble_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
@@ -55,6 +55,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cohort = sweep.load(config)
+  config.split.test_center = splits.resolve_test_center(cohort.center, config.split.test_center)[0]
   members = sweep.grid(
     folds=range(k), seeds=(int(config.seed),), learning_rates=(config.train.learning_rate,)
   )

@@ -48,24 +48,36 @@ class Cohort:
 
 def _read_clinical(path: Path) -> pd.DataFrame:
   if not path.exists():
-    raise store.StoreError(f'{path}: not found')
-  df = pq.read_table(path).to_pandas()
+    folder = path.parent
+    what = 'no such folder' if not folder.exists() else f'no {path.name} in it'
+    raise store.StoreError(
+      f'{folder}: not a feature store ({what}); make one with launch.extract '
+      '--manifest=... --store=DIR (or launch.synth --kind=store), or check --store'
+    )
+  try:
+    df = pq.read_table(path).to_pandas()
+  except (OSError, ValueError) as e:
+    raise store.StoreError(f'{path}: unreadable Parquet file, corrupt or truncated ({e})') from e
   missing = sorted(set(store.CLINICAL_COLUMNS) - set(df.columns))
   if missing:
     raise store.StoreError(f'{path}: missing columns {missing}')
   if df['patient_id'].duplicated().any():
     dup = df.loc[df['patient_id'].duplicated(), 'patient_id'].iloc[0]
     raise store.StoreError(f'{path}: patient_id {dup!r} appears more than once')
-  bad = ~df['center'].isin(['A', 'B'])
-  if bad.any():
-    row = int(np.flatnonzero(bad)[0])
-    raise store.StoreError(
-      f"{path}: row {row} has center {df['center'].iloc[row]!r}, expected 'A' or 'B'"
-    )
+  for row, center in enumerate(df['center']):
+    try:
+      store.validate_id(center, what='center')
+    except ValueError as e:
+      raise store.StoreError(f'{path}: row {row}: {e}') from None
   resp = df['ic_response']
   if not resp.dropna().isin([0, 1]).all():
     raise store.StoreError(f'{path}: ic_response must be 0, 1 or null')
   return df.reset_index(drop=True)
+
+
+def read_centers(store_dir: str | Path) -> np.ndarray:
+  """Every patient's center, from clinical.parquet alone (validated as load_store does)."""
+  return _read_clinical(Path(store_dir) / store.CLINICAL)['center'].astype(str).to_numpy()
 
 
 def load_store(
@@ -88,14 +100,15 @@ def load_store(
   wsi_sha = info.get('wsi', {}).get('fingerprint_sha256')  # extracted stores; synthetic: none
 
   files = store.slide_files(root)
+  orphans: set[str] = set()  # patients with slide files but no longer in the manifest
   wanted = None
   if bags_to_read is not None:
     slide_patients = [store.slide_patient_and_rows(path) for path in files]
     all_counts = np.zeros(len(ids), np.int64)
     for path, (pid, rows) in zip(files, slide_patients):
-      if rows and pid not in index:
-        raise store.StoreError(f'{path}: patient_id {pid!r} not in clinical.parquet')
-      if pid in index:
+      if pid not in index:
+        orphans.add(pid)
+      else:
         all_counts[index[pid]] += rows
     wanted = np.asarray(bags_to_read(all_counts), bool)
     files = [
@@ -106,17 +119,24 @@ def load_store(
   per_patient: list[list[np.ndarray]] = [[] for _ in ids]
   for path in files:
     bag = store.read_slide(path, expected_dim=wsi_dim)
+    if bag.patient_id not in index:
+      orphans.add(bag.patient_id)
+      continue
     if wsi_sha and bag.metadata.get('fingerprint_sha256') != wsi_sha:
       raise store.StoreError(
         f'{path}: made with encoder fingerprint {bag.metadata.get("fingerprint_sha256")}, '
         f"but the store's is {wsi_sha}: features from another extraction cannot be mixed; "
         're-extract this slide into the store'
       )
-    if bag.patient_id not in index:
-      if len(bag.embeddings):
-        raise store.StoreError(f'{path}: patient_id {bag.patient_id!r} not in clinical.parquet')
-      continue
     per_patient[index[bag.patient_id]].append(bag.embeddings)
+  if orphans:
+    logging.warning(
+      'store %s: slide files of %d patient(s) not in clinical.parquet (%s) are ignored: no '
+      'longer in the manifest? `launch.extract --prune` removes them',
+      root,
+      len(orphans),
+      ', '.join(sorted(orphans)[:5]) + (', ...' if len(orphans) > 5 else ''),
+    )
   counts = np.array([sum(len(e) for e in bags) for bags in per_patient], np.int64)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   patches = np.zeros((int(counts.sum()), wsi_dim), np.float16)

@@ -45,7 +45,8 @@ import pandas as pd
 from absl import logging
 from flax import nnx
 
-from moemil_jax import batching, device_data, metrics, preprocess, splits, store_reader, train
+from moemil_jax import batching, device_data, metrics, preprocess, store_reader, train
+from moemil_jax import splits as splits_lib
 
 SHARED = (
   'patches',
@@ -127,7 +128,7 @@ def _splits(config, cohort, folds: Sequence[int]) -> dict[int, np.ndarray]:
         f'member fold {f}: config.split.folds={sc.folds} means one hold-out '
         'split (fold 0); set split.folds > 1 for k-fold'
       )
-    out[f] = splits.assign_splits(
+    out[f] = splits_lib.assign_splits(
       cohort,
       test_center=sc.test_center,
       val_fraction=sc.val_fraction,
@@ -301,6 +302,10 @@ def train_sweep(
   members = list(members)
   if not members:
     raise ValueError('train_sweep: no members')
+  config = config.copy_and_resolve_references()
+  config.split.test_center = splits_lib.resolve_test_center(
+    cohort.center, config.split.test_center
+  )[0]
   t0 = time.time()
   tc, dc = config.train, config.data
   folds = sorted({m.fold for m in members})

@@ -234,9 +234,11 @@ def load_data(config, mesh) -> RunData:
   counts = {s: int((cohort.split == s).sum()) for s in splits.SPLITS}
   logging.info('split: %s', counts)
   if counts['train'] == 0:
-    raise ValueError(f'{store_dir}: no training patients (center != {config.split.test_center})')
+    raise splits.SplitError(
+      f'{store_dir}: no training patients (center != {config.split.test_center})'
+    )
   if counts['val'] == 0:
-    raise ValueError(
+    raise splits.SplitError(
       f'{store_dir}: no validation patients (split.val_fraction={config.split.val_fraction}, '
       f'{counts["train"]} development patients), so no checkpoint can be chosen: raise '
       'split.val_fraction or train an ensemble (--ensemble=5), which selects out of fold'
@@ -299,6 +301,89 @@ def _improved(meta: dict, metric: float) -> bool:
   if meta['best_epoch'] is None:
     return True
   return math.isfinite(metric) and (meta['best_metric'] is None or metric > meta['best_metric'])
+
+
+def _record_epoch(writer, meta, step_metrics, first_step, validation, log_every) -> dict:
+  """TensorBoard scalars and the history entry of the epoch just run; its mean metrics."""
+  auc, cidx, metric = validation
+  for i, m in enumerate(step_metrics):
+    if (first_step + i + 1) % log_every == 0:
+      for k, v in m.items():
+        writer.add_scalar(f'train/{k}', float(v), first_step + i + 1)
+  means = {k: float(np.mean([x[k] for x in step_metrics])) for k in step_metrics[0]}
+  epoch = meta['epoch'] + 1
+  for k, v in means.items():
+    writer.add_scalar(f'epoch/train_{k}', v, epoch)
+  writer.add_scalar('epoch/val_auc', auc, epoch)
+  writer.add_scalar('epoch/val_cindex', cidx, epoch)
+  meta['epoch'] = epoch
+  meta['history'].append(
+    {
+      'epoch': epoch,
+      'train_loss': _finite_or_none(means['loss']),
+      'val_auc': _finite_or_none(auc),
+      'val_cindex': _finite_or_none(cidx),
+      'val_metric': _finite_or_none(metric),
+    }
+  )
+  return means
+
+
+def write_outputs(config, workdir: Path, rd: RunData, model_state, eval_step, mesh, summary):
+  """Scores every patient with the given (best) parameters and writes predictions.parquet,
+  run.json (the config, the split, `summary` of training) and the model bundle."""
+  params, rest = model_state
+  cohort, device_data = rd.cohort, rd.device_data
+  logit, risk, gates = predict_patients(
+    eval_step,
+    params,
+    rest,
+    device_data,
+    rd.eval_batches(np.arange(cohort.num_patients), config.seed),
+    cohort.num_patients,
+    config.model.num_experts,
+    mesh,
+  )()
+  frame = predictions_frame(config.name, cohort, logit, risk, gates)
+  summary = dict(summary)
+  padding = summary.pop('train_padding')
+  run_info = {
+    'model': config.name,
+    'store': str(Path(config.store).resolve()),
+    'seed': int(config.seed),
+    'config': config.to_dict(),
+    **summary,
+    'split_counts': rd.split_counts,
+    'step_shape': {
+      'bag_groups': rd.layout.groups,
+      'patient_slots': rd.train_packing.rows,
+      'train_patch_slots': rd.train_packing.capacity,
+      'eval_patch_slots': rd.eval_packing.capacity,
+      'train_padding': padding,
+    },
+    'radiomics_columns': device_data.radiomics_columns,
+    'processes': jax.process_count(),
+    'bag_groups': rd.layout.groups,
+    'harmonise': preprocess.harmonise_mode(config.data),
+  }
+  if parallel.is_writer():
+    frame.to_parquet(workdir / PREDICTIONS, index=False)
+    (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + '\n')
+    member = bundle.Member(
+      'best',
+      _host_tree(nnx.to_pure_dict(params)),
+      device_data.fitted,
+      int(device_data.radiomics.shape[1]),
+    )
+    bundle.write(workdir, config, [member], bundle.operating_points(frame), config.store)
+  prob = frame.response_prob.to_numpy()
+  final_auc = {
+    split: metrics.labelled_auc_or_nan(
+      cohort.response[cohort.split == split], prob[cohort.split == split]
+    )
+    for split in splits.SPLITS
+  }
+  return {**run_info, 'final_auc': final_auc}
 
 
 def train_and_evaluate(
@@ -416,29 +501,12 @@ def train_and_evaluate(
     )
     plan = rd.train_batches(config, epoch + 1) if epoch + 1 < tc.epochs else []
     logit, risk, _ = fetch()  # the epoch's one host sync
-    step_metrics = jax.device_get(step_metrics)
-    for i, m in enumerate(step_metrics):
-      if (first_step + i + 1) % tc.log_every == 0:
-        for k, v in m.items():
-          writer.add_scalar(f'train/{k}', float(v), first_step + i + 1)
-    train_means = {k: float(np.mean([x[k] for x in step_metrics])) for k in step_metrics[0]}
     val_ids = rd.val_ids
     auc = metrics.labelled_auc_or_nan(cohort.response[val_ids], logit[val_ids])
     cidx = metrics.cindex_or_nan(cohort.os_months[val_ids], cohort.os_event[val_ids], risk[val_ids])
     metric = validation_metric(tc.val_metric, auc, cidx)
-    for k, v in train_means.items():
-      writer.add_scalar(f'epoch/train_{k}', v, epoch + 1)
-    writer.add_scalar('epoch/val_auc', auc, epoch + 1)
-    writer.add_scalar('epoch/val_cindex', cidx, epoch + 1)
-    meta['epoch'] = epoch + 1
-    meta['history'].append(
-      {
-        'epoch': epoch + 1,
-        'train_loss': _finite_or_none(train_means['loss']),
-        'val_auc': _finite_or_none(auc),
-        'val_cindex': _finite_or_none(cidx),
-        'val_metric': _finite_or_none(metric),
-      }
+    train_means = _record_epoch(
+      writer, meta, jax.device_get(step_metrics), first_step, (auc, cidx, metric), tc.log_every
     )
 
     # Checkpoints: "best" on improvement, "latest" every few epochs and at the end.
@@ -484,58 +552,28 @@ def train_and_evaluate(
     100 * padding,
   )
 
-  # Predictions with the best checkpoint, for every patient.
+  # Predictions with the best checkpoint, for every patient; run.json; the model bundle.
   params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
-  logit, risk, gates = predict_patients(
+  run_info = write_outputs(
+    config,
+    workdir,
+    rd,
+    (params, rest),
     eval_step,
-    params,
-    rest,
-    device_data,
-    rd.eval_batches(np.arange(cohort.num_patients), config.seed),
-    cohort.num_patients,
-    config.model.num_experts,
     mesh,
-  )()
-  frame = predictions_frame(config.name, cohort, logit, risk, gates)
-  run_info = {
-    'model': config.name,
-    'store': str(Path(config.store).resolve()),
-    'seed': int(config.seed),
-    'config': config.to_dict(),
-    'best_step': int(best_meta['epoch']),
-    'best_train_step': int(best_meta['step']),
-    'val_metric': best_meta['best_metric'],
-    'val_metric_name': tc.val_metric,
-    'epochs_run': int(meta['epoch']),
-    'split_counts': rd.split_counts,
-    'compiled': {'train_step': train_step._cache_size(), 'eval_step': eval_step._cache_size()},
-    'step_shape': {
-      'bag_groups': rd.layout.groups,
-      'patient_slots': rd.train_packing.rows,
-      'train_patch_slots': rd.train_packing.capacity,
-      'eval_patch_slots': rd.eval_packing.capacity,
+    {
+      'best_step': int(best_meta['epoch']),
+      'best_train_step': int(best_meta['step']),
+      'val_metric': best_meta['best_metric'],
+      'val_metric_name': tc.val_metric,
+      'epochs_run': int(meta['epoch']),
+      'compiled': {'train_step': train_step._cache_size(), 'eval_step': eval_step._cache_size()},
       'train_padding': padding if slots else None,
+      'history': meta['history'],
     },
-    'history': meta['history'],
-    'radiomics_columns': device_data.radiomics_columns,
-    'processes': jax.process_count(),
-    'bag_groups': rd.layout.groups,
-    'harmonise': preprocess.harmonise_mode(config.data),
-  }
-  if parallel.is_writer():
-    frame.to_parquet(workdir / PREDICTIONS, index=False)
-    (workdir / RUN_JSON).write_text(json.dumps(run_info, indent=2, default=_jsonable) + '\n')
-    member = bundle.Member(
-      'best', _host_tree(nnx.to_pure_dict(params)), device_data.fitted, radiomics_dim
-    )
-    bundle.write(workdir, config, [member], bundle.operating_points(frame), config.store)
+  )
   for split in splits.SPLITS:
-    ids = np.flatnonzero(cohort.split == split)
-    writer.add_scalar(
-      f'final/{split}_auc',
-      metrics.labelled_auc_or_nan(cohort.response[ids], frame.response_prob.to_numpy()[ids]),
-      meta['epoch'],
-    )
+    writer.add_scalar(f'final/{split}_auc', run_info['final_auc'][split], meta['epoch'])
   writer.close()
   logging.info(
     '%s %s and %s (best epoch %d, val %s %s)',
@@ -546,6 +584,7 @@ def train_and_evaluate(
     tc.val_metric,
     'undefined' if best_meta['best_metric'] is None else f'{best_meta["best_metric"]:.3f}',
   )
+  run_info.pop('final_auc')
   return {
     **run_info,
     'process_index': jax.process_index(),

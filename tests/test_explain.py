@@ -113,3 +113,51 @@ def test_gradcam_output_is_the_trained_models_prediction(trained):
   pred = pd.read_parquet(workdir / train.PREDICTIONS).set_index('patient_id')
   assert res['output'] == pytest.approx(pred.loc[pid, 'response_logit'], rel=1e-3, abs=1e-4)
   assert res['slices'] == CFG.mri_slices
+
+
+def test_predict_from_a_manifest_without_labels(trained, tmp_path):
+  """New patients' raw images, no outcomes: extracted with the model's own settings and
+  scored exactly as the same patients were scored from the training store."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  manifest, workdir, _ = trained
+  with open(manifest, newline='') as f:
+    rows = list(csv.DictReader(f))[:2]
+  root = Path(manifest).parent
+
+  def absolute(paths: str) -> str:  # the new manifest lives elsewhere
+    return ';'.join(str((root / p).resolve()) for p in paths.split(';') if p)
+
+  files = ('slides', 'mri_t1', 'mri_t2', 'mri_t1c', 'mri_mask')
+  new_rows = [
+    dict(r, ic_response='', os_months='', os_event='', **{k: absolute(r[k]) for k in files})
+    for r in rows
+  ]
+  new_manifest = tmp_path / 'new_patients.csv'
+  with open(new_manifest, 'w', newline='') as f:
+    w = csv.DictWriter(f, list(new_rows[0]))
+    w.writeheader()
+    w.writerows(new_rows)
+  out = tmp_path / 'pred.csv'
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'launch.predict',
+      f'--model={workdir}',
+      f'--manifest={new_manifest}',
+      f'--store={tmp_path / "new_store"}',
+      f'--out={out}',
+    ],
+    cwd=Path(__file__).resolve().parents[1],
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = pd.read_csv(out).set_index('patient_id')
+  trained_on = pd.read_parquet(workdir / 'predictions.parquet').set_index('patient_id')
+  assert sorted(got.index) == sorted(r['patient_id'] for r in rows)
+  for col in ('response_prob', 'log_risk'):
+    assert (got[col] - trained_on.loc[got.index, col]).abs().max() < 1e-5, col

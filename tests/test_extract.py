@@ -232,6 +232,19 @@ def test_launcher_exit_status_and_summary(cohort, built):
   )
   assert done.returncode == 1, done.stderr[-2000:]  # the broken slide failed
   assert f'skipped {first.slides_done}' in done.stdout and f'{first.failed} failed' in done.stdout
+  assert done.stdout.strip().splitlines()[-1] == (
+    f'{first.patients} patients extracted, {first.rejected} rejected, {first.failed} failed: '
+    f'see {store_dir / "failures.parquet"}'
+  )
+  assert (first.patients, first.rejected) == (5, 1)  # PX-bad refused, PX-broken kept
+  kept = subprocess.run(
+    _launch_args(cohort, store_dir, '--keep_going'),
+    cwd=root,
+    capture_output=True,
+    encoding='utf-8',
+    errors='replace',
+  )
+  assert kept.returncode == 0, kept.stderr[-2000:]  # partial success, as asked
   refused = subprocess.run(
     _launch_args(cohort, store_dir, '--patch_px=48'),
     cwd=root,
@@ -240,6 +253,8 @@ def test_launcher_exit_status_and_summary(cohort, built):
     errors='replace',
   )
   assert refused.returncode == 2 and 'another fingerprint' in refused.stderr
+  assert refused.stderr.rstrip().splitlines()[-1].startswith('launch.extract: error: ')
+  assert 'Traceback' not in refused.stderr
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(cohort, built, tmp_path):

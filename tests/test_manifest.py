@@ -88,7 +88,8 @@ def test_valid_rows_are_typed_and_paths_resolved(files):
 @pytest.mark.parametrize(
   'field,value,message',
   [
-    ('center', 'C', "'C' is not one of"),
+    ('center', 'Sun Yat-sen', 'not a safe identifier'),
+    ('center', '', 'not a safe identifier'),
     ('os_months', '0', 'must be > 0'),
     ('os_months', '-3', 'must be > 0'),
     ('os_event', '2', 'is not 0 or 1'),
@@ -141,3 +142,22 @@ def test_synthetic_cohort_manifest_validates(tiny_cohort):
   assert m.errors == ()
   assert len(m.patients) == 6
   assert any(p.slides for p in m.patients) and any(p.mri for p in m.patients)
+
+
+def test_excel_byte_order_mark_and_hospital_names_as_centers(tmp_path):
+  path = tmp_path / 'manifest.csv'
+  with open(path, 'w', newline='', encoding='utf-8-sig') as f:  # Excel's "CSV UTF-8"
+    w = csv.DictWriter(f, HEADER)
+    w.writeheader()
+    w.writerows([_row('P1', center='Sun_Yat-sen.Guangzhou'), _row('P2', center='Foshan')])
+  assert path.read_bytes().startswith(b'\xef\xbb\xbfpatient_id,')
+  m = manifest.read_manifest(path)
+  assert not m.errors
+  assert [p.clinical['center'] for p in m.patients] == ['Sun_Yat-sen.Guangzhou', 'Foshan']
+
+
+def test_non_utf8_manifest_is_one_clear_error(tmp_path):
+  path = tmp_path / 'manifest.csv'
+  path.write_bytes(','.join(HEADER).encode() + '\nP\xe9,A\n'.encode('latin-1'))
+  with pytest.raises(manifest.ManifestError, match='not UTF-8 text.*CSV UTF-8'):
+    manifest.read_manifest(path)

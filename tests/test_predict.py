@@ -126,6 +126,6 @@ def test_command_line_writes_one_row_per_patient_and_refuses_in_one_line(runs, t
   bad = subprocess.run(
     [*args, f'--store={tmp_path}', f'--out={out}'], cwd=root, capture_output=True, text=True
   )
-  errors = [line for line in bad.stderr.splitlines() if line.startswith('error:')]
+  errors = [line for line in bad.stderr.splitlines() if 'error:' in line]
   assert bad.returncode == 2 and len(errors) == 1 and 'Traceback' not in bad.stderr
   assert 'STORE.json' in errors[0]

@@ -106,7 +106,7 @@ def test_missing_mpp_needs_fallback(tmp_path):
   rgb[64:192, 64:192] = (140, 50, 150)
   tifffile.imwrite(path, rgb, tile=(128, 128), photometric='rgb', compression='jpeg')
   slide = slides.open_slide(path)
-  with pytest.raises(slides.SlideError, match='no MPP'):
+  with pytest.raises(slides.SlideError, match='no MPP.*--fallback_mpp=UM_PER_PX'):
     slides.plan_patches(slide, target_mpp=1.0, patch_px=32)
   plan = slides.plan_patches(
     slide, target_mpp=1.0, patch_px=32, fallback_mpp=0.5, tissue=TEST_TISSUE

@@ -1,6 +1,6 @@
 """MoEMIL: WSI (gated-attention MIL) + MRI (radiomics and deep features) -> MMoE.
 
-python -m launch.train --config=moemil_jax/configs/moemil.py --workdir=DIR --store=STORE
+python -m launch.train --config=moemil --workdir=DIR --store=STORE
 """
 
 import ml_collections
@@ -15,8 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.split = ml_collections.ConfigDict()
-  c.split.test_center = 'B'  # external test set
-  c.split.val_fraction = 0.25  # of center A, by patient, stratified by response
+  # The external test center; '' = the second center by name (B of a synthetic store's A and
+  # B). launch.train and launch.sweep write the one they use here (and log it).
+  c.split.test_center = ''
+  c.split.val_fraction = 0.25  # of the development center(s), by patient, by response
   c.split.seed = 0
   c.split.folds = 0  # > 1: k-fold on center A; `fold` picks the validation fold
   c.split.fold = 0
@@ -31,7 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Bags are packed into steps of one fixed shape (moemil_jax/batching.py).
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
   c.data.max_eval_patches = 0  # 0 = whole bag
-  c.data.harmonise_centers = False  # z-score features within each center (site harmonisation)
+  # 'none'/'reference': every statistic from the training (development-center) patients,
+  # applied unchanged to every center; 'per_center': each center z-scored on its own patients
+  # (transductive; needs data.min_center_patients per center). moemil_jax/preprocess.py.
+  c.data.harmonise = 'none'
+  c.data.min_center_patients = 20
   # Patients dealt to groups, one per device of the data axis (0 = as many as devices; on one
   # device, N reproduces the batches of an N-device run).
   c.data.bag_groups = 0
@@ -70,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.patience = 15  # epochs without improvement before stopping; 0 = off
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
-  c.train.log_every = 10  # steps
+  c.train.log_every = 10  # steps between TensorBoard step scalars
+  c.train.log_epochs = 5  # epoch log lines: the first, every this many, the last (--verbose: all)
   # Random batches; > 0 spreads OS events so that every batch's Cox risk set has this many.
   c.train.min_events_per_batch = 0
   c.train.checkpoint_every = 10  # epochs between "latest" checkpoints (and the last epoch)
