@@ -469,36 +469,14 @@ _JIT_FORWARD = None
 def load_run(workdir: str | Path, store_dir: str | Path | None = None) -> TrainedRun:
   """A trained run's model (member 0 of an ensemble) from its bundle, with the patients of
   `store_dir` (default: the store it was trained on) preprocessed as in training."""
-  import jax.numpy as jnp
-  import ml_collections
-  from flax import nnx
-
-  from moemil_jax import bundle, preprocess, store_reader, train
-  from moemil_jax import device_data as device_data_lib
+  from moemil_jax import predict
 
   workdir = Path(workdir)
-  meta, members = bundle.read(workdir)
-  member = members[0]
-  config = ml_collections.ConfigDict(meta['config'])
-  store_dir = Path(store_dir or meta['trained_on']['store'])
-  difference = bundle.fingerprint_difference(
-    meta['trained_on'], bundle.store_fingerprint(store_dir)
-  )
-  if difference:
-    raise ValueError(
-      f'{store_dir}: features made differently from the training store ({difference})'
-    )
-  cohort = store_reader.load_store(store_dir)
-  preprocess.harmonise(cohort, config.data)
-  device_data = device_data_lib.prepare(cohort, config.data, fitted=member.fitted)
-  have = int(device_data.radiomics.shape[1])
-  device_data.radiomics = jnp.pad(
-    device_data.radiomics, ((0, 0), (0, member.radiomics_width - have))
-  )
-  model = train.build_model(config, member.radiomics_width, int(device_data.patches.shape[1]))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(params, member.params)
-  nnx.update(model, params)
+  trained = predict.load_bundle(workdir)
+  config, members, member = trained.config, trained.members, trained.members[0]
+  store_dir = Path(store_dir or trained.meta['trained_on']['store'])
+  cohort = trained.load(store_dir)  # refuses a store made otherwise
+  device_data, model = predict.member_model(config, member, cohort)
   if len(members) > 1:
     logging.info(
       '%s is an ensemble of %d: explaining member %s', workdir, len(members), member.name

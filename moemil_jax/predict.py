@@ -62,6 +62,19 @@ def subset(cohort: store_reader.Cohort, rows: np.ndarray) -> store_reader.Cohort
   )
 
 
+def member_model(config, member: bundle.Member, cohort, layout=None):
+  """(device data of `cohort` preprocessed with the member's fitted state, the member's
+  model with its parameters)."""
+  data = device_data_lib.prepare(cohort, config.data, layout=layout, fitted=member.fitted)
+  have = int(data.radiomics.shape[1])
+  data.radiomics = jnp.pad(data.radiomics, ((0, 0), (0, member.radiomics_width - have)))
+  model = train.build_model(config, member.radiomics_width, int(data.patches.shape[1]))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, member.params)
+  nnx.update(model, params)
+  return data, model
+
+
 class Bundle:
   """A loaded model bundle (one or more members) that scores patients of a feature store."""
 
@@ -112,15 +125,11 @@ class Bundle:
     batches = batching.eval_batches(np.arange(cohort.num_patients), counts, layout, packing)
     logits, risks, gates = [], [], []
     for member in self.members:
-      data = device_data_lib.prepare(cohort, config.data, layout=layout, fitted=member.fitted)
-      have = int(data.radiomics.shape[1])
-      data.radiomics = jnp.pad(data.radiomics, ((0, 0), (0, member.radiomics_width - have)))
+      data, model = member_model(config, member, cohort, layout)
       config_json = json.dumps(config.to_dict(), sort_keys=True)
       patch_dim = int(data.patches.shape[1])
       _, _, eval_step = train.compiled_steps(config_json, member.radiomics_width, 1, patch_dim)
-      model = train.build_model(config, member.radiomics_width, patch_dim)
       _, params, rest = nnx.split(model, nnx.Param, ...)
-      nnx.replace_by_pure_dict(params, member.params)
       params, rest = jax.device_put((params, rest), jax.devices()[0])
       logit, risk, gate = train.predict_patients(
         eval_step, params, rest, data, batches, cohort.num_patients, config.model.num_experts

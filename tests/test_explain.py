@@ -49,6 +49,7 @@ def trained(tmp_path_factory):
   c = test_config.get_config()
   c.store = str(store_dir)
   c.train.epochs = 2
+  c.split.val_fraction = 0.5  # 6 patients: keep one for validation
   workdir = out / 'runs' / 'moemil'
   train.train_and_evaluate(c, workdir)
   pid = next(r['patient_id'] for r in rows if r['slides'] and r['mri_mask'])
