@@ -1,20 +1,24 @@
 """Runs the benchmark suite and prints its table; writes bench.json and BENCH.md.
 
-python -m launch.bench [--quick] [--device=cpu|gpu] [--only=p1,p2,...] [--out=DIR]
+python -m launch.bench [--quick] [--device=cpu|gpu] [--only=p1,padding,p2,...] [--out=DIR]
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import cli
+
+EXAMPLE = '--quick [--device=gpu] [--only=p1,p3]'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Small sizes: a smoke run in about a minute.')
 _DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where JAX and PyTorch run.')
-_ONLY = flags.DEFINE_list('only', 'p1,p2,p3,p4,p5,p6', 'Figures to run.')
+_ONLY = flags.DEFINE_list('only', 'p1,padding,p2,p3,p4,p5,p6', 'Figures to run.')
 _OUT = flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and BENCH.md.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory for stores (reused if given).')
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   import os
 
   if _DEVICE.value == 'cpu':
@@ -33,7 +37,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main, example=EXAMPLE)
 
 
 if __name__ == '__main__':

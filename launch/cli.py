@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 130
 VERBOSE_ENV = 'MOEMIL_VERBOSE'
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'moemil_jax' / 'configs'
 # Tools with a console script (pyproject.toml [project.scripts]).
-CONSOLE_SCRIPTS = ('synth', 'extract', 'train', 'evaluate', 'sweep', 'explain', 'bench')
+CONSOLE_SCRIPTS = ('synth', 'extract', 'train', 'evaluate', 'sweep', 'explain', 'predict', 'bench')
 HELP_ARGS = ('-h', '--help', '-help', '--helpshort', '-helpshort', '-?')
 
 # Exceptions that mean "the input is wrong", by dotted name: matched only when their module

@@ -1,8 +1,8 @@
 """The benchmark suite: every figure as a ratio measured side by side, against its target.
 
 `run_suite` runs the selected figures, `write_reports` writes bench.json and BENCH.md (the
-table, the machine, the command). Targets are those of the 2-core CPU; on a GPU the same
-figures are reported with their absolute numbers.
+table, the machine, the command). Targets are those of the 2-core CPU, except P2's on a GPU
+(>= 20x); the targets that only a GPU can show are listed as not measured on a CPU run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from absl import logging
 
 from moemil_jax.bench import timing
 
-FIGURES = ('p1', 'p2', 'p3', 'p4', 'p5', 'p6')
+FIGURES = ('p1', 'padding', 'p2', 'p3', 'p4', 'p5', 'p6')
 
 
 @dataclasses.dataclass
@@ -38,34 +38,105 @@ def _ge(x, t):
   return bool(math.isfinite(x) and x >= t)
 
 
-def _figures(results: dict[str, Any], quick: bool) -> list[Figure]:
+# P2 targets per regime on the 2-core CPU; on a GPU, where eager PyTorch pays a kernel launch
+# per layer per bag, every regime's is P2_GPU_TARGET.
+P2_TARGETS = {'cpu': {'small_bags': 2.5, 'paper_bags': 1.0}, 'gpu': {}}
+P2_GPU_TARGET = 20.0
+CLAM_AS_RUN_TARGET = 3.0
+GPU_ONLY_TARGETS = (
+  'P2 >= 20x against the PyTorch eager reference on a GPU',
+  '404 patients x median 2,000 patches x 100 epochs in under 60 s on one H100, compile included',
+)
+
+
+def _p1_note(r: dict[str, Any]) -> str:
+  return (
+    f'{r["achieved_flops_per_s"] / 1e9:.1f} of {r["matmul_peak_flops_per_s"] / 1e9:.1f} '
+    f'GFLOP/s ({r["dtype"]} matmul n={r["matmul_n"]}, {r["matmul_s"] * 1e3:.0f} ms a call); '
+    f'FLOPs on real patch slots only: XLA cost analysis of the step at two capacities gives '
+    f'{r["xla_flops_per_slot"] / 1e6:.2f} MFLOP per slot ({r["xla_over_analytic_per_slot"]:.3f}x '
+    f'the analytic matmul count) + {r["fixed_flops_share"]:.1%} fixed per step; '
+    f'{r["real_flops_per_epoch"] / 1e9:.4g} of {r["compiled_flops_per_epoch"] / 1e9:.4g} '
+    f'compiled GFLOP per epoch are real ({r["steps"]} steps of {r["batch_shape"][1]:,} slots, '
+    f'{r["real_patch_fraction"]:.1%} real)'
+  )
+
+
+def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[Figure]:
   figs = []
   if 'p1' in results:
     r = results['p1']
     figs.append(
       Figure(
         'p1',
-        'P1 training step FLOP/s / matmul peak',
+        'P1 training FLOP/s on real patch slots / matmul peak',
         r['fraction_of_peak'],
         '>= 0.50',
         _ge(r['fraction_of_peak'], 0.5),
         '',
-        f'{r["achieved_flops_per_s"] / 1e9:.1f} of {r["matmul_peak_flops_per_s"] / 1e9:.1f} '
-        f'GFLOP/s, batch {r["batch_shape"]}, {r["real_patch_fraction"]:.0%} real patches',
+        _p1_note(r),
+      )
+    )
+  if 'padding' in results:
+    r = results['padding']
+    paper, small = r['paper_bags'], r['small_bags']
+    figs.append(
+      Figure(
+        'padding',
+        'Padded patch slots over training epochs (paper bags)',
+        paper['padding'],
+        '<= 0.05',
+        bool(math.isfinite(paper['padding']) and paper['padding'] <= 0.05),
+        '',
+        f'{paper["slots"] - paper["real_slots"]:,} empty of {paper["slots"]:,} slots over '
+        f'{paper["epochs"]} epochs ({paper["patients"]} patients, steps {paper["step_shape"]}); '
+        f'small bags {small["padding"]:.1%}; 404 paper-sized bags (counts only) '
+        f'{r["paper_404"]["padding"]:.1%}',
       )
     )
   if 'p2' in results:
+    targets = P2_TARGETS['gpu' if device == 'gpu' else 'cpu']
     for regime, r in results['p2'].items():
+      t = targets.get(regime, P2_GPU_TARGET)
+      threads = r['torch_threads'].get('torch') if r['torch_thread_trials_s'] else None
       figs.append(
         Figure(
           f'p2_{regime}',
           f'P2 epoch speedup vs PyTorch eager ({regime})',
           r['speedup'],
-          '>= 3',
-          _ge(r['speedup'], 3.0),
+          f'>= {t:g}',
+          _ge(r['speedup'], t),
           'x',
-          f'{r["torch_epoch_s"]:.2f} s / {r["jax_epoch_s"]:.2f} s, {r["patients"]} patients, '
-          f'median bag {r["median_bag"]:.0f}, {r["real_patch_fraction"]:.0%} real patch slots',
+          f'{r["torch_epoch_s"]:.2f} s / {r["jax_epoch_s"]:.2f} s per epoch, both on '
+          f'{r["torch_device"]}'
+          + (f' (torch {threads} threads, its fastest)' if threads else '')
+          + f'; {r["jax_patients_per_epoch"]:.0f} patients, '
+          f'{r["jax_patches_per_epoch"]:,.0f} patches an epoch on each side; median bag '
+          f'{r["median_bag"]:.0f}, max {r["max_bag"]:,} (subsampled to {r["max_train_patches"]:,}); '
+          f'{r["padding"]:.1%} padded slots'
+          + (
+            '; the reference runs under a default-device mode (torch_reference makes CPU '
+            'tensors), which slows its eager steps: an upper bound'
+            if r['torch_device'] != 'cpu'
+            else ''
+          ),
+        )
+      )
+    r = results['p2'].get('paper_bags')
+    if r is not None and 'clam_speedup' in r:
+      small = results['p2'].get('small_bags', {})
+      figs.append(
+        Figure(
+          'p2_clam_as_run',
+          'P2 epoch speedup vs CLAM as run (batch of one bag, .pt file per slide, paper bags)',
+          r['clam_speedup'],
+          f'>= {CLAM_AS_RUN_TARGET:g}',
+          _ge(r['clam_speedup'], CLAM_AS_RUN_TARGET),
+          'x',
+          f'{r["clam_epoch_s"]:.2f} s / {r["jax_epoch_s"]:.2f} s per epoch '
+          f'({r["clam_load_s_per_epoch"]:.2f} s of it torch.load), '
+          f'{r["clam_patients_per_epoch"]:.0f} optimiser steps; small bags '
+          + (f'{small["clam_speedup"]:.1f}x' if 'clam_speedup' in small else 'not run'),
         )
       )
   if 'p3' in results:
@@ -169,18 +240,22 @@ def run_suite(
     start = time.perf_counter()
     try:
       value = fn()
-      if key == 'training':
-        results.update(value)
-      else:
+      if value is not None:
         results[key] = value
+        logging.info('%s: %s', key, value)
     except Exception as e:  # noqa: BLE001 -- a benchmark that breaks is reported, not fatal
       logging.exception('%s failed', key)
       errors[key] = f'{type(e).__name__}: {e}'
     seconds[key] = time.perf_counter() - start
 
-  train_figs = tuple(f for f in ('p1', 'p2') if f in only)
-  if train_figs:
-    attempt('training', lambda: training.run(quick, workdir, only=train_figs))
+  if {'p1', 'padding', 'p2'} & set(only):
+    setups = {}
+    attempt('training_stores', lambda: setups.update(training.setups(quick, workdir)))
+    if setups:
+      for key, fn in training.figures(setups, quick, workdir, device).items():
+        if key in only:
+          attempt(key, fn)
+      del setups
   if 'p3' in only:
     try:
       from moemil_jax.bench import sweep
@@ -198,13 +273,14 @@ def run_suite(
     )
   if 'p6' in only:
     attempt('p6', lambda: cox.run(quick))
-  figures = _figures(results, quick)
+  figures = _figures(results, quick, device)
   return {
     'mode': 'quick' if quick else 'full',
     'device': device,
     'command': ' '.join(['python -m launch.bench', *sys.argv[1:]]) if sys.argv else '',
     'machine': timing.machine_description(),
     'figures': [dataclasses.asdict(f) for f in figures],
+    'not_measured': [] if device == 'gpu' else list(GPU_ONLY_TARGETS),
     'details': results,
     'errors': errors,
     'seconds': seconds,
@@ -227,9 +303,12 @@ def table(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
   m = report['machine']
   machine = ', '.join(f'{k}={v}' for k, v in m.items())
+  missing = ''.join(f'- {t}\n' for t in report.get('not_measured', []))
   return (
     f'# MoEMIL-JAX benchmarks ({report["mode"]}, {report["device"]})\n\n'
-    f'{table(report)}\n\nMachine: {machine}\n\nCommand: `{report["command"]}`\n'
+    f'{table(report)}\n\n'
+    + (f'Targets not measured here (they need a GPU):\n{missing}\n' if missing else '')
+    + f'Machine: {machine}\n\nCommand: `{report["command"]}`\n'
   )
 
 

@@ -54,14 +54,39 @@ def machine_description() -> dict[str, Any]:
   }
 
 
-def matmul_peak_flops(*, n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """FLOP/s of a large square matmul in this process: the roofline for training efficiency."""
-  key = jax.random.key(0)
-  a = jax.random.normal(key, (n, n), dtype)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  seconds = median_seconds(lambda: matmul(a, b), repeats=repeats, warmup=2)
-  return 2.0 * n**3 / seconds
+class MatmulPeak:
+  """A square matmul big enough that dispatch does not matter: the roofline for P1.
+
+  n: the side; None picks it, from 8192 on a GPU (2048 on a CPU), doubled until one call
+  takes at least `min_seconds`. `seconds()` times one call (blocking), so callers can
+  alternate it with what they compare it to.
+  """
+
+  def __init__(self, *, n: int | None = None, dtype=jnp.float32, min_seconds: float = 0.05):
+    key = jax.random.key(0)
+    self.dtype = jnp.dtype(dtype)
+    self._matmul = jax.jit(lambda x, y: x @ y)
+    self.n = n or (8192 if jax.default_backend() == 'gpu' else 2048)
+    while True:
+      self._a = jax.random.normal(key, (self.n, self.n), self.dtype)
+      self._b = jax.random.normal(jax.random.fold_in(key, 1), (self.n, self.n), self.dtype)
+      first = median_seconds(lambda: self._matmul(self._a, self._b), repeats=1, warmup=1)
+      if n is not None or first >= min_seconds or self.n >= 16384:
+        break
+      self.n *= 2
+
+  @property
+  def flops(self) -> float:
+    return 2.0 * self.n**3
+
+  def seconds(self) -> float:
+    return median_seconds(lambda: self._matmul(self._a, self._b), repeats=1, warmup=0)
+
+
+def matmul_peak_flops(*, n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of a large square matmul in this process (median of `repeats` calls)."""
+  peak = MatmulPeak(n=n, dtype=dtype)
+  return peak.flops / statistics.median(peak.seconds() for _ in range(repeats))
 
 
 def loglog_slope(sizes, seconds) -> float:
