@@ -11,7 +11,7 @@ EXAMPLE = '--quick [--device=gpu] [--only=p1,p3]'
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Small sizes: a smoke run in about a minute.')
 _DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where JAX and PyTorch run.')
-_ONLY = flags.DEFINE_list('only', 'p1,padding,p2,p3,p4,p5,p6', 'Figures to run.')
+_ONLY = flags.DEFINE_list('only', 'p1,padding,p2,p3,p4,p5,p6,eval', 'Figures to run.')
 _OUT = flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and BENCH.md.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory for stores (reused if given).')
 

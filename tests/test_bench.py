@@ -28,6 +28,8 @@ EXPECTED = {
   'p5',
   'p5_bytes',
   'p6',
+  'eval_cindex_ci_1e5_s',
+  'eval_tdauc_1e5_mb',
 }
 
 

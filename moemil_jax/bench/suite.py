@@ -20,7 +20,7 @@ from absl import logging
 
 from moemil_jax.bench import timing
 
-FIGURES = ('p1', 'padding', 'p2', 'p3', 'p4', 'p5', 'p6')
+FIGURES = ('p1', 'padding', 'p2', 'p3', 'p4', 'p5', 'p6', 'eval')
 
 
 @dataclasses.dataclass
@@ -219,6 +219,37 @@ def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[
         'faster than the O(n^2) risk matrix' + (' (quick: n < 1e6)' if quick else ''),
       )
     )
+  if 'eval' in results:
+    r = results['eval']
+    size = f'n = {r["n"]:,}' + (' (quick; targets at 1e5)' if quick else '')
+    figs.append(
+      Figure(
+        'eval_cindex_ci_1e5_s',
+        f'C-index with a {r["n_bootstrap"]:,}-resample bootstrap CI, {size}',
+        r['eval_cindex_ci_s'],
+        '< 60 s at n = 1e5',
+        r['n'] >= 100_000 and r['eval_cindex_ci_s'] < 60,
+        's',
+        'O(n log n) counting, resamples as weights'
+        + (
+          f'; lifelines per resample would take about {r["old_cindex_ci_lifelines_est_s"]:.0f} s'
+          if 'old_cindex_ci_lifelines_est_s' in r
+          else ''
+        ),
+      )
+    )
+    figs.append(
+      Figure(
+        'eval_tdauc_1e5_mb',
+        f'time-dependent AUC peak extra memory, {size}',
+        r['eval_tdauc_mb'],
+        '< 2,048 MB at n = 1e5',
+        r['n'] >= 100_000 and r['eval_tdauc_mb'] < 2048,
+        'MB',
+        f'{r["td_auc_cases"]:,} cases x {r["td_auc_controls"]:,} controls; the old '
+        f'cases x controls matrix alone would be {r["old_tdauc_one_matrix_mb"]:,.0f} MB',
+      )
+    )
   return figs
 
 
@@ -273,6 +304,10 @@ def run_suite(
     )
   if 'p6' in only:
     attempt('p6', lambda: cox.run(quick))
+  if 'eval' in only:
+    from moemil_jax.bench import evaluation
+
+    attempt('eval', lambda: evaluation.run(quick, lifelines_resamples=0 if quick else 1))
   figures = _figures(results, quick, device)
   return {
     'mode': 'quick' if quick else 'full',
