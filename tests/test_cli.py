@@ -139,6 +139,7 @@ def test_unknown_config_key_is_one_line_naming_it(small_store, tmp_path):
   assert verbose.returncode == 2 and 'Traceback' in verbose.stderr
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_configs_resolve_by_name_from_anywhere(tmp_path):
   for name in ('moemil', 'dlr', 'pathomics', 'paper', 'test'):
     # The config resolves: the one line is about the missing store, not the config.
@@ -353,6 +354,7 @@ def _extract(manifest_path, store_dir, *extra):
   )
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_extraction_of_an_excel_manifest_with_named_centers(tmp_path):
   path = _manifest(tmp_path / 'manifest.csv', [_row('P1'), _row('P2', center='Foshan')], bom=True)
   done = _extract(path, tmp_path / 'store')
@@ -363,6 +365,7 @@ def test_extraction_of_an_excel_manifest_with_named_centers(tmp_path):
   assert clinical.center.tolist() == ['Guangzhou', 'Foshan']
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_extraction_with_rejected_rows_exits_1_unless_keep_going(tmp_path):
   path = _manifest(tmp_path / 'manifest.csv', [_row('P1'), _row('P2', slides='missing.tiff')])
   done = _extract(path, tmp_path / 'store')
@@ -378,6 +381,7 @@ def test_extraction_with_rejected_rows_exits_1_unless_keep_going(tmp_path):
   assert kept.stdout.strip().splitlines()[-1].startswith('1 patients extracted, 1 rejected')
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_extraction_with_no_valid_row_assembles_no_store(tmp_path):
   path = _manifest(
     tmp_path / 'manifest.csv', [_row('P1', os_months='-1'), _row('P2', slides='missing.tiff')]

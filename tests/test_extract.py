@@ -216,6 +216,7 @@ def _launch_args(manifest, store_dir, *extra):
   ]
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_launcher_exit_status_and_summary(cohort, built):
   import subprocess
   from pathlib import Path

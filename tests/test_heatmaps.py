@@ -227,6 +227,7 @@ def trained(tmp_path_factory):
   return store, workdir
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_planted_key_patches_get_the_highest_attention_percentiles(trained):
   store, workdir = trained
   run = heatmaps.load_run(workdir)

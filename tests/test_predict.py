@@ -11,6 +11,8 @@ from feature_store import synthetic, synthetic_store
 from moemil_jax import bundle, predict, train
 from moemil_jax.configs import test as test_config
 
+pytestmark = pytest.mark.slow  # trains two models
+
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):

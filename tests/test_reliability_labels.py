@@ -56,6 +56,7 @@ def messy_store(tmp_path_factory):
   return root, {'no_labels': no_labels, 'no_wsi': no_wsi, 'no_mri': no_mri}
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_all_censored_one_class_and_missing_modalities_train(messy_store, tmp_path, caplog):
   root, groups = messy_store
   config = test_config.get_config()

@@ -164,6 +164,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_huge_slide_extracts_with_bounded_memory(tmp_path):
   path = tmp_path / 'huge.tiff'
   subprocess.run([sys.executable, '-c', _LARGE_SLIDE, str(path)], check=True, timeout=300)

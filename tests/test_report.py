@@ -127,6 +127,7 @@ def test_to_markdown_escapes_and_aligns():
   assert md[2].startswith('| A\\|B') and len({len(line) for line in md}) == 1
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_launch_evaluate_prints_table_and_writes_report(tmp_path):
   workdir = write_workdir(tmp_path)
   result = subprocess.run(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openslide
 import pandas as pd
+import pytest
 from test_evaluation import write_workdir
 
 from feature_store import encoders, extract, slides, store
@@ -86,6 +87,7 @@ def test_slide_associated_images_are_never_read(shared_data, tmp_path, monkeypat
   assert not {'thumbnail', 'label', 'macro'} & set(map(str.lower, map(str, meta)))
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_pseudonymise_flag_replaces_ids_in_every_output(tmp_path):
   workdir = write_workdir(tmp_path)
   ids = (

@@ -115,6 +115,7 @@ def test_baseline_configs_use_only_their_modality():
       assert getattr(model, m) is None
 
 
+@pytest.mark.slow  # day-to-day subset stays under 3 minutes
 def test_one_compiled_step_whatever_the_bag_sizes(tmp_path, caplog):
   """Bags from 16 to 20,000 patches (lognormal): one training and one evaluation program."""
   import logging
