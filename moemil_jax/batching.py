@@ -203,6 +203,16 @@ def _fill(blocks: list[list], counts, layout: BagLayout, g: int, packing: Packin
   return patient, mask, index, segment
 
 
+def empty_block(layout: BagLayout, packing: Packing, g: int = 0) -> tuple[np.ndarray, ...]:
+  """(patient, patient_mask, patch_index, patch_segment) of group g holding no patient."""
+  return (
+    np.zeros(packing.rows, np.int32),
+    np.zeros(packing.rows, bool),
+    np.full(packing.capacity, layout.pad_row(g), np.int32),
+    np.full(packing.capacity, packing.rows, np.int32),
+  )
+
+
 def _assemble(per_group: list[tuple], layout: BagLayout, packing: Packing) -> list[Batch]:
   """Step k = block k of every group (an all-empty block where a group has fewer)."""
   steps = max(len(p[0]) for p in per_group)
@@ -213,14 +223,7 @@ def _assemble(per_group: list[tuple], layout: BagLayout, packing: Packing) -> li
       if k < len(patient):
         parts.append((patient[k], mask[k], index[k], segment[k]))
       else:
-        parts.append(
-          (
-            np.zeros(packing.rows, np.int32),
-            np.zeros(packing.rows, bool),
-            np.full(packing.capacity, layout.pad_row(g), np.int32),
-            np.full(packing.capacity, packing.rows, np.int32),
-          )
-        )
+        parts.append(empty_block(layout, packing, g))
     batches.append(
       Batch(
         np.concatenate([p[0] for p in parts]),

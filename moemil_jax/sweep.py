@@ -215,12 +215,8 @@ def _epoch_plan(config, members, splits, epoch, layout, patch_counts, packing, e
 
 
 def _empty_batch(layout: batching.BagLayout, packing: batching.Packing) -> batching.Batch:
-  return batching.Batch(
-    np.zeros(packing.rows, np.int32),
-    np.zeros(packing.rows, bool),
-    np.full((1, packing.capacity), layout.pad_row(0), np.int32),
-    np.full((1, packing.capacity), packing.rows, np.int32),
-  )
+  patient, mask, index, segment = batching.empty_block(layout, packing)
+  return batching.Batch(patient, mask, index[None], segment[None])
 
 
 # --------------------------------------------------------------------------- steps
