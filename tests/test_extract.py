@@ -286,7 +286,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(cohort, built, tmp_path):
   assert one.keys() == two.keys()
   for name in one:
     np.testing.assert_array_equal(one[name].xy, two[name].xy)
-    assert one[name].embeddings.tobytes() == two[name].embeddings.tobytes()
+    # The killed slide came from another process, whose torch thread pool may
+    # split ResNet50's convolutions differently: CI once saw one float16 ulp
+    # move in one value. Any corruption from the kill is far larger than that.
+    np.testing.assert_array_max_ulp(one[name].embeddings, two[name].embeddings, maxulp=1)
   for table in (store.CLINICAL, store.RADIOMICS, store.MRI_DEEP, store.FAILURES):
     assert pq.read_table(store_dir / table).equals(pq.read_table(killed / table)), table
 
