@@ -289,3 +289,31 @@ def test_radiomics_selection_sees_training_patients_only(selection):
   # Equal up to the summation order of the copied frame (1e-16), not merely close.
   np.testing.assert_allclose(moved.mean, base.mean, rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(moved.std, base.std, rtol=1e-12, atol=1e-14)
+
+
+def test_cox_selection_brings_survival_features_and_sees_training_patients_only():
+  """With `lasso`, an L1 Cox model on OS adds the columns that carry survival only."""
+  rng = np.random.default_rng(4)
+  n, f = 220, 30
+  y = (rng.random(n) < 0.5).astype(float)
+  x = rng.normal(size=(n, f))
+  x[:, 0] += 1.5 * y  # response only
+  t = rng.exponential(30 * np.exp(-0.9 * x[:, 1]))  # OS only
+  e = (rng.random(n) < 0.7).astype(float)
+  wide = pd.DataFrame(x, columns=[f't1:f{j:02d}' for j in range(f)])
+  train = np.arange(n) < 160
+  kw = dict(corr_threshold=0.0, lasso=True, lasso_cs=5, seed=0)
+  without_os = preprocess.fit_radiomics(wide, train, y, **kw)
+  with_os = preprocess.fit_radiomics(wide, train, y, os_months=t, os_event=e, **kw)
+  assert set(without_os.columns) <= set(with_os.columns)  # response keeps its LASSO
+  assert {'t1:f00', 't1:f01'} <= set(with_os.columns)
+  # The Cox model alone finds the OS column and leaves most noise columns out.
+  cox = preprocess._coxnet_select(x[train], np.arange(f), t[train], e[train], seed=0)
+  assert 1 in cox and len(cox) <= f // 2, cox
+  # Nothing of the held-out patients (values, OS, events) moves the Cox selection.
+  held = ~train
+  other, t2, e2 = wide.copy(), t.copy(), e.copy()
+  other.loc[held] = rng.normal(size=(held.sum(), f)) * 50
+  t2[held], e2[held] = rng.permutation(t[held]), 1 - e[held]
+  moved = preprocess.fit_radiomics(other, train, y, os_months=t2, os_event=e2, **kw)
+  assert moved.columns == with_os.columns
