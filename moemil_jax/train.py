@@ -386,6 +386,113 @@ def write_outputs(config, workdir: Path, rd: RunData, model_state, eval_step, me
   return {**run_info, 'final_auc': final_auc}
 
 
+@dataclasses.dataclass
+class TrainState:
+  """What changes during training: parameters, optimiser state and the run's JSON state
+  (epoch, step, best epoch and metric, patience count, history), checkpointed together."""
+
+  params: Any
+  rest: Any  # non-trainable model state (nnx.split's remainder)
+  opt_state: Any
+  meta: dict[str, Any]
+
+
+def create_train_state(config, rd: RunData, mesh, steps_per_epoch: int):
+  """(train_step, eval_step, a fresh TrainState): the model built at the store's widths, the
+  compiled steps, parameters committed to their devices (as restored ones are, so that both
+  share one compiled program)."""
+  radiomics_dim = int(rd.device_data.radiomics.shape[1])
+  patch_dim = int(rd.device_data.patches.shape[1])
+  config_json = json.dumps(config.to_dict(), sort_keys=True)
+  tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch, patch_dim)
+  _, params, rest = nnx.split(build_model(config, radiomics_dim, patch_dim), nnx.Param, ...)
+  opt_state = tx.init(params)
+  params, rest, opt_state = (
+    parallel.replicate((params, rest, opt_state), mesh)
+    if mesh is not None
+    else jax.device_put((params, rest, opt_state), jax.devices()[0])
+  )
+  logging.info(
+    'model %s: %d parameters, modalities %s; steps of %d patient and %d patch slots per '
+    'bag group (%d groups), about %d steps per epoch',
+    config.name,
+    sum(x.size for x in jax.tree.leaves(params)),
+    tuple(config.model.modalities),
+    rd.train_packing.rows,
+    rd.train_packing.capacity,
+    rd.layout.groups,
+    steps_per_epoch,
+  )
+  meta = {
+    'epoch': 0,
+    'step': 0,
+    'best_metric': None,
+    'best_epoch': None,
+    'bad_epochs': 0,
+    'done': False,
+    'history': [],
+  }
+  return train_step, eval_step, TrainState(params, rest, opt_state, meta)
+
+
+def restore_or_start(state: TrainState, latest_mgr, resume: bool, workdir: Path) -> TrainState:
+  """The latest checkpoint when resuming; refuses to overwrite a run otherwise."""
+  if latest_mgr.latest_step() is None:
+    return state
+  if not resume:
+    raise FileExistsError(
+      f'{workdir}/checkpoints already holds a run: pass --resume or use a fresh --workdir'
+    )
+  params, opt_state, meta = restore_checkpoint(
+    latest_mgr, latest_mgr.latest_step(), state.params, state.opt_state
+  )
+  logging.info('resumed from epoch %d (step %d)', meta['epoch'], meta['step'])
+  return TrainState(params, state.rest, opt_state, meta)
+
+
+def train_epoch(train_step, state: TrainState, data_tree, plan, key, mesh):
+  """Dispatches every step of the epoch without waiting for the device; returns the step
+  metrics (device arrays) and the (patch slots, real patches) it used."""
+  step_metrics, slots, real = [], 0, 0
+  for i, batch in enumerate(plan):
+    state.params, state.opt_state, m = train_step(
+      state.params,
+      state.opt_state,
+      state.rest,
+      data_tree,
+      parallel.shard_batch(batch.tree(), mesh),
+      jax.random.fold_in(key, i),
+    )
+    step_metrics.append(m)
+    slots += batch.patch_segment.size
+    real += batch.real_slots()
+  return step_metrics, slots, real
+
+
+def validation_scores(config, rd: RunData, fetch) -> tuple[float, float, float]:
+  """(AUC, C-index, the selection metric) on the validation patients; `fetch` is the epoch's
+  one host sync."""
+  logit, risk, _ = fetch()
+  ids, cohort = rd.val_ids, rd.cohort
+  auc = metrics.labelled_auc_or_nan(cohort.response[ids], logit[ids])
+  cidx = metrics.cindex_or_nan(cohort.os_months[ids], cohort.os_event[ids], risk[ids])
+  return auc, cidx, validation_metric(config.train.val_metric, auc, cidx)
+
+
+def update_best(state: TrainState, metric: float, best_mgr, patience: int) -> bool:
+  """Saves "best" when the metric improved; counts toward early stopping otherwise."""
+  meta = state.meta
+  if _improved(meta, metric):
+    meta.update(best_metric=_finite_or_none(metric), best_epoch=meta['epoch'], bad_epochs=0)
+    save_checkpoint(best_mgr, meta['epoch'], state.params, state.opt_state, meta)
+    return True
+  meta['bad_epochs'] += 1
+  if patience and meta['bad_epochs'] >= patience:
+    meta['done'] = True
+    logging.info('early stopping: no improvement for %d epochs', patience)
+  return False
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
@@ -410,115 +517,47 @@ def train_and_evaluate(
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(tc.batch_size, mesh)
   rd = load_data(config, mesh)
-  cohort, device_data = rd.cohort, rd.device_data
-  radiomics_dim = int(device_data.radiomics.shape[1])
   first_plan = rd.train_batches(config, 0)
-  steps_per_epoch = len(first_plan)  # later epochs differ by a step or so: the schedule's unit
-
-  config_json = json.dumps(config.to_dict(), sort_keys=True)
-  patch_dim = int(device_data.patches.shape[1])
-  tx, train_step, eval_step = compiled_steps(config_json, radiomics_dim, steps_per_epoch, patch_dim)
-  _, params, rest = nnx.split(build_model(config, radiomics_dim, patch_dim), nnx.Param, ...)
-  opt_state = tx.init(params)
-  # Committed to their devices, as restored checkpoints are: one compiled program for both.
-  params, rest, opt_state = (
-    parallel.replicate((params, rest, opt_state), mesh)
-    if mesh is not None
-    else jax.device_put((params, rest, opt_state), jax.devices()[0])
-  )
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  logging.info(
-    'model %s: %d parameters, modalities %s; steps of %d patient and %d patch slots per '
-    'bag group (%d groups), about %d steps per epoch',
-    config.name,
-    n_params,
-    tuple(config.model.modalities),
-    rd.train_packing.rows,
-    rd.train_packing.capacity,
-    rd.layout.groups,
-    steps_per_epoch,
-  )
-
+  # Later epochs differ by a step or so: the schedule's unit.
+  train_step, eval_step, state = create_train_state(config, rd, mesh, len(first_plan))
   latest_mgr, best_mgr = checkpoint_managers(workdir)
-  meta = {
-    'epoch': 0,
-    'step': 0,
-    'best_metric': None,
-    'best_epoch': None,
-    'bad_epochs': 0,
-    'done': False,
-    'history': [],
-  }
-  if resume and latest_mgr.latest_step() is not None:
-    params, opt_state, meta = restore_checkpoint(
-      latest_mgr, latest_mgr.latest_step(), params, opt_state
-    )
-    logging.info('resumed from epoch %d (step %d)', meta['epoch'], meta['step'])
-  elif not resume and latest_mgr.latest_step() is not None:
-    raise FileExistsError(
-      f'{workdir}/checkpoints already holds a run: pass --resume or use a fresh --workdir'
-    )
+  state = restore_or_start(state, latest_mgr, resume, workdir)
+  meta = state.meta
   every = max(int(tc.get('checkpoint_every', 10)), 1)
-
   writer = SummaryWriter(str(workdir / 'tensorboard')) if parallel.is_writer() else _NoWriter()
   val_batches = rd.eval_batches(rd.val_ids, config.seed)
   base_key = jax.random.key(config.seed)
-  data_tree = device_data.tree()
-  epochs_this_call = 0
-  slots = real = 0
+  data_tree = rd.device_data.tree()
+  epochs_this_call = slots = real = 0
   t0 = time.time()
   plan = first_plan if meta['epoch'] == 0 else rd.train_batches(config, meta['epoch'])
   while not meta['done'] and meta['epoch'] < tc.epochs:
-    # One epoch: every step dispatched without waiting for the device.
-    epoch = meta['epoch']
-    epoch_key = jax.random.fold_in(base_key, epoch)
-    step_metrics = []
-    for i, batch in enumerate(plan):
-      params, opt_state, m = train_step(
-        params,
-        opt_state,
-        rest,
-        data_tree,
-        parallel.shard_batch(batch.tree(), mesh),
-        jax.random.fold_in(epoch_key, i),
-      )
-      step_metrics.append(m)
-      slots += batch.patch_segment.size
-      real += batch.real_slots()
-    first_step = meta['step']
+    epoch, first_step = meta['epoch'], meta['step']
+    step_metrics, epoch_slots, epoch_real = train_epoch(
+      train_step, state, data_tree, plan, jax.random.fold_in(base_key, epoch), mesh
+    )
     meta['step'] += len(plan)
+    slots, real = slots + epoch_slots, real + epoch_real
 
     # Evaluation: dispatched, then the next epoch is planned while the device works.
     fetch = predict_patients(
       eval_step,
-      params,
-      rest,
-      device_data,
+      state.params,
+      state.rest,
+      rd.device_data,
       val_batches,
-      cohort.num_patients,
+      rd.cohort.num_patients,
       config.model.num_experts,
       mesh,
     )
     plan = rd.train_batches(config, epoch + 1) if epoch + 1 < tc.epochs else []
-    logit, risk, _ = fetch()  # the epoch's one host sync
-    val_ids = rd.val_ids
-    auc = metrics.labelled_auc_or_nan(cohort.response[val_ids], logit[val_ids])
-    cidx = metrics.cindex_or_nan(cohort.os_months[val_ids], cohort.os_event[val_ids], risk[val_ids])
-    metric = validation_metric(tc.val_metric, auc, cidx)
+    auc, cidx, metric = validation_scores(config, rd, fetch)
     train_means = _record_epoch(
       writer, meta, jax.device_get(step_metrics), first_step, (auc, cidx, metric), tc.log_every
     )
 
     # Checkpoints: "best" on improvement, "latest" every few epochs and at the end.
-    improved = _improved(meta, metric)
-    if improved:
-      meta.update(best_metric=_finite_or_none(metric), best_epoch=meta['epoch'], bad_epochs=0)
-      save_checkpoint(best_mgr, meta['epoch'], params, opt_state, meta)
-    else:
-      meta['bad_epochs'] += 1
-      if tc.patience and meta['bad_epochs'] >= tc.patience:
-        meta['done'] = True
-        logging.info('early stopping: no improvement for %d epochs', tc.patience)
+    improved = update_best(state, metric, best_mgr, tc.patience)
     logging.info(
       'epoch %d/%d: loss %.4f (resp %.4f, surv %.4f) val auc %.3f cindex %.3f%s [%.1fs]',
       meta['epoch'],
@@ -535,7 +574,7 @@ def train_and_evaluate(
     stopping = stop_after_epochs is not None and epochs_this_call >= stop_after_epochs
     last = meta['done'] or meta['epoch'] >= tc.epochs
     if meta['epoch'] % every == 0 or last or stopping:
-      save_checkpoint(latest_mgr, meta['epoch'], params, opt_state, meta)
+      save_checkpoint(latest_mgr, meta['epoch'], state.params, state.opt_state, meta)
     if stopping and not last:
       latest_mgr.wait_until_finished()
       best_mgr.wait_until_finished()
@@ -553,12 +592,14 @@ def train_and_evaluate(
   )
 
   # Predictions with the best checkpoint, for every patient; run.json; the model bundle.
-  params, _, best_meta = restore_checkpoint(best_mgr, best_mgr.latest_step(), params, opt_state)
+  params, _, best_meta = restore_checkpoint(
+    best_mgr, best_mgr.latest_step(), state.params, state.opt_state
+  )
   run_info = write_outputs(
     config,
     workdir,
     rd,
-    (params, rest),
+    (params, state.rest),
     eval_step,
     mesh,
     {
@@ -588,7 +629,7 @@ def train_and_evaluate(
   return {
     **run_info,
     'process_index': jax.process_index(),
-    'patches_read': int(len(cohort.patches)),
+    'patches_read': int(len(rd.cohort.patches)),
   }
 
 
