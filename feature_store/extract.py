@@ -52,7 +52,11 @@ class ExtractConfig:
   workers: int = 4
   target_mpp: float = 0.5
   patch_px: int = 256
-  encoder_weights: str = 'imagenet'
+  encoder_weights: str = 'imagenet'  # the MRI ResNet50, and the slide encoder unless set below
+  wsi_encoder: str = 'resnet50_trunc'  # encoders.ENCODERS or timm:<model>
+  wsi_encoder_weights: str | None = None  # 'hub' | 'random' | PATH; None: encoder_weights
+  encoder_kwargs: Any = None  # dict for timm:<model> encoders (e.g. {'depth': 2})
+  precision: str = 'auto'  # auto: the encoder's own on CUDA, fp32 on CPU
   radiomics_params: Any = None  # YAML path or dict; None = params/mr_default.yaml
   mri_slices: int = 5
   shard_index: int = 0
@@ -81,6 +85,19 @@ class Summary:
   @property
   def failed(self) -> int:
     return len(self.failures)
+
+  def line(self, store_dir: str | Path, verb: str = 'extracted') -> str:
+    """`N patients extracted, K rejected, F failed: see STORE/failures.parquet`."""
+    line = f'{self.patients} patients {verb}, {self.rejected} rejected, {self.failed} failed'
+    if self.orphans:
+      line += f'; {len(self.orphans)} in the store but no longer in the manifest: ' + (
+        'pruned' if self.pruned else 'kept, --prune removes them'
+      )
+    if not self.finalised:
+      return line + ' in this shard; store not assembled yet (other shards are still running)'
+    if self.rejected or self.failed:
+      line += f': see {Path(store_dir) / store.FAILURES}'
+    return line
 
 
 def fingerprint_sha(fp: dict) -> str:
@@ -150,10 +167,11 @@ def extract_slide(
     xys, embs = [], []
     start = time.perf_counter()
     with tqdm(total=len(plan.xy), desc=slide_id, unit='patch', leave=False) as bar:
-      for xy, patches in slides.iter_patch_batches(
+      batches = slides.iter_patch_batches(
         slide, plan, batch_size=cfg.batch_size, workers=cfg.workers, block=READ_BLOCK
-      ):
-        embs.append(encoder(patches))
+      )
+      for xy, emb in encoder.encode_batches(batches):
+        embs.append(emb)
         xys.append(xy)
         bar.update(len(xy))
     emb = np.concatenate(embs)
@@ -340,6 +358,40 @@ def _handle_orphans(store_dir: Path, man: manifest_lib.Manifest, prune: bool) ->
   return sorted(orphans)
 
 
+def mri_encoder_and_fingerprint(cfg: ExtractConfig) -> tuple[encoders.Encoder, dict]:
+  """The MRI encoder and the fingerprint of everything that shapes MRI features."""
+  encoder = encoders.Encoder('mri', cfg.encoder_weights, cfg.device, precision=cfg.precision)
+  return encoder, {
+    'encoder': encoder.fingerprint,
+    'slices': cfg.mri_slices,
+    'crop_margin': MRI_CROP_MARGIN,
+    'percentiles': list(MRI_PERCENTILES),
+    'radiomics': mri.radiomics_fingerprint(cfg.radiomics_params),
+  }
+
+
+def run_mri(
+  patients: list[manifest_lib.Patient],
+  store_dir: Path,
+  encoder: encoders.Encoder,
+  cfg: ExtractConfig,
+  mri_sha: str,
+  summary: Summary,
+) -> None:
+  """Extracts each patient's MRI unless its part files carry this fingerprint."""
+  for patient in tqdm(
+    patients, desc=f'MRI (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='patient'
+  ):
+    rad_path, deep_path = _mri_paths(store_dir, patient.patient_id)
+    meta = _part_meta(deep_path)
+    if meta and meta.get('fingerprint_sha256') == mri_sha and rad_path.exists():
+      summary.mri_skipped += 1
+      summary.failures += meta.get('failures', [])
+      continue
+    summary.failures += extract_mri(patient, store_dir, encoder, cfg, mri_sha)
+    summary.mri_done += 1
+
+
 def extract(
   manifest_path: Path | str, store_dir: Path | str, cfg: ExtractConfig = ExtractConfig()
 ) -> Summary:
@@ -357,8 +409,15 @@ def extract(
       'with its line and column); fix them and rerun: nothing was extracted'
     )
 
-  wsi_encoder = encoders.Encoder('wsi', cfg.encoder_weights, cfg.device)
-  mri_encoder = encoders.Encoder('mri', cfg.encoder_weights, cfg.device)
+  wsi_encoder = encoders.Encoder(
+    'wsi',
+    cfg.wsi_encoder_weights or cfg.encoder_weights,
+    cfg.device,
+    name=cfg.wsi_encoder,
+    kwargs=cfg.encoder_kwargs,
+    precision=cfg.precision,
+  )
+  mri_encoder, mri_fp = mri_encoder_and_fingerprint(cfg)
   wsi_fp = {
     'encoder': wsi_encoder.fingerprint,
     'target_mpp': cfg.target_mpp,
@@ -366,13 +425,6 @@ def extract(
     'tissue': cfg.tissue.as_dict(),
     'fallback_mpp': cfg.fallback_mpp,
     'read_block': READ_BLOCK,
-  }
-  mri_fp = {
-    'encoder': mri_encoder.fingerprint,
-    'slices': cfg.mri_slices,
-    'crop_margin': MRI_CROP_MARGIN,
-    'percentiles': list(MRI_PERCENTILES),
-    'radiomics': mri.radiomics_fingerprint(cfg.radiomics_params),
   }
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
   _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
@@ -406,17 +458,7 @@ def extract(
     bar.set_postfix(patches_per_s=f'{summary.patches / max(time.perf_counter() - start, 1e-9):.1f}')
   bar.close()
 
-  for patient in tqdm(
-    my_patients, desc=f'MRI (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='patient'
-  ):
-    rad_path, deep_path = _mri_paths(store_dir, patient.patient_id)
-    meta = _part_meta(deep_path)
-    if meta and meta.get('fingerprint_sha256') == mri_sha and rad_path.exists():
-      summary.mri_skipped += 1
-      summary.failures += meta.get('failures', [])
-      continue
-    summary.failures += extract_mri(patient, store_dir, mri_encoder, cfg, mri_sha)
-    summary.mri_done += 1
+  run_mri(my_patients, store_dir, mri_encoder, cfg, mri_sha, summary)
 
   shard_file = store_dir / SHARDS_DIR / f'{cfg.shard_index}-of-{cfg.shard_count}.json'
   store.atomic_write_bytes(
@@ -425,7 +467,9 @@ def extract(
       {'wsi_sha256': wsi_sha, 'mri_sha256': mri_sha, 'failures': summary.failures}, indent=1
     ).encode(),
   )
-  summary.finalised = _finalise(store_dir, man, cfg, wsi_fp, mri_fp, wsi_encoder.pretrained)
+  summary.finalised = _finalise(
+    store_dir, man, cfg, wsi_fp, mri_fp, wsi_encoder.pretrained, provenance='extracted'
+  )
   logging.info(
     'shard %d/%d: %d slides extracted (%d patches), %d skipped; %d MRI patients extracted, '
     '%d skipped; %d failures%s',
@@ -449,6 +493,8 @@ def _finalise(
   wsi_fp: dict,
   mri_fp: dict,
   pretrained: bool,
+  *,
+  provenance: str,
 ) -> bool:
   """Assembles the store-level files once every shard has reported; returns whether it did."""
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
@@ -523,6 +569,8 @@ def _finalise(
   store.write_store_json(
     store_dir,
     {
+      'encoder': wsi_fp['encoder'],  # the slide encoder: its width sizes the model's input
+      'provenance': provenance,
       'wsi': {'fingerprint': wsi_fp, 'fingerprint_sha256': wsi_sha},
       'mri': {'fingerprint': mri_fp, 'fingerprint_sha256': mri_sha},
       'counts': {

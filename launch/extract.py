@@ -1,7 +1,8 @@
 r"""Extracts slide-patch and MRI features once into a Parquet feature store.
 
-  python -m launch.extract --manifest=cohort/manifest.csv --store=store/ \
-      --device=cuda --batch_size=256 --workers=8
+  python -m launch.extract --manifest=cohort/manifest.csv --store=store/ --device=cuda
+  python -m launch.extract ... --wsi_encoder=uni            # or virchow2, timm:<model>, ...
+  python -m launch.extract --store=store/ --upgrade_store   # schema-1 store -> fast layout
 
 Rerunning the same command resumes: finished slides and MRI are skipped. Shards:
 --shard_index/--num_shards, or torchrun's RANK/WORLD_SIZE when the flags are left at their
@@ -21,13 +22,44 @@ from absl import flags, logging
 
 from launch import cli
 
-EXAMPLE = '--manifest=cohort/manifest.csv --store=store/ [--device=cuda --batch_size=256]'
+EXAMPLE = '--manifest=cohort/manifest.csv --store=store/ [--device=cuda --wsi_encoder=uni]'
 
-_MANIFEST = flags.DEFINE_string('manifest', None, 'Cohort manifest CSV.', required=True)
+_MANIFEST = flags.DEFINE_string('manifest', None, 'Cohort manifest CSV.')
 _STORE = flags.DEFINE_string('store', None, 'Feature store directory.', required=True)
 _DEVICE = flags.DEFINE_string('device', 'auto', 'torch device: auto, cpu, cuda, cuda:1, ...')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Patches per encoder batch.')
-_WORKERS = flags.DEFINE_integer('workers', 4, 'Threads reading and decoding slide regions.')
+_BATCH = flags.DEFINE_integer(
+  'batch_size', 0, 'Patches per encoder batch (0: 256 on CUDA, 64 on a CPU).'
+)
+_WORKERS = flags.DEFINE_integer(
+  'workers', 0, 'Threads reading and decoding slide regions (0: the CPU count).'
+)
+_WSI_ENCODER = flags.DEFINE_string(
+  'wsi_encoder',
+  'resnet50_trunc',
+  'Slide patch encoder: resnet50_trunc, uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, '
+  'prov-gigapath, or timm:<model name> (README, "Slide encoders").',
+)
+_WSI_WEIGHTS = flags.DEFINE_string(
+  'wsi_encoder_weights',
+  None,
+  "Slide encoder weights: 'hub' (Hugging Face cache or hub; gated models need your token), "
+  "'random' (tests only) or a local file; default: --encoder_weights.",
+)
+_ENCODER_KWARGS = flags.DEFINE_string(
+  'encoder_kwargs', None, 'JSON kwargs for a timm:<model> encoder, e.g. \'{"img_size": 224}\'.'
+)
+_PRECISION = flags.DEFINE_enum(
+  'precision',
+  'auto',
+  ['auto', 'fp32', 'fp16', 'bf16'],
+  "Encoder precision (auto: the encoder's own on CUDA, fp32 on a CPU); in the fingerprint.",
+)
+_UPGRADE = flags.DEFINE_bool(
+  'upgrade_store',
+  False,
+  'Convert a schema-1 store in place to the fast schema-2 layout (file by file, atomically) '
+  'and exit; needs only --store.',
+)
 _TARGET_MPP = flags.DEFINE_float('target_mpp', 0.5, 'Patch resolution in um/px (0.5 ~ 20x).')
 _PATCH_PX = flags.DEFINE_integer(
   'patch_px', 256, 'Patch side in px at target_mpp (resized to 224).'
@@ -35,8 +67,9 @@ _PATCH_PX = flags.DEFINE_integer(
 _WEIGHTS = flags.DEFINE_string(
   'encoder_weights',
   'imagenet',
-  "'imagenet', 'random' (not pretrained; tests only), a state_dict file, "
-  "or 'auto': imagenet when its weights are in the torch cache, else random.",
+  "MRI ResNet50 (and slide encoder) weights: 'imagenet' (= 'hub'), 'random' (not "
+  "pretrained; tests only), a state_dict file, or 'auto': imagenet when its weights are in "
+  'the torch cache, else random.',
 )
 _RADIOMICS = flags.DEFINE_string(
   'radiomics_params', None, 'PyRadiomics YAML; default feature_store/params/mr_default.yaml.'
@@ -97,8 +130,25 @@ def _device(name: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
-  from feature_store import encoders, extract, slides
+  import json
 
+  from feature_store import encoders, extract, slides, store
+
+  if _UPGRADE.value:
+    n = store.upgrade_store(_STORE.value)
+    print(f'{_STORE.value}: {n} slide file(s) converted; schema {store.SCHEMA_VERSION}')
+    return
+  if not _MANIFEST.value:
+    raise cli.UserError('--manifest is required (except with --upgrade_store)')
+  kwargs = None
+  if _ENCODER_KWARGS.value:
+    try:
+      kwargs = json.loads(_ENCODER_KWARGS.value)
+      assert isinstance(kwargs, dict)
+    except (ValueError, AssertionError):
+      raise cli.UserError(
+        f'--encoder_kwargs={_ENCODER_KWARGS.value}: expected a JSON object'
+      ) from None
   shard_index = (
     _SHARD_INDEX.value if _SHARD_INDEX.value is not None else int(os.environ.get('RANK', 0))
   )
@@ -115,10 +165,18 @@ def main(argv):
       print('encoder weights: imagenet (found in the torch cache)')
   if device == 'cuda' and 'LOCAL_RANK' in os.environ:  # torchrun: one GPU per local process
     device = f'cuda:{os.environ["LOCAL_RANK"]}'
+  wsi_weights = _WSI_WEIGHTS.value
+  if wsi_weights == 'auto':
+    wsi_weights = 'hub' if encoders.weights_available(_WSI_ENCODER.value) else 'random'
+  cuda = device.startswith('cuda')
   cfg = extract.ExtractConfig(
     device=device,
-    batch_size=_BATCH.value,
-    workers=_WORKERS.value,
+    batch_size=_BATCH.value or (encoders.CUDA_BATCH if cuda else 64),
+    workers=_WORKERS.value or (os.cpu_count() or 4),
+    wsi_encoder=_WSI_ENCODER.value,
+    wsi_encoder_weights=wsi_weights,
+    encoder_kwargs=kwargs,
+    precision=_PRECISION.value,
     target_mpp=_TARGET_MPP.value,
     patch_px=_PATCH_PX.value,
     encoder_weights=weights,
@@ -154,18 +212,7 @@ def main(argv):
 
 def summary_line(summary, store: str) -> str:
   """`N patients extracted, K rejected, F failed: see STORE/failures.parquet`."""
-  line = (
-    f'{summary.patients} patients extracted, {summary.rejected} rejected, {summary.failed} failed'
-  )
-  if summary.orphans:
-    line += f'; {len(summary.orphans)} in the store but no longer in the manifest: ' + (
-      'pruned' if summary.pruned else 'kept, --prune removes them'
-    )
-  if not summary.finalised:
-    return line + ' in this shard; store not assembled yet (other shards are still running)'
-  if summary.rejected or summary.failed:
-    line += f': see {os.path.join(store, "failures.parquet")}'
-  return line
+  return summary.line(store)
 
 
 def run():

@@ -211,20 +211,26 @@ class MoEMIL(nnx.Module):
     self.modality_dropout = float(config.get('modality_dropout', 0.0))
     self.wsi = (
       WSIBranch(
-        wsi_dim, config.wsi_dim, config.attention_dim, config.dropout, 2, dtype=dtype, rngs=rngs
+        wsi_dim,
+        config.wsi_hidden_dim,
+        config.attention_dim,
+        config.dropout,
+        2,
+        dtype=dtype,
+        rngs=rngs,
       )
       if 'wsi' in mods
       else None
     )
     self.radiomics = (
-      MLP((radiomics_dim, *config.radiomics_dims), config.dropout, dtype=dtype, rngs=rngs)
+      MLP((radiomics_dim, *config.radiomics_hidden_dims), config.dropout, dtype=dtype, rngs=rngs)
       if 'radiomics' in mods
       else None
     )
     self.mri_deep = (
       MRIDeepBranch(
         mri_deep_dim,
-        config.mri_deep_dim,
+        config.mri_deep_hidden_dim,
         config.mri_deep_pooling,
         config.dropout,
         dtype=dtype,
@@ -235,9 +241,9 @@ class MoEMIL(nnx.Module):
     )
     fused = (
       len(mods)  # one presence bit per modality
-      + (config.wsi_dim if self.wsi is not None else 0)
-      + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
-      + (config.mri_deep_dim if self.mri_deep is not None else 0)
+      + (config.wsi_hidden_dim if self.wsi is not None else 0)
+      + (config.radiomics_hidden_dims[-1] if self.radiomics is not None else 0)
+      + (config.mri_deep_hidden_dim if self.mri_deep is not None else 0)
     )
     self.mmoe = MMoE(
       fused,

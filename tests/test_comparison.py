@@ -90,7 +90,9 @@ def test_variants_follow_the_baseline_configs():
     assert tuple(c.model.modalities) == tuple(module.get_config().model.modalities)
   assert _config(dlr, store).loss.instance == 0.0
   assert _config(pathomics, store).model.modality_dropout == 0.0
-  assert _config(moemil, store).model.wsi_dim == test_config.get_config().model.wsi_dim
+  assert (
+    _config(moemil, store).model.wsi_hidden_dim == test_config.get_config().model.wsi_hidden_dim
+  )
 
 
 def _external(pred):

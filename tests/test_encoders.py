@@ -1,6 +1,7 @@
 """Encoders: real torchvision ResNet50 trunks (random weights here: no downloads in tests)."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -100,3 +101,99 @@ def test_bad_weights_are_refused(tmp_path):
   torch.save({'model': torchvision.models.resnet18(weights=None)}, pickled)  # a pickled module
   with pytest.raises(encoders.EncoderError, match='weights_only'):
     encoders.Encoder('wsi', str(pickled))
+
+
+# Each preset against its model card (huggingface.co/<repo>): embedding width, normalisation,
+# registers / prefix tokens, and parameter count (millions, +-2%).
+CARDS = {
+  'uni': (1024, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD, 1, 303),
+  'uni2-h': (1536, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD, 9, 681),
+  'virchow2': (2560, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD, 5, 631),
+  'h-optimus-0': (1536, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 5, 1135),
+  'h-optimus-1': (1536, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 5, 1135),
+  'prov-gigapath': (1536, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD, 1, 1135),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CARDS))
+def test_presets_build_with_the_model_cards_width_and_normalisation(name):
+  """Built on the meta device (the architecture, no 1-4 GB of random weights on a shared
+  CPU); the embedding recipe runs on meta tensors, so the width is the real output's."""
+  import timm
+
+  width, mean, std, prefix, params_m = CARDS[name]
+  p = encoders.preset(name)
+  assert (p.dim, p.mean, p.std, p.input_px) == (width, mean, std, 224)
+  with torch.device('meta'):
+    model = timm.create_model(p.arch, **encoders._timm_kwargs(p.kwargs))
+    x = torch.empty(2, 3, p.input_px, p.input_px)
+    if p.recipe == 'cls+mean':
+      tokens = model.forward_features(x)
+      out = torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens :].mean(1)], -1)
+    else:
+      out = model(x)
+  assert tuple(out.shape) == (2, width)
+  assert model.num_prefix_tokens == prefix
+  assert sum(q.numel() for q in model.parameters()) / 1e6 == pytest.approx(params_m, rel=0.02)
+
+
+def test_every_registry_entry_is_checked_against_a_card():
+  assert set(encoders.ENCODERS) == set(CARDS) | {'resnet50_trunc'}
+
+
+def test_timm_encoder_random_weights_width_and_fingerprint():
+  enc = encoders.Encoder('wsi', 'random', name='timm:vit_tiny_patch16_224', kwargs={'depth': 1})
+  images = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  emb = enc(images)
+  assert emb.shape == (3, 192) and np.isfinite(emb).all()
+  assert not np.allclose(emb[0], emb[1])
+  again = encoders.Encoder('wsi', 'random', name='timm:vit_tiny_patch16_224', kwargs={'depth': 1})
+  np.testing.assert_array_equal(again(images), emb)  # seeded random weights
+  fp = enc.fingerprint
+  assert (fp['dim'], fp['precision'], fp['device_type'], fp['pretrained']) == (
+    192,
+    'fp32',
+    'cpu',
+    False,
+  )
+  assert list(enc.encode_batches([('a', images)]))[0][1].shape == (3, 192)
+
+
+def test_unknown_encoders_are_refused_in_one_line():
+  with pytest.raises(encoders.EncoderError, match='unknown encoder'):
+    encoders.preset('uni3')
+  with pytest.raises(encoders.EncoderError, match='timm has no model'):
+    encoders.preset('timm:not_a_model')
+
+
+def test_offline_hub_weights_give_one_line_naming_the_flags(tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from feature_store.synthetic_cohort import make_cohort
+
+  manifest = make_cohort(tmp_path / 'c', patients=4, slide_px=256, mri_px=16, progress=False)
+  env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'launch.extract',
+      '--wsi_encoder=uni',
+      '--wsi_encoder_weights=hub',
+      f'--store={tmp_path / "store"}',
+      f'--manifest={manifest}',
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=Path(__file__).resolve().parents[1],
+    timeout=300,
+  )
+  assert done.returncode == 2, done.stderr[-3000:]
+  lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+  last = lines[-1]
+  assert '--wsi_encoder_weights=PATH' in last and '--wsi_encoder_weights=random' in last
+  assert str(tmp_path / 'hf' / 'hub') in last
+  assert 'Traceback' not in done.stderr

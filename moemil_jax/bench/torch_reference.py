@@ -118,23 +118,27 @@ class TorchMoEMIL(nn.Module):
     self.modalities = mods
     self.modality_dropout = float(config.get('modality_dropout', 0.0))
     self.wsi = (
-      WSIBranch(wsi_dim, config.wsi_dim, config.attention_dim, config.dropout, 2)
+      WSIBranch(wsi_dim, config.wsi_hidden_dim, config.attention_dim, config.dropout, 2)
       if 'wsi' in mods
       else None
     )
     self.radiomics = (
-      MLP((radiomics_dim, *config.radiomics_dims), config.dropout) if 'radiomics' in mods else None
+      MLP((radiomics_dim, *config.radiomics_hidden_dims), config.dropout)
+      if 'radiomics' in mods
+      else None
     )
     self.mri_deep = (
-      MRIDeepBranch(mri_deep_dim, config.mri_deep_dim, config.mri_deep_pooling, config.dropout)
+      MRIDeepBranch(
+        mri_deep_dim, config.mri_deep_hidden_dim, config.mri_deep_pooling, config.dropout
+      )
       if 'mri_deep' in mods
       else None
     )
     fused = (
       len(mods)
-      + (config.wsi_dim if self.wsi is not None else 0)
-      + (config.radiomics_dims[-1] if self.radiomics is not None else 0)
-      + (config.mri_deep_dim if self.mri_deep is not None else 0)
+      + (config.wsi_hidden_dim if self.wsi is not None else 0)
+      + (config.radiomics_hidden_dims[-1] if self.radiomics is not None else 0)
+      + (config.mri_deep_hidden_dim if self.mri_deep is not None else 0)
     )
     self.mmoe = MMoE(
       fused, config.num_experts, config.expert_dim, config.tower_dim, len(TASKS), config.dropout

@@ -201,12 +201,12 @@ class JaxTrainer:
 def analytic_flops_per_slot(model_config, rows: int, in_dim: int = 1024) -> float:
   """Matmul FLOPs per patch slot of one training step, forward and backward.
 
-  fc (in_dim -> wsi_dim): forward and the weight gradient (the input needs none); gated
-  attention (two wsi_dim -> attention_dim, one attention_dim -> 1), the instance classifier
-  (wsi_dim -> 4) and the one-hot pooling over the `rows` patient slots: forward, input and
+  fc (in_dim -> wsi_hidden_dim): forward and the weight gradient (the input needs none); gated
+  attention (two wsi_hidden_dim -> attention_dim, one attention_dim -> 1), the instance classifier
+  (wsi_hidden_dim -> 4) and the one-hot pooling over the `rows` patient slots: forward, input and
   weight gradients (3x). Elementwise work (normalisation, activations, softmax) is left out.
   """
-  w, a = int(model_config.wsi_dim), int(model_config.attention_dim)
+  w, a = int(model_config.wsi_hidden_dim), int(model_config.attention_dim)
   rest = 2 * (2 * w * a + a + 4 * w + rows * w)
   return 4.0 * in_dim * w + 3.0 * rest
 

@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.radiomics_corr_threshold = 0.9  # drop one of each pair with |r| above; 0 = off
-  c.data.radiomics_lasso = False  # L1 logistic regression (CV) on response; unstable at n ~ 200
+  # Penalised selection: L1 logistic (CV) on response joined by an L1 Cox model (Coxnet, CV) on
+  # OS for the survival side; off, as both swing between folds at n ~ 200 (BUILD.md).
+  c.data.radiomics_lasso = False
   c.data.radiomics_lasso_cs = 10
   c.data.radiomics_transform = 'quantile'  # rank-based, robust to heavy tails; or 'zscore'
   c.data.radiomics_min_present = 0.5  # keep a column present for this share of patients
@@ -46,10 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.modalities = ('wsi', 'radiomics', 'mri_deep')
   # Sized for cohorts of a few hundred patients (BUILD.md, "Training recipe"): the paper's
   # widths (512, 256, (128, 64), 256, 128, 64) memorise ~200 training patients.
-  c.model.wsi_dim = 128
+  c.model.wsi_hidden_dim = 128
   c.model.attention_dim = 64
-  c.model.radiomics_dims = (32,)
-  c.model.mri_deep_dim = 32
+  c.model.radiomics_hidden_dims = (32,)
+  c.model.mri_deep_hidden_dim = 32
   c.model.mri_deep_pooling = 'attention'  # or "mean"
   c.model.num_experts = 4
   c.model.expert_dim = 32

@@ -10,10 +10,10 @@ from moemil_jax.configs import moemil
 def get_config():
   c = moemil.get_config()
   c.name = 'moemil'
-  c.model.wsi_dim = 512
+  c.model.wsi_hidden_dim = 512
   c.model.attention_dim = 256
-  c.model.radiomics_dims = (128, 64)
-  c.model.mri_deep_dim = 256
+  c.model.radiomics_hidden_dims = (128, 64)
+  c.model.mri_deep_hidden_dim = 256
   c.model.expert_dim = 128
   c.model.tower_dim = 64
   c.train.epochs = 60

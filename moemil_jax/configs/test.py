@@ -8,10 +8,10 @@ def get_config():
   c.data.max_train_patches = 128
   c.data.radiomics_lasso = False
   c.data.radiomics_top_k = 0  # the tiny test stores have few columns: keep them all
-  c.model.wsi_dim = 64
+  c.model.wsi_hidden_dim = 64
   c.model.attention_dim = 32
-  c.model.radiomics_dims = (32,)
-  c.model.mri_deep_dim = 32
+  c.model.radiomics_hidden_dims = (32,)
+  c.model.mri_deep_hidden_dim = 32
   c.model.expert_dim = 32
   c.model.tower_dim = 16
   c.model.dropout = 0.1
