@@ -8,6 +8,11 @@ a rerun skips units whose file carries the same fingerprint, and a store built
 with another fingerprint is refused unless `overwrite`. Killing a run therefore
 loses at most the units in flight.
 
+A slide's own resolution (level-0 MPP and where it came from: the manifest's `mpp`
+column, the slide, its objective power, or `--fallback_mpp`) is part of that slide's
+fingerprint only, recorded in its file as `mpp` and `mpp_source`: giving or changing a
+fallback re-extracts the slides that use it and no other.
+
 Shards split units by position (slide k and patient k go to shard k % n); each
 shard writes only its own unit files plus shards/<i>-of-<n>.json (its failures).
 Whichever shard finds every unit accounted for assembles the store-level files:
@@ -61,7 +66,8 @@ class ExtractConfig:
   mri_slices: int = 5
   shard_index: int = 0
   shard_count: int = 1
-  fallback_mpp: float | None = None
+  fallback_mpp: float | None = None  # um/px of slides with no other MPP (slides.slide_mpp)
+  mpp_from_objective: bool = False  # MPP-less slides: 10 / objective power, before the fallback
   tissue: slides.TissueParams = slides.TissueParams()
   overwrite: bool = False
   outcomes_required: bool = True  # False: a manifest of new patients to score (no labels)
@@ -130,6 +136,72 @@ def _part_meta(path: Path) -> dict | None:
   return store.table_metadata(path)
 
 
+def _log_mpp_choice(slide, slide_id: str, mpp: float, source: str) -> None:
+  """One log line for a slide whose MPP is not its own: where it came from and, for the
+  manifest's, whether it disagrees with the slide's."""
+  own = None
+  if source == 'manifest':
+    try:
+      own, _ = slides.slide_mpp(slide)
+    except slides.SlideError:
+      pass
+  if own is not None and abs(own - mpp) > 0.05 * own:
+    logging.warning(
+      '%s: the manifest gives %.4g um/px, the slide records %.4g: using the manifest',
+      slide_id,
+      mpp,
+      own,
+    )
+  else:
+    logging.info('%s: %.4g um/px from the %s', slide_id, mpp, source)
+
+
+def _slide_is_current(
+  path: Path, slide: manifest_lib.Slide, cfg: ExtractConfig, wsi_sha: str
+) -> bool:
+  """Whether wsi/<slide_id>.parquet holds this slide's features as this run would make them:
+  the store's fingerprint, and the same MPP from the same source (the slide is opened only
+  when its MPP did not come from the slide itself or the manifest now gives one)."""
+  meta = _part_meta(path)
+  if not meta or meta.get('fingerprint_sha256') != wsi_sha:
+    return False
+  was = (meta.get('mpp'), meta.get('mpp_source'))
+  if slide.mpp is None and was[1] == 'slide':
+    return True
+  if slide.mpp is not None and was[1] == 'manifest':
+    return bool(np.isclose(slide.mpp, was[0] or 0.0))
+  try:
+    handle = slides.open_slide(slide.path)
+  except slides.SlideError as e:
+    logging.warning('%s: keeping its features; the slide no longer opens: %s', slide.slide_id, e)
+    return True
+  try:
+    now = slides.slide_mpp(
+      handle, cfg.fallback_mpp, manifest_mpp=slide.mpp, from_objective=cfg.mpp_from_objective
+    )
+  except slides.SlideError:
+    logging.warning(
+      '%s: keeping its features made at %s um/px (%s): this run gives the slide no MPP',
+      slide.slide_id,
+      was[0],
+      was[1],
+    )
+    return True
+  finally:
+    handle.close()
+  if now[1] == was[1] and bool(np.isclose(now[0], was[0] or 0.0)):
+    return True
+  logging.info(
+    '%s: MPP now %.4g (%s), its features were made at %s (%s): extracting it again',
+    slide.slide_id,
+    now[0],
+    now[1],
+    was[0],
+    was[1],
+  )
+  return False
+
+
 def _mri_paths(store_dir: Path, patient_id: str) -> tuple[Path, Path]:
   pid = store.validate_id(patient_id, what='patient_id')
   d = Path(store_dir) / MRI_DIR
@@ -148,8 +220,11 @@ def extract_slide(
   cfg: ExtractConfig,
   fp: dict,
   fp_sha: str,
+  mpp: float | None = None,
 ) -> int:
-  """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure."""
+  """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure.
+
+  mpp: the manifest's um/px for this slide, which wins over what the slide records."""
   slide = slides.open_slide(slide_path)
   try:
     plan = slides.plan_patches(
@@ -158,7 +233,11 @@ def extract_slide(
       patch_px=cfg.patch_px,
       tissue=cfg.tissue,
       fallback_mpp=cfg.fallback_mpp,
+      manifest_mpp=mpp,
+      mpp_from_objective=cfg.mpp_from_objective,
     )
+    if plan.mpp_source != 'slide':
+      _log_mpp_choice(slide, slide_id, plan.mpp, plan.mpp_source)
     if len(plan.xy) == 0:
       raise slides.SlideError(
         f'no tissue: no patch has >= {cfg.tissue.min_patch_tissue:.0%} tissue '
@@ -423,7 +502,10 @@ def extract(
     'target_mpp': cfg.target_mpp,
     'patch_px': cfg.patch_px,
     'tissue': cfg.tissue.as_dict(),
-    'fallback_mpp': cfg.fallback_mpp,
+    # Always None: each slide's MPP is in its own file (mpp, mpp_source), so that a fallback
+    # re-extracts only the slides that use it. The key stays so that stores made before
+    # keep their fingerprint.
+    'fallback_mpp': None,
     'read_block': READ_BLOCK,
   }
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
@@ -443,14 +525,20 @@ def extract(
   )
   start = time.perf_counter()
   for patient, slide in bar:
-    if (_part_meta(store.wsi_path(store_dir, slide.slide_id)) or {}).get(
-      'fingerprint_sha256'
-    ) == wsi_sha:
+    if _slide_is_current(store.wsi_path(store_dir, slide.slide_id), slide, cfg, wsi_sha):
       summary.slides_skipped += 1
       continue
     try:
       summary.patches += extract_slide(
-        slide.path, slide.slide_id, patient.patient_id, store_dir, wsi_encoder, cfg, wsi_fp, wsi_sha
+        slide.path,
+        slide.slide_id,
+        patient.patient_id,
+        store_dir,
+        wsi_encoder,
+        cfg,
+        wsi_fp,
+        wsi_sha,
+        mpp=slide.mpp,
       )
       summary.slides_done += 1
     except slides.SlideError as e:
@@ -516,6 +604,8 @@ def _finalise(
   rad_tables, deep_tables = [], []
   slides_ok = patches = 0
   done_items = set()
+  mpp_sources: dict[str, int] = {}
+  not_from_slide: dict[str, dict] = {}  # slide_id -> its mpp and mpp_source
   for p in man.patients:
     has_wsi[p.patient_id] = False
     for s in p.slides:
@@ -525,6 +615,11 @@ def _finalise(
         slides_ok += 1
         patches += pq.read_metadata(path).num_rows
         done_items.add(s.slide_id)
+        meta = store.table_metadata(path)
+        source = str(meta.get('mpp_source'))
+        mpp_sources[source] = mpp_sources.get(source, 0) + 1
+        if source != 'slide':
+          not_from_slide[s.slide_id] = {'mpp': meta.get('mpp'), 'mpp_source': source}
     rad_path, deep_path = _mri_paths(store_dir, p.patient_id)
     has_mri[p.patient_id] = bool(p.mri) and deep_path.exists() and rad_path.exists()
     if has_mri[p.patient_id]:
@@ -561,6 +656,14 @@ def _finalise(
     {'encoder': mri_fp['encoder'], 'slices': cfg.mri_slices, 'fingerprint_sha256': mri_sha},
   )
   store.write_failures(store_dir, failures)
+  mpp_info = {}
+  if provenance == 'extracted':  # level-0 MPP of the slides, also in each file (mpp, mpp_source)
+    mpp_info['mpp'] = {
+      'fallback_mpp': cfg.fallback_mpp,
+      'mpp_from_objective': cfg.mpp_from_objective,
+      'slides_by_source': dict(sorted(mpp_sources.items())),
+      'not_from_slide': not_from_slide,
+    }
   warnings = (
     []
     if pretrained
@@ -571,7 +674,7 @@ def _finalise(
     {
       'encoder': wsi_fp['encoder'],  # the slide encoder: its width sizes the model's input
       'provenance': provenance,
-      'wsi': {'fingerprint': wsi_fp, 'fingerprint_sha256': wsi_sha},
+      'wsi': {'fingerprint': wsi_fp, 'fingerprint_sha256': wsi_sha, **mpp_info},
       'mri': {'fingerprint': mri_fp, 'fingerprint_sha256': mri_sha},
       'counts': {
         'patients': len(man.patients),

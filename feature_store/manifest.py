@@ -18,6 +18,7 @@ import pyarrow as pa
 from feature_store import store
 
 MANIFEST_COLUMNS = store.CLINICAL_COLUMNS + ('slides', 'mri_t1', 'mri_t2', 'mri_t1c', 'mri_mask')
+MAX_MPP = 8.0  # um/px; above is no diagnostic scan (a magnification such as 20 or 40 typed in)
 SEXES = ('M', 'F')
 OVERALL_STAGES = ('I', 'II', 'III', 'IVA', 'IVB')
 T_STAGES = (1, 2, 3, 4)
@@ -41,6 +42,7 @@ class RowError:
 class Slide:
   slide_id: str
   path: Path
+  mpp: float | None = None  # the manifest's um/px for this slide; overrides the slide's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,32 @@ def _float(value: str, *, positive: bool = False, non_negative: bool = False) ->
   if non_negative and x < 0:
     raise ValueError(f'{value!r} must be >= 0')
   return x
+
+
+def _mpp(value: str) -> float:
+  x = _float(value, positive=True)
+  if x > MAX_MPP:
+    raise ValueError(
+      f'{value!r} um/px is no slide scan: the mpp column is micrometres per pixel (about 0.25 '
+      'for a 40x scan, 0.5 for 20x), not a magnification'
+    )
+  return x
+
+
+def _slide_mpps(raw: str, n_slides: int) -> list[float | None]:
+  """The `mpp` cell: empty, one value for every slide of the row, or one per slide (`;`,
+  in the order of the `slides` column; an empty entry keeps that slide's own MPP)."""
+  parts = [p.strip() for p in raw.split(';')] if raw.strip() else []
+  if not parts:
+    return [None] * n_slides
+  if len(parts) == 1:
+    return [_mpp(parts[0])] * n_slides
+  if len(parts) != n_slides:
+    raise ValueError(
+      f'{len(parts)} values for {n_slides} slide(s): give one value for every slide of the '
+      'row, or one per slide separated by ";" in the order of the slides column'
+    )
+  return [_mpp(p) if p else None for p in parts]
 
 
 def _parse_clinical(
@@ -215,7 +243,13 @@ def read_manifest(path: Path | str, *, outcomes_required: bool = True) -> Manife
         seen_patients[pid] = line
 
     slides: list[Slide] = []
-    for raw in filter(None, (s.strip() for s in (row.get('slides') or '').split(';'))):
+    slide_entries = [s for s in (s.strip() for s in (row.get('slides') or '').split(';')) if s]
+    try:
+      mpps = _slide_mpps(row.get('mpp') or '', len(slide_entries))
+    except ValueError as e:
+      row_errors.append(RowError(line, 'mpp', str(e), pid))
+      mpps = [None] * len(slide_entries)
+    for raw, mpp in zip(slide_entries, mpps):
       p = resolve(raw, line, 'slides', row_errors, pid)
       if p is None:
         continue
@@ -235,7 +269,7 @@ def read_manifest(path: Path | str, *, outcomes_required: bool = True) -> Manife
         )
         continue
       seen_slides[slide_id] = line
-      slides.append(Slide(slide_id, p))
+      slides.append(Slide(slide_id, p, mpp))
 
     mri: dict[str, Path] = {}
     for seq in store.MRI_SEQUENCES:

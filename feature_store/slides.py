@@ -66,8 +66,34 @@ def open_slide(path: Path | str) -> openslide.OpenSlide:
     raise SlideError(f'{path}: OpenSlide cannot read it ({type(e).__name__}: {e})') from e
 
 
-def slide_mpp(slide: openslide.OpenSlide, fallback_mpp: float | None = None) -> tuple[float, str]:
-  """Level-0 um/px and where it came from ("slide" or "fallback")."""
+MPP_SOURCES = ('manifest', 'slide', 'objective', 'fallback')
+
+
+def objective_power(slide: openslide.OpenSlide) -> float | None:
+  """The scanner's objective magnification (openslide.objective-power), or None."""
+  try:
+    power = float(slide.properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
+  except (KeyError, ValueError):
+    return None
+  return power if np.isfinite(power) and power > 0 else None
+
+
+def slide_mpp(
+  slide: openslide.OpenSlide,
+  fallback_mpp: float | None = None,
+  *,
+  manifest_mpp: float | None = None,
+  from_objective: bool = False,
+) -> tuple[float, str]:
+  """Level-0 um/px and where it came from, first found of (`MPP_SOURCES`):
+
+  'manifest': the manifest's `mpp` for this slide (the person who knows the scanner wins);
+  'slide': openslide.mpp-x/y; 'objective': 10 / openslide.objective-power, when
+  `from_objective` (20x -> 0.5, 40x -> 0.25 um/px, the convention CLAM and TRIDENT use);
+  'fallback': `fallback_mpp`. None of them: a SlideError saying what to give.
+  """
+  if manifest_mpp:
+    return float(manifest_mpp), 'manifest'
   props = slide.properties
   values = []
   for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
@@ -79,11 +105,20 @@ def slide_mpp(slide: openslide.OpenSlide, fallback_mpp: float | None = None) -> 
       values.append(v)
   if values:
     return float(np.mean(values)), 'slide'
+  power = objective_power(slide)
+  if from_objective and power:
+    return 10.0 / power, 'objective'
   if fallback_mpp:
     return float(fallback_mpp), 'fallback'
+  if power and not from_objective:
+    hint = f'; or --mpp_from_objective (it says {power:g}x: {10.0 / power:g} um/px)'
+  elif from_objective:
+    hint = ' (it records no objective power for --mpp_from_objective)'
+  else:
+    hint = ''
   raise SlideError(
-    'slide has no MPP (openslide.mpp-x/y); if you know it, pass --fallback_mpp=UM_PER_PX '
-    '(about 0.25 for a 40x scan, 0.5 for 20x)'
+    "slide has no MPP (openslide.mpp-x/y): give it in the manifest's mpp column, or pass "
+    '--fallback_mpp=UM_PER_PX (about 0.25 for a 40x scan, 0.5 for 20x)' + hint
   )
 
 
@@ -178,7 +213,7 @@ class PatchPlan:
   """Where a slide's patches are and how to read them."""
 
   mpp: float  # level-0 um/px
-  mpp_source: str  # "slide" or "fallback"
+  mpp_source: str  # one of MPP_SOURCES
   level0_size: tuple[int, int]
   patch_l0: float  # patch side in level-0 px
   read_level: int
@@ -220,9 +255,13 @@ def plan_patches(
   patch_px: int = 256,
   tissue: TissueParams = TissueParams(),
   fallback_mpp: float | None = None,
+  manifest_mpp: float | None = None,
+  mpp_from_objective: bool = False,
 ) -> PatchPlan:
   """Segments tissue and lays the patch grid; reads only a low-resolution level."""
-  mpp, mpp_source = slide_mpp(slide, fallback_mpp)
+  mpp, mpp_source = slide_mpp(
+    slide, fallback_mpp, manifest_mpp=manifest_mpp, from_objective=mpp_from_objective
+  )
   w0, h0 = slide.dimensions
   patch_l0 = patch_px * target_mpp / mpp
   cols, rows = int(w0 // patch_l0), int(h0 // patch_l0)

@@ -11,6 +11,11 @@ every manifest row was valid and every item extracted (or --keep_going); 1 when 
 rejected or items failed (the log names each, failures.parquet records them); 2 when nothing
 could start (no valid row, a store made with another fingerprint, weights unavailable,
 unreadable manifest); 130 when interrupted (the store stays intact: rerun to resume).
+
+Slide resolution (level-0 um/px), first found: the manifest's optional `mpp` column, the
+slide's own MPP, 10 / its objective power (--mpp_from_objective), --fallback_mpp. Each slide
+file records it as `mpp` and `mpp_source`; giving or changing the fallback re-extracts only
+the slides that use it.
 """
 
 from __future__ import annotations
@@ -83,7 +88,18 @@ _SHARD_INDEX = flags.DEFINE_integer(
 _SHARD_COUNT = flags.DEFINE_integer(
   'num_shards', None, 'Number of shards (default: $WORLD_SIZE or 1).'
 )
-_FALLBACK_MPP = flags.DEFINE_float('fallback_mpp', None, 'um/px for slides that do not record it.')
+_FALLBACK_MPP = flags.DEFINE_float(
+  'fallback_mpp',
+  None,
+  'um/px of the slides that record no MPP and have none in the manifest (about 0.25 for a 40x '
+  "scan, 0.5 for 20x); in those slides' fingerprint only, recorded as mpp_source=fallback.",
+)
+_MPP_FROM_OBJECTIVE = flags.DEFINE_bool(
+  'mpp_from_objective',
+  False,
+  'Slides that record no MPP: take 10 / their objective power (20x: 0.5, 40x: 0.25 um/px), '
+  'before --fallback_mpp; recorded as mpp_source=objective.',
+)
 _OVERWRITE = flags.DEFINE_bool(
   'overwrite', False, 'Replace features made with another fingerprint.'
 )
@@ -132,7 +148,7 @@ def main(argv):
     raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   import json
 
-  from feature_store import encoders, extract, slides, store
+  from feature_store import encoders, extract, manifest, slides, store
 
   if _UPGRADE.value:
     n = store.upgrade_store(_STORE.value)
@@ -157,6 +173,11 @@ def main(argv):
   )
   if not 0 <= shard_index < shard_count:
     raise cli.UserError(f'--shard_index={shard_index} must be in [0, --num_shards={shard_count})')
+  if _FALLBACK_MPP.value is not None and not 0 < _FALLBACK_MPP.value <= manifest.MAX_MPP:
+    raise cli.UserError(
+      f'--fallback_mpp={_FALLBACK_MPP.value:g}: give micrometres per pixel (about 0.25 for a '
+      '40x scan, 0.5 for 20x), not a magnification'
+    )
   device = _device(_DEVICE.value)
   weights = _WEIGHTS.value
   if weights == 'auto':
@@ -185,6 +206,7 @@ def main(argv):
     shard_index=shard_index,
     shard_count=shard_count,
     fallback_mpp=_FALLBACK_MPP.value,
+    mpp_from_objective=_MPP_FROM_OBJECTIVE.value,
     overwrite=_OVERWRITE.value,
     prune=_PRUNE.value,
     tissue=slides.TissueParams(

@@ -1,6 +1,7 @@
 """Reliability, slides: truncated or corrupt files, pen marks, mostly white glass, a huge slide.
 
-Unopenable format, no MPP and blank slides are in test_extract.py and test_slides.py.
+Unopenable format and blank slides are in test_extract.py and test_slides.py; slides without
+MPP (objective power, the manifest's mpp column, the fallback) in test_mpp.py.
 """
 
 import json
