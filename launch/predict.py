@@ -30,6 +30,20 @@ _WEIGHTS = flags.DEFINE_string(
   'With --manifest: the encoder weights file, when the model was trained on features from '
   'a weights file (the bundle records only its name and hash).',
 )
+_WSI_WEIGHTS = flags.DEFINE_string(
+  'wsi_encoder_weights',
+  None,
+  'With --manifest: the slide encoder weights file, when the model was trained on features '
+  "of a weights file other than the MRI encoder's.",
+)
+_FALLBACK_MPP = flags.DEFINE_float(
+  'fallback_mpp', None, 'With --manifest: um/px of slides with no MPP (as launch.extract).'
+)
+_FROM_OBJECTIVE = flags.DEFINE_bool(
+  'mpp_from_objective',
+  False,
+  'With --manifest: MPP-less slides get 10 / their objective power (as launch.extract).',
+)
 _DEVICE = flags.DEFINE_string('device', 'cpu', 'With --manifest: torch device for extraction.')
 _OUT = flags.DEFINE_string('out', None, 'Output CSV, one row per patient.')
 _PATIENTS = flags.DEFINE_list('patients', None, 'Only these patient ids.')
@@ -42,8 +56,17 @@ _EXPLAIN = flags.DEFINE_bool(
 flags.mark_flags_as_required(['model', 'store', 'out'])
 
 
-def extraction_config(meta: dict, weights: str | None, device: str):
-  """The ExtractConfig that reproduces the training store's features."""
+def extraction_config(
+  meta: dict,
+  *,
+  device: str = 'cpu',
+  weights: str | None = None,
+  wsi_weights: str | None = None,
+  fallback_mpp: float | None = None,
+  mpp_from_objective: bool = False,
+):
+  """The ExtractConfig that reproduces the training store's features: the same slide encoder
+  (name, timm kwargs, precision), MRI encoder, patching, tissue and radiomics settings."""
   from feature_store import extract, slides
 
   trained = meta['trained_on']
@@ -53,17 +76,31 @@ def extraction_config(meta: dict, weights: str | None, device: str):
       'the model was trained on a store without extraction settings (a synthetic store): '
       'new patients cannot be extracted the same way'
     )
-  name = wsi['encoder']['weights']
-  if name not in ('imagenet', 'random') and not weights:
-    raise ValueError(f'the model used encoder weights {name!r}: pass --encoder_weights=PATH')
+  encoder = wsi['encoder']
+  wsi_encoder = 'resnet50_trunc' if encoder['name'].startswith('resnet50') else encoder['name']
+  mri_name = mri['encoder']['weights']
+  if mri_name not in ('imagenet', 'random') and not weights:
+    raise ValueError(
+      f'the model used MRI encoder weights {mri_name!r}: pass --encoder_weights=PATH'
+    )
+  wsi_name = encoder['weights']
+  if wsi_name not in ('imagenet', 'random', 'hub') and not (wsi_weights or weights):
+    raise ValueError(
+      f'the model used slide encoder weights {wsi_name!r}: pass --wsi_encoder_weights=PATH'
+    )
   return extract.ExtractConfig(
     device=device,
     target_mpp=wsi['target_mpp'],
     patch_px=wsi['patch_px'],
-    encoder_weights=weights or name,
+    encoder_weights=weights or mri_name,
+    wsi_encoder=wsi_encoder,
+    wsi_encoder_weights=wsi_weights or (None if weights else wsi_name),
+    encoder_kwargs=encoder.get('kwargs') if wsi_encoder.startswith('timm:') else None,
+    precision=encoder.get('precision', 'auto'),
     radiomics_params=mri['radiomics']['params'],
     mri_slices=mri['slices'],
-    fallback_mpp=wsi.get('fallback_mpp'),
+    fallback_mpp=fallback_mpp,
+    mpp_from_objective=mpp_from_objective,
     tissue=slides.TissueParams(**wsi['tissue']),
     outcomes_required=False,
   )
@@ -81,7 +118,14 @@ def main(argv):
     if _MANIFEST.value:
       from feature_store import extract
 
-      cfg = extraction_config(models[0].meta, _WEIGHTS.value, _DEVICE.value)
+      cfg = extraction_config(
+        models[0].meta,
+        device=_DEVICE.value,
+        weights=_WEIGHTS.value,
+        wsi_weights=_WSI_WEIGHTS.value,
+        fallback_mpp=_FALLBACK_MPP.value,
+        mpp_from_objective=_FROM_OBJECTIVE.value,
+      )
       summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
       if summary.failed:
         logging.warning('%d item(s) failed to extract: see %s', summary.failed, _STORE.value)

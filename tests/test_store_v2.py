@@ -201,3 +201,26 @@ def test_missing_h5_is_a_failure_and_bad_h5_is_refused(cohort, tmp_path):
   cfg = imported.ImportConfig(features_dir=str(feats), encoder_name='x', mpp=0.5, patch_px=256)
   with pytest.raises(imported.FeatureImportError, match='do not match'):
     imported.import_features(cohort, tmp_path / 'store', cfg)
+
+
+def test_predict_extracts_new_patients_with_the_training_stores_encoder(
+  cohort, timm_store, tmp_path
+):
+  """launch.predict --manifest rebuilds the slide encoder (timm name, kwargs, precision) from
+  the bundle's fingerprint: the new store's fingerprints equal the training store's."""
+  from launch import predict as predict_cli
+  from moemil_jax import bundle
+
+  trained = bundle.store_fingerprint(timm_store)
+  cfg = predict_cli.extraction_config({'trained_on': trained})
+  assert cfg.wsi_encoder == 'timm:vit_tiny_patch16_224' and cfg.encoder_kwargs['depth'] == 2
+  with open(cohort, newline='') as f:
+    rows = list(csv.DictReader(f))[:2]
+  manifest = cohort.parent / 'new_patients.csv'  # beside it: its paths are relative
+  with open(manifest, 'w', newline='') as f:
+    w = csv.DictWriter(f, list(rows[0]))
+    w.writeheader()
+    w.writerows(dict(r, ic_response='', os_months='', os_event='') for r in rows)
+  new = tmp_path / 'new_store'
+  assert extract.extract(manifest, new, cfg).finalised
+  assert bundle.fingerprint_difference(trained, bundle.store_fingerprint(new)) is None
