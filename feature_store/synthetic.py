@@ -38,7 +38,8 @@ class Knobs:
   wsi_signal: float = 0.85  # correlation of the slides' view with the latent
   mri_signal: float = 0.85  # ... of the MRI view
   tnm_signal: float = 0.35  # ... in T and N stage (weak, as in the paper)
-  center_b_fraction: float = 0.3  # external test hospital
+  center_b_fraction: float = 0.3  # external test hospital (each patient drawn at this rate)
+  center_b_patients: int | None = None  # exactly this many from center B (overrides the rate)
   missing_wsi_rate: float = 0.05
   missing_mri_rate: float = 0.05
   missing_response_rate: float = 0.05
@@ -92,7 +93,7 @@ def sample_patients(patients: int, seed: int, knobs: Knobs = Knobs()) -> pd.Data
   rng = np.random.default_rng(seed)
   n = patients
   latent = rng.standard_normal(n)
-  center = np.where(rng.random(n) < knobs.center_b_fraction, 'B', 'A')
+  center = _centers(rng.random(n), knobs)
 
   response_logit = knobs.response_intercept - knobs.response_strength * latent
   response_prob = 1.0 / (1.0 + np.exp(-response_logit))
@@ -164,6 +165,20 @@ def sample_patients(patients: int, seed: int, knobs: Knobs = Knobs()) -> pd.Data
   )
   prob, hazard = posterior_ceiling(frame, knobs)
   return frame.assign(ceiling_response_prob=prob, ceiling_log_hazard=hazard)
+
+
+def _centers(u: np.ndarray, knobs: Knobs) -> np.ndarray:
+  """'A' or 'B' per patient from one uniform draw each: B below `center_b_fraction`, or, with
+  `center_b_patients` = k, the k patients with the lowest draws (the same random stream either
+  way, so everything else about the cohort stays as it was)."""
+  k = knobs.center_b_patients
+  if k is None:
+    return np.where(u < knobs.center_b_fraction, 'B', 'A')
+  if not 0 <= k < len(u):
+    raise ValueError(f'center_b_patients must be from 0 to patients - 1 ({len(u) - 1}), got {k}')
+  center = np.full(len(u), 'A')
+  center[np.argsort(u, kind='stable')[:k]] = 'B'
+  return center
 
 
 def _response_logit(knobs: Knobs, latent, burden, biology, center_b) -> np.ndarray:

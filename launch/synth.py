@@ -1,6 +1,7 @@
 r"""Writes a synthetic NPC cohort (images + manifest) or a synthetic feature store.
 
 python -m launch.synth --out=/tmp/cohort --patients=40 --seed=0
+python -m launch.synth --out=/tmp/cohort --patients=200 --center_b_patients=100 --slide_px=768
 python -m launch.synth --kind=store --out=/tmp/store --patients=404 --median_patches=2000
 python -m launch.synth --kind=store --preset=realistic --out=/tmp/store --patients=404
 
@@ -59,6 +60,12 @@ flags.DEFINE_float(
 flags.DEFINE_float(
   'center_b_fraction', _DEFAULT.center_b_fraction, 'Fraction from center B (external test).'
 )
+flags.DEFINE_integer(
+  'center_b_patients',
+  None,
+  'Exactly this many patients from center B, the external test center (overrides '
+  '--center_b_fraction; the other patients are as with the fraction alone).',
+)
 # Size knobs.
 flags.DEFINE_integer(
   'slide_px', synthetic_cohort.CohortShape.slide_px, 'cohort: level-0 slide side in px.'
@@ -81,6 +88,11 @@ def main(argv):
     raise cli.UserError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   if FLAGS.patients < 4:
     raise cli.UserError(f'--patients={FLAGS.patients}: a synthetic cohort needs at least 4')
+  if FLAGS.center_b_patients is not None and not 0 <= FLAGS.center_b_patients < FLAGS.patients:
+    raise cli.UserError(
+      f'--center_b_patients={FLAGS.center_b_patients}: give 0 to {FLAGS.patients - 1} '
+      f'(center A needs patients to train on), or raise --patients'
+    )
   knobs, shape = synthetic_store.preset_config(FLAGS.preset)
   knob_flags = (
     'wsi_signal',
@@ -91,6 +103,7 @@ def main(argv):
     'missing_mri_rate',
     'missing_response_rate',
     'center_b_fraction',
+    'center_b_patients',
   )
   knobs = dataclasses.replace(knobs, **{k: FLAGS[k].value for k in knob_flags if FLAGS[k].present})
   if FLAGS.kind == 'cohort':

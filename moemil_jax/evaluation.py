@@ -518,6 +518,27 @@ def _ci(res: Mapping[str, Any], key: str, digits: int = 3) -> str:
   return f'{res[key]:.{digits}f} ({res[key + "_lo"]:.{digits}f}-{res[key + "_hi"]:.{digits}f})'
 
 
+def split_sizes(ev: Evaluation) -> str:
+  """One line: how many patients each split has (all models' patients), e.g. 'Patients:
+  Training 100 (96 with IC response, 38 deaths); ...; External test 100, center B (95 ..., 41 ...)'."""
+  cols = ['patient_id', 'split', 'center', 'ic_response', 'os_event']
+  frames = [df[[c for c in cols if c in df]] for df in ev.predictions.values()]
+  patients = pd.concat(frames).drop_duplicates('patient_id') if frames else pd.DataFrame()
+  parts = []
+  for split in SPLITS:
+    part = patients[patients['split'] == split] if len(patients) else patients
+    text = f'{SPLIT_NAMES[split]} {len(part)}'
+    centers = sorted(part['center'].dropna().astype(str).unique()) if 'center' in part else []
+    if split == 'test' and centers:
+      text += f', center{"s" if len(centers) > 1 else ""} {", ".join(centers)}'
+    if len(part):
+      labelled = int(part['ic_response'].notna().sum()) if 'ic_response' in part else 0
+      events = int((part['os_event'] == 1).sum()) if 'os_event' in part else 0
+      text += f' ({labelled} with IC response, {events} deaths)'
+    parts.append(text)
+  return 'Patients: ' + '; '.join(parts)
+
+
 def comparison_table(ev: Evaluation) -> pd.DataFrame:
   """The paper's table: one row per model and baseline; AUC (95% CI), C-index and log-rank P per split."""
   rows = []
@@ -533,7 +554,9 @@ def comparison_table(ev: Evaluation) -> pd.DataFrame:
       p = format_p(s.get('logrank_p'))
       row[f'Log-rank P {SPLIT_NAMES[split]}'] = p + ('*' if s.get('logrank_warning') else '')
     rows.append(row)
-  return pd.DataFrame(rows).set_index('Model')
+  table = pd.DataFrame(rows).set_index('Model')
+  table.attrs['split_sizes'] = split_sizes(ev)  # printed under the title by format_comparison
+  return table
 
 
 def response_table(ev: Evaluation, split: str) -> pd.DataFrame:
@@ -602,12 +625,33 @@ def undefined_notes(ev: Evaluation) -> list[str]:
   then e.g. 'survival: no patients with OS in this split (Validation: MoEMIL, DLR)'."""
   lines = list(ev.results.get('notes', []))
   groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+  per_model = ev.results['per_model']
+  # A split that no model has a patient in (an ensemble's validation split) is one line, not
+  # one per task and comparison.
+  empty = [
+    split
+    for split in SPLITS
+    if per_model
+    and all(
+      not (tasks.get(task, {}).get(split) or {}).get('n')
+      for tasks in per_model.values()
+      for task in ('response', 'survival')
+    )
+  ]
+  for split in empty:
+    oof = any(
+      t.get('response', {}).get('threshold_fixed_on') == 'out_of_fold' for t in per_model.values()
+    )
+    why = ': ensembles choose their epoch on out-of-fold predictions instead' if oof else ''
+    lines.append(f'{SPLIT_NAMES[split]}: no patients in this split (all models){why}')
 
   def add(kind: str, message: str, split: str, model: str) -> None:
+    if split in empty:
+      return
     by_split = groups.setdefault((kind, message), {})
     by_split.setdefault(SPLIT_NAMES.get(split, split), []).append(display_name(model))
 
-  for model, tasks in ev.results['per_model'].items():
+  for model, tasks in per_model.items():
     for task, result in tasks.items():
       for key, value in result.items():
         if key.endswith(('undefined', 'warning')) and isinstance(value, str):
@@ -616,8 +660,8 @@ def undefined_notes(ev: Evaluation) -> list[str]:
         for key, value in (result.get(split) or {}).items():
           if key.endswith(('undefined', 'warning')) and isinstance(value, str):
             add(task, value, split, model)
-  for split, per_model in ev.results.get('delong', {}).items():
-    for model, result in per_model.items():
+  for split, by_model in ev.results.get('delong', {}).items():
+    for model, result in by_model.items():
       if isinstance(result.get('undefined'), str):
         add('DeLong vs MoEMIL', result['undefined'], split, model)
   everyone = {display_name(m) for m in ev.results.get('models', [])}
@@ -635,6 +679,8 @@ def undefined_notes(ev: Evaluation) -> list[str]:
 def format_comparison(table: pd.DataFrame) -> str:
   """The comparison table as fixed-width text for the terminal (splits stacked as row blocks)."""
   lines = ['MoEMIL vs comparators (thresholds and cutoffs fixed on validation or out-of-fold)']
+  if table.attrs.get('split_sizes'):
+    lines.append(table.attrs['split_sizes'])
   metrics_cols = ('AUC', 'C-index', 'Log-rank P')
   header = ['Model'] + [f'{SPLIT_NAMES[s]}' for s in SPLITS]
   for metric in metrics_cols:

@@ -197,8 +197,8 @@ def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
     ylim=(0, 1.05),
     title=f'{display_name(model)}: {SPLIT_NAMES[split]}',
   )
-  ax.legend(loc='upper right', fontsize=8)
-  if fitters:
+  if fitters:  # an empty split has no curves (and no legend)
+    ax.legend(loc='upper right', fontsize=8)
     add_at_risk_counts(*fitters, ax=ax, rows_to_show=['At risk'], fig=fig)
   return _save(fig, path)
 
@@ -319,6 +319,7 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
     'TNM: logistic regression (response) and Cox model (OS) on T, N and overall stage, fitted '
     'on training patients only.</p>',
     '<h2>Comparison</h2>',
+    f'<p>{html.escape(evaluation.split_sizes(ev))}</p>',
     _table(evaluation.comparison_table(ev)),
   ]
   notes = evaluation.undefined_notes(ev)

@@ -346,3 +346,29 @@ def test_oracle_row_from_truth_is_the_ceiling(tmp_path):
   pd.read_csv(truth).iloc[1:].to_csv(truth, index=False)  # a patient without truth
   with pytest.raises(evaluation.EvaluationError, match='truth.csv has no row for'):
     evaluation.evaluate(workdir, n_bootstrap=50, truth=truth)
+
+
+def test_comparison_says_how_big_each_split_is(evaluated):
+  """One line under the title: patients, labelled patients and deaths per split."""
+  _, ev = evaluated
+  df = ev.predictions['moemil']
+  line = evaluation.format_comparison(evaluation.comparison_table(ev)).splitlines()[1]
+  for split in evaluation.SPLITS:
+    part = df[df['split'] == split]
+    name = evaluation.SPLIT_NAMES[split]
+    where = ', center B' if split == 'test' else ''
+    labelled, deaths = int(part['ic_response'].notna().sum()), int(part['os_event'].sum())
+    assert f'{name} {len(part)}{where} ({labelled} with IC response, {deaths} deaths)' in line
+
+
+def test_an_empty_split_is_one_warning_line(tmp_path):
+  """No validation patients (an ensemble's runs): one line says so, not one per task and test."""
+  workdir = write_workdir(tmp_path)
+  for path in workdir.glob('*/predictions.parquet'):
+    df = pd.read_parquet(path)
+    df.loc[df['split'] == 'val', 'split'] = 'train'
+    df.to_parquet(path, index=False)
+  ev = evaluation.evaluate(workdir, n_bootstrap=50, with_baselines=False)
+  notes = evaluation.undefined_notes(ev)
+  about_val = [n for n in notes if 'Validation' in n]
+  assert about_val == ['Validation (model selection): no patients in this split (all models)']

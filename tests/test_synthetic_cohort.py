@@ -1,9 +1,12 @@
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
@@ -126,3 +129,37 @@ def test_tumour_volume_follows_the_latent():
     for v in (-1.5, 1.5)
   ]
   assert volumes[0] < volumes[1]
+
+
+def test_center_b_patients_gives_exactly_that_many_and_keeps_the_rest():
+  """The exact count moves only the center column: same patients, labels and views."""
+  by_rate = synthetic.sample_patients(60, seed=3)
+  exact = synthetic.sample_patients(60, seed=3, knobs=synthetic.Knobs(center_b_patients=35))
+  assert (exact.center == 'B').sum() == 35 and (exact.center == 'A').sum() == 25
+  assert (by_rate.center == 'B').sum() < 35  # the rate alone (0.3) would not have given it
+  # The patients the rate put in B are still in B: the k lowest draws include them.
+  assert (exact.center[by_rate.center == 'B'] == 'B').all()
+  pd.testing.assert_frame_equal(by_rate.drop(columns='center'), exact.drop(columns='center'))
+  for bad in (-1, 60):
+    with pytest.raises(ValueError, match='center_b_patients'):
+      synthetic.sample_patients(60, seed=3, knobs=synthetic.Knobs(center_b_patients=bad))
+
+
+def test_synth_cli_writes_the_exact_center_b_count(tmp_path):
+  """`launch.synth --center_b_patients` (what the demo uses): that many center-B rows in the
+  manifest; a count that leaves center A empty is one line with exit status 2."""
+
+  def synth(*args):
+    return subprocess.run(
+      [sys.executable, '-m', 'launch.synth', f'--out={tmp_path}', '--patients=6', *args],
+      cwd=Path(__file__).resolve().parents[1],
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  done = synth('--center_b_patients=4', '--slide_px=256', '--mri_px=32')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert sorted(_manifest(tmp_path / 'manifest.csv').center) == ['A', 'A', 'B', 'B', 'B', 'B']
+  refused = synth('--center_b_patients=6')
+  assert refused.returncode == 2 and '--center_b_patients=6' in refused.stderr.splitlines()[-1]
