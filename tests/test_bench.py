@@ -27,6 +27,7 @@ EXPECTED = {
   'p4_naive',
   'p5',
   'p5_bytes',
+  'p5_gbps',
   'p6',
   'eval_cindex_ci_1e5_s',
   'eval_tdauc_1e5_mb',
@@ -55,6 +56,14 @@ def test_quick_suite_reports_every_figure(quick_report):
   rows = [line for line in text.splitlines() if line.startswith('| ')]
   assert len(rows) == 1 + len(EXPECTED)  # the header, then one row per figure
   assert len(saved['not_measured']) == 2 and 'need a GPU' in text
+
+
+def test_p5_gbps_is_the_loaded_embeddings_over_the_load_time(quick_report):
+  """Every patch's float16 embedding is counted once, and the rate is bytes / median time."""
+  p5 = quick_report[0]['details']['p5']
+  assert p5['embedding_bytes'] == p5['patches'] * p5['payload_bytes_per_patch']
+  assert p5['schema_version'] == 2 and p5['bytes_per_patch'] >= p5['payload_bytes_per_patch']
+  assert math.isclose(p5['p5_gbps'], p5['embedding_bytes'] / p5['load_store_s'] / 1e9)
 
 
 def test_p1_counts_real_slots_within_the_compiled_step(quick_report):

@@ -154,7 +154,7 @@ def test_synth_cli_writes_the_exact_center_b_count(tmp_path):
       [sys.executable, '-m', 'launch.synth', f'--out={tmp_path}', '--patients=6', *args],
       cwd=Path(__file__).resolve().parents[1],
       capture_output=True,
-      text=True,
+      encoding='utf-8',
       timeout=120,
     )
 
