@@ -251,3 +251,53 @@ def _warnings(cohort, modalities, present, fitted, config) -> list[str]:
       notes.append("features standardised within this store's centers (harmonise=per_center)")
     out.append('; '.join(notes))
   return out
+
+
+def extraction_config(
+  meta: dict,
+  *,
+  device: str = 'cpu',
+  weights: str | None = None,
+  wsi_weights: str | None = None,
+  fallback_mpp: float | None = None,
+  mpp_from_objective: bool = False,
+):
+  """The ExtractConfig that reproduces the training store's features: the same slide encoder
+  (name, timm kwargs, precision), MRI encoder, patching, tissue and radiomics settings."""
+  from feature_store import extract, slides
+
+  trained = meta['trained_on']
+  wsi, mri = trained.get('wsi'), trained.get('mri')
+  if not wsi or not mri:
+    raise ValueError(
+      'the model was trained on a store without extraction settings (a synthetic store): '
+      'new patients cannot be extracted the same way'
+    )
+  encoder = wsi['encoder']
+  wsi_encoder = 'resnet50_trunc' if encoder['name'].startswith('resnet50') else encoder['name']
+  mri_name = mri['encoder']['weights']
+  if mri_name not in ('imagenet', 'random') and not weights:
+    raise ValueError(
+      f'the model used MRI encoder weights {mri_name!r}: pass --encoder_weights=PATH'
+    )
+  wsi_name = encoder['weights']
+  if wsi_name not in ('imagenet', 'random', 'hub') and not (wsi_weights or weights):
+    raise ValueError(
+      f'the model used slide encoder weights {wsi_name!r}: pass --wsi_encoder_weights=PATH'
+    )
+  return extract.ExtractConfig(
+    device=device,
+    target_mpp=wsi['target_mpp'],
+    patch_px=wsi['patch_px'],
+    encoder_weights=weights or mri_name,
+    wsi_encoder=wsi_encoder,
+    wsi_encoder_weights=wsi_weights or (None if weights else wsi_name),
+    encoder_kwargs=encoder.get('kwargs') if wsi_encoder.startswith('timm:') else None,
+    precision=encoder.get('precision', 'auto'),
+    radiomics_params=mri['radiomics']['params'],
+    mri_slices=mri['slices'],
+    fallback_mpp=fallback_mpp,
+    mpp_from_objective=mpp_from_objective,
+    tissue=slides.TissueParams(**wsi['tissue']),
+    outcomes_required=False,
+  )

@@ -129,6 +129,10 @@ def test_imported_clam_and_trident_features_train_and_predict_as_extracted(
     np.testing.assert_array_equal(got.patches, loaded.patches)
     np.testing.assert_array_equal(got.patch_count, loaded.patch_count)
     np.testing.assert_array_equal(got.mri_deep, loaded.mri_deep)  # MRI extracted as usual
+    # Everything training reads is equal, so one trained import stands for both formats.
+    assert got.radiomics.equals(loaded.radiomics)
+    for name in ('patient_id', 'center', 'response', 'os_months', 'os_event'):
+      np.testing.assert_array_equal(getattr(got, name), getattr(loaded, name), err_msg=name)
     if fmt == 'clam':
       pred = _train_and_predict(out, tmp_path / f'run_{fmt}')
       np.testing.assert_allclose(pred.response_prob, want.response_prob, rtol=0, atol=1e-6)
@@ -208,11 +212,10 @@ def test_predict_extracts_new_patients_with_the_training_stores_encoder(
 ):
   """launch.predict --manifest rebuilds the slide encoder (timm name, kwargs, precision) from
   the bundle's fingerprint: the new store's fingerprints equal the training store's."""
-  from launch import predict as predict_cli
   from moemil_jax import bundle
 
   trained = bundle.store_fingerprint(timm_store)
-  cfg = predict_cli.extraction_config({'trained_on': trained})
+  cfg = predict.extraction_config({'trained_on': trained})
   assert cfg.wsi_encoder == 'timm:vit_tiny_patch16_224' and cfg.encoder_kwargs['depth'] == 2
   with open(cohort, newline='') as f:
     rows = list(csv.DictReader(f))[:2]
