@@ -227,14 +227,9 @@ def main(argv):
     f'{summary.slides_skipped}; MRI {summary.mri_done} patients, skipped {summary.mri_skipped}; '
     f'{summary.failed} failed'
   )
-  print(summary_line(summary, _STORE.value), flush=True)
+  print(summary.line(_STORE.value), flush=True)
   if (summary.rejected or summary.failed) and not _KEEP_GOING.value:
     sys.exit(cli.EXIT_FAILURES)
-
-
-def summary_line(summary, store: str) -> str:
-  """`N patients extracted, K rejected, F failed: see STORE/failures.parquet`."""
-  return summary.line(store)
 
 
 def run():
