@@ -41,7 +41,7 @@ class EncoderError(ValueError):
   pass
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -92,7 +92,7 @@ def load_resnet50(weights: str, kind: str = 'mri') -> tuple[torchvision.models.R
       ) from e
     model.load_state_dict(state)
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / Path(spec.url).name
-    sha = _sha256_file(cached) if cached.exists() else _sha256_state(state)
+    sha = sha256_file(cached) if cached.exists() else _sha256_state(state)
     return model.eval(), sha, True
   path = Path(weights)
   if not path.is_file():
@@ -123,7 +123,7 @@ def load_resnet50(weights: str, kind: str = 'mri') -> tuple[torchvision.models.R
       '/'.join(o.rstrip('.') for o in optional),
       kind,
     )
-  return model.eval(), _sha256_file(path), True
+  return model.eval(), sha256_file(path), True
 
 
 def trunk(model: torchvision.models.ResNet, kind: str) -> torch.nn.Module:
@@ -365,7 +365,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 def _blob_sha(path: Path) -> str:
   """The HF cache names large-file blobs by their SHA-256: no need to read 4 GB to hash."""
   name = Path(os.path.realpath(path)).name
-  return name if re.fullmatch(r'[0-9a-f]{64}', name) else _sha256_file(path)
+  return name if re.fullmatch(r'[0-9a-f]{64}', name) else sha256_file(path)
 
 
 def build_slide_model(p: Preset, weights: str) -> tuple[torch.nn.Module, int, str, bool, str]:

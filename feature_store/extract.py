@@ -92,6 +92,14 @@ class Summary:
   def failed(self) -> int:
     return len(self.failures)
 
+  def counts(self, verb: str = 'extracted') -> str:
+    """`extracted N slides (P patches), skipped S; MRI M patients, skipped K; F failed`."""
+    return (
+      f'{verb} {self.slides_done} slides ({self.patches} patches), skipped '
+      f'{self.slides_skipped}; MRI {self.mri_done} patients, skipped {self.mri_skipped}; '
+      f'{self.failed} failed'
+    )
+
   def line(self, store_dir: str | Path, verb: str = 'extracted') -> str:
     """`N patients extracted, K rejected, F failed: see STORE/failures.parquet`."""
     line = f'{self.patients} patients {verb}, {self.rejected} rejected, {self.failed} failed'

@@ -10,14 +10,13 @@ the store is assembled by the same code, so training cannot tell the two apart.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 from absl import logging
 
-from feature_store import extract, store
+from feature_store import encoders, extract, store
 from feature_store import manifest as manifest_lib
 
 FORMATS = ('clam', 'trident')
@@ -96,14 +95,6 @@ def read_h5(path: Path, cfg: ImportConfig) -> tuple[np.ndarray, np.ndarray, dict
   )
 
 
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def import_features(
   manifest_path: Path | str, store_dir: Path | str, cfg: ImportConfig
 ) -> extract.Summary:
@@ -179,7 +170,7 @@ def import_features(
         'slide_id': slide.slide_id,
         'patient_id': patient.patient_id,
         'source': h5.name,
-        'source_sha256': _sha256(h5),
+        'source_sha256': encoders.sha256_file(h5),
         'provenance': 'imported',
         'format': cfg.format,
         **meta,
@@ -202,13 +193,5 @@ def import_features(
   summary.finalised = extract._finalise(
     store_dir, man, ecfg1, wsi_fp, mri_fp, mri_encoder.pretrained, provenance='imported'
   )
-  logging.info(
-    'imported %d slides (%d patches), %d skipped; MRI %d extracted, %d skipped; %d failures',
-    summary.slides_done,
-    summary.patches,
-    summary.slides_skipped,
-    summary.mri_done,
-    summary.mri_skipped,
-    summary.failed,
-  )
+  logging.info('%s', summary.counts('imported'))
   return summary

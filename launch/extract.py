@@ -222,11 +222,7 @@ def main(argv):
   )
   logging.info('extracting on %s, shard %d of %d', device, shard_index + 1, shard_count)
   summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
-  print(
-    f'extracted {summary.slides_done} slides ({summary.patches} patches), skipped '
-    f'{summary.slides_skipped}; MRI {summary.mri_done} patients, skipped {summary.mri_skipped}; '
-    f'{summary.failed} failed'
-  )
+  print(summary.counts())
   print(summary.line(_STORE.value), flush=True)
   if (summary.rejected or summary.failed) and not _KEEP_GOING.value:
     sys.exit(cli.EXIT_FAILURES)

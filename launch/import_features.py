@@ -81,10 +81,7 @@ def main(argv):
     ),
   )
   summary = imported.import_features(_MANIFEST.value, _STORE.value, cfg)
-  print(
-    f'imported {summary.slides_done} slides ({summary.patches} patches), skipped '
-    f'{summary.slides_skipped}; MRI {summary.mri_done} patients, skipped {summary.mri_skipped}'
-  )
+  print(summary.counts('imported'))
   print(summary.line(_STORE.value, 'imported'), flush=True)
   if (summary.rejected or summary.failed) and not _KEEP_GOING.value:
     sys.exit(cli.EXIT_FAILURES)
