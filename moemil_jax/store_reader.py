@@ -117,9 +117,7 @@ def load_store(
     for path, (pid, rows) in zip(files, heads)
     if pid in index and (wanted is None or wanted[index[pid]])
   ]
-  counts = np.zeros(len(ids), np.int64)
-  for _, i, rows in read:
-    counts[i] += rows
+  counts = all_counts if wanted is None else np.where(wanted, all_counts, 0)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   patches = np.empty((int(counts.sum()), wsi_dim), np.float16)
   cursor = offsets.copy()
