@@ -18,6 +18,13 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   exit 0
 fi
 
+# A full install takes about 7.5 GB (PyTorch's wheel brings its CUDA libraries); pip would
+# otherwise stop half-way with "[Errno 28] No space left on device".
+FREE_KB="$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')"
+if [[ ! -f "$STAMP" && "${FREE_KB:-0}" -lt $((8 * 1024 * 1024)) ]]; then
+  echo "[setup] only $((FREE_KB / 1024)) MB free on the disk of $VENV; the install needs about 8 GB: free some space (old clones, runs, ~/.cache/pip) and rerun" >&2
+  exit 1
+fi
 echo "[setup] installing dependencies into $VENV (first run takes a few minutes)"
 # PyRadiomics on Python 3.11+ ships only as an sdist whose setup.py imports numpy and
 # versioneer; pip's isolated build environment has neither, so build it against the venv.

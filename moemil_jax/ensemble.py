@@ -45,6 +45,19 @@ def ensemble_config(config: ml_collections.ConfigDict, k: int) -> ml_collections
   return config
 
 
+def ensemble_members(config: ml_collections.ConfigDict) -> list[sweep.Member]:
+  """K folds x `train.ensemble_repeats` seeds (config.seed, config.seed + 1, ...), one rate."""
+  repeats = int(config.train.get('ensemble_repeats', 1))
+  if repeats < 1:
+    raise ValueError(f'train.ensemble_repeats={repeats}: use 1 or more members per fold')
+  seed = int(config.seed)
+  return sweep.grid(
+    folds=range(int(config.train.ensemble)),
+    seeds=range(seed, seed + repeats),
+    learning_rates=(config.train.learning_rate,),
+  )
+
+
 def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains config.train.ensemble members and writes predictions, run.json and parameters.
 
@@ -56,10 +69,13 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   workdir.mkdir(parents=True, exist_ok=True)
   cohort = sweep.load(config)
   config.split.test_center = splits.resolve_test_center(cohort.center, config.split.test_center)[0]
-  members = sweep.grid(
-    folds=range(k), seeds=(int(config.seed),), learning_rates=(config.train.learning_rate,)
+  members = ensemble_members(config)
+  logging.info(
+    'ensemble of %d members (%d per development fold), model %s',
+    len(members),
+    len(members) // k,
+    config.name,
   )
-  logging.info('ensemble of %d members (one per development fold), model %s', k, config.name)
   result = sweep.train_sweep(config, cohort, members, select_epoch=True)
 
   logit, risk = sweep.member_mean(result.logits, result.log_risk, result.splits)

@@ -452,7 +452,14 @@ def train_sweep(
     params = _stack(params)
   seconds = time.time() - t0
   table, by_fold, ensemble, frame = _report(config, cohort, members, logits, risks, split_rows)
-  logging.info('sweep done in %.1fs: ensemble %s', seconds, ensemble)
+  # Out-of-fold only: the log is read while recipes are still being chosen, and a test figure
+  # there invites choosing on the test set (launch.evaluate reports it once the choice is made).
+  logging.info(
+    'sweep done in %.1fs: %d members, out-of-fold AUC %.3f',
+    seconds,
+    ensemble['members'],
+    ensemble['oof_val_auc'],
+  )
   return SweepResult(
     members,
     params,

@@ -120,3 +120,21 @@ def test_bundle_scores_like_the_ensemble(run, tmp_path):
   got = model.predict(moved)
   np.testing.assert_allclose(got.response_prob, frame.response_prob, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.log_risk, frame.log_risk, rtol=1e-5, atol=1e-5)
+
+
+def test_repeats_give_each_fold_its_own_seeds_and_average_out_of_fold():
+  """ensemble_repeats=R: K x R members, every fold once per seed; a development patient's
+  out-of-fold value is the mean of the R members holding it out."""
+  c = test_config.get_config()
+  c.seed, c.train.ensemble, c.train.ensemble_repeats = 7, 3, 2
+  members = ensemble.ensemble_members(c)
+  assert [(m.fold, m.seed) for m in members] == [(f, s) for f in range(3) for s in (7, 8)]
+  assert len({m.name for m in members}) == 6
+  splits = np.array([['val' if m.fold == p % 3 else 'train' for p in range(6)] for m in members])
+  values = np.arange(36, dtype=float).reshape(6, 6)
+  oof = sweep.out_of_fold(values, splits)
+  for p in range(6):
+    np.testing.assert_allclose(oof[p], values[[2 * (p % 3), 2 * (p % 3) + 1], p].mean())
+  c.train.ensemble_repeats = 0
+  with pytest.raises(ValueError, match='ensemble_repeats=0'):
+    ensemble.ensemble_members(c)

@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 1: K members on K folds of the development center in one program, the epoch chosen
   # on their pooled out-of-fold score, predictions averaged (moemil_jax/ensemble.py).
   c.train.ensemble = 5
+  # Members per fold, each from its own seed (initialisation, dropout, batch order): K x R
+  # members in one program; their mean removes the seed-to-seed variance a small cohort gives.
+  c.train.ensemble_repeats = 1
 
   # Data parallelism: data = -1 uses every device (0 = single device); distributed = True
   # calls jax.distributed.initialize() for multi-host GPU clusters and TPU pods.
