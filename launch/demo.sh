@@ -8,11 +8,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
-# PyTorch's OpenMP threads spin while they wait for each other; on a CPU shared with other jobs
-# a spinning thread holds a core the other one needs, and a ResNet50 call on one MRI slice took
-# 2.9 s instead of 0.26 s (load 11 on 2 cores). Passive threads sleep instead; the numbers are
-# the same.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 OUT="${MOEMIL_DEMO_DIR:-$ROOT/demo_out}"
 PATIENTS="${MOEMIL_DEMO_PATIENTS:-180}"
 # Center B, the external test hospital: 100 of the 180 patients, so that the external-test

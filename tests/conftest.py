@@ -25,6 +25,19 @@ if _WORKERS > 1:
   os.environ.setdefault('OMP_NUM_THREADS', _THREADS)
   os.environ.setdefault('MKL_NUM_THREADS', _THREADS)
 
+# Both also reach the launch.* subprocesses the tests start (they inherit the environment):
+# - OpenMP threads that spin while they wait (libgomp's default) take the cores from the other
+#   worker; passive waiting is what launch/__init__.py sets for the launchers too.
+# - The tests train tiny models for a few epochs, so XLA's compile time dominates them; LLVM
+#   at -O0 compiles about a quarter faster (tests/test_train.py 37 s -> 28 s, one
+#   test_comparison seed 62 s -> 52 s). It changes code generation only, not the HLO the
+#   tests check; `python -m launch.bench` and the launchers keep XLA's default.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+  ).strip()
+
 # Files by their time on a 2-core CPU, longest first (measured with `--durations`, whole
 # suite, one process); the others follow in their usual order. Only the order changes:
 # every test still runs.

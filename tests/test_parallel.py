@@ -126,9 +126,8 @@ MULTI_PROCESS = textwrap.dedent(r"""
 
 
 def _child_env(devices: int) -> dict[str, str]:
-  return dict(
-    os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu'
-  )
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+  return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
 
 
 def _assert_same_history(h1, h2):
