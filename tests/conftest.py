@@ -31,7 +31,8 @@ if _WORKERS > 1:
 # - The tests train tiny models for a few epochs, so XLA's compile time dominates them; LLVM
 #   at -O0 compiles about a quarter faster (tests/test_train.py 37 s -> 28 s, one
 #   test_comparison seed 62 s -> 52 s). It changes code generation only, not the HLO the
-#   tests check; `python -m launch.bench` and the launchers keep XLA's default.
+#   tests check. Outside the tests, `python -m launch.bench` and the launchers keep XLA's
+#   default.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (
