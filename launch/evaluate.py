@@ -27,7 +27,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum('ci_method', 'delong', ['delong', 'bootstrap'], '95% CI method for the AUC.')
 flags.DEFINE_integer(
-  'n_bootstrap', 1000, 'Bootstrap resamples for C-index (and AUC if bootstrap) CIs.'
+  'n_bootstrap',
+  1000,
+  'Bootstrap resamples for C-index (and AUC if bootstrap) CIs.',
+  lower_bound=10,
 )
 flags.DEFINE_bool('tnm', True, 'Add the TNM comparator fitted on training patients.')
 flags.DEFINE_bool(

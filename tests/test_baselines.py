@@ -245,3 +245,39 @@ def test_unfittable_baselines_are_skipped_with_notes(fitted, tmp_path):
   assert len(ev.results['notes']) == 4
   assert all('skipped' in n and 'one response class' in n for n in ev.results['notes'])
   assert ev.results['notes'] == evaluation.undefined_notes(ev)[:4]
+
+
+def test_a_choice_at_the_weak_end_of_the_grid_is_named(fitted, monkeypatch, caplog):
+  """A CV choice at the weakest penalty is a truncated search: one warning names it."""
+  store, _, split_of, _ = fitted
+  monkeypatch.setattr(baselines, 'LOGISTIC_CS', (1e-3,))
+  monkeypatch.setattr(baselines, 'COX_PENALIZERS', (1.0,))
+  with caplog.at_level('WARNING'):
+    baselines.baseline_predictions(store, split_of)
+  weak = [r.getMessage() for r in caplog.records if 'weakest penalty' in r.getMessage()]
+  assert any(m.startswith('radiomics_linear:') and 'C=0.001' in m for m in weak), weak
+  assert any(m.startswith('radiomics_linear:') and 'Cox penalizer=1' in m for m in weak), weak
+
+
+def test_the_strong_ends_of_the_grids_have_converged(fitted):
+  """At the strongest penalties the scores' ranking no longer moves (the coefficients tend to
+  the score vector at zero), so a CV choice there is not a truncated search."""
+  from scipy.stats import spearmanr
+
+  _, cohort, split_of, _ = fitted
+  train = split_of.loc[cohort.patient_id].eq('train').to_numpy()
+  rows = train & cohort.has_radiomics & ~np.isnan(cohort.response)
+  x = np.nan_to_num(cohort.radiomics.to_numpy(float)[rows])
+  x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+  y, t, e = cohort.response[rows], cohort.os_months[rows], cohort.os_event[rows]
+  logit = {
+    C: baselines.logistic_fit(x, y, C).decision_function(x)
+    for C in (baselines.LOGISTIC_CS[0] / 100, baselines.LOGISTIC_CS[0])
+  }
+  risk = {
+    p: baselines.RidgeCox.fit(x, t, e, p).predict(x)
+    for p in (baselines.COX_PENALIZERS[0] * 100, baselines.COX_PENALIZERS[0])
+  }
+  for scores in (logit, risk):
+    limit, end = scores.values()
+    assert spearmanr(limit, end).statistic > 0.9999
