@@ -54,12 +54,13 @@ CV_FOLDS = 5
 # ties go to the simpler model. At n ~ 250 and ~500 correlated radiomics columns CV wants a
 # strong penalty: with the grids' old strong ends (C 1e-4, Cox penalizer 10) it chose the end on
 # every realistic cohort, and the wider grids below raised the CV C-index (0.679 -> 0.687,
-# 0.602 -> 0.619 on realistic seeds 0 and 1) at penalizers 300-3000. At the strong ends here the
+# 0.602 -> 0.619 on realistic seeds 0 and 1) at penalizers 300-1e5; on two hard cohorts (963
+# columns) CV went the other way, to 1e-3, hence the weak end of 1e-4. At the strong ends the
 # scores' ranking has converged (the coefficients tend to the score vector at zero, one
 # univariate weighting), so a choice there is not a truncated search; at the weak end it is,
 # and `_linear_predictions` warns.
 LOGISTIC_CS = tuple(np.logspace(-7, 2, 19))
-COX_PENALIZERS = tuple(np.logspace(5, -3, 17))
+COX_PENALIZERS = tuple(np.logspace(5, -4, 19))
 WSI_COMPONENTS = 32
 # What a fit may raise on data it cannot use (lifelines' ConvergenceError and numpy's
 # LinAlgError are ValueErrors); anything else is a bug and propagates.
