@@ -360,11 +360,13 @@ class RidgeCox:
       # predicted decrease is below f's rounding, as near the optimum (a strong penalty's first
       # step lands there): no line search can judge a step then, so Newton's is taken.
       decrease = float(grad @ step)
+      trial = objective(b - step)
       if decrease > 1e-12 * max(1.0, abs(f)):
-        while objective(b - size * step)[0] > f - 1e-4 * size * decrease and size >= 1e-8:
+        while trial[0] > f - 1e-4 * size * decrease and size >= 1e-8:
           size *= 0.5
+          trial = objective(b - size * step)
       b = b - size * step
-      f, w, s0 = objective(b)
+      f, w, s0 = trial
     else:
       raise ValueError(f'ridge Cox did not converge (penalizer {penalizer:g})')
     return cls(b, mean, std)
