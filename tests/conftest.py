@@ -39,33 +39,29 @@ if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
   ).strip()
 
-# Files by their time on a 2-core CPU, longest first (setup + call + teardown from
-# `./launch/test.sh --durations=0`, two workers, 2026-11-27); the others follow in their usual
-# order. Only the order changes: every test still runs.
+# Files by their time on a 2-core CPU, longest first (measured with `--durations`, whole
+# suite, one process); the others follow in their usual order. Only the order changes:
+# every test still runs.
 LONGEST_FIRST = (
   'test_comparison.py',
-  'test_cli.py',
   'test_parallel.py',
   'test_bench.py',
-  'test_mpp.py',
-  'test_store_v2.py',
+  'test_cli.py',
   'test_reliability_faults.py',
-  'test_extract.py',
   'test_predict.py',
-  'test_explain.py',
-  'test_extract_distributed.py',
-  'test_train.py',
-  'test_heatmaps.py',
-  'test_report.py',
-  'test_losses.py',
-  'test_reliability_slides.py',
+  'test_store_v2.py',
   'test_sweep.py',
+  'test_train.py',
+  'test_explain.py',
   'test_ensemble.py',
-  'test_encoders.py',
-  'test_baselines.py',
-  'test_models.py',
-  'test_safety.py',
+  'test_extract_distributed.py',
+  'test_losses.py',
+  'test_extract.py',
+  'test_heatmaps.py',
+  'test_torch_reference.py',
+  'test_report.py',
   'test_reliability_labels.py',
+  'test_safety.py',
 )
 
 
