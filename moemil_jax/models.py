@@ -245,6 +245,13 @@ class MoEMIL(nnx.Module):
       + (config.radiomics_hidden_dims[-1] if self.radiomics is not None else 0)
       + (config.mri_deep_hidden_dim if self.mri_deep is not None else 0)
     )
+    # A linear radiomics term in the log-risk, from zero (wide-and-deep): early-stopped
+    # gradient descent from zero on it approaches a strongly penalised Cox model.
+    self.wide_survival = (
+      nnx.Linear(radiomics_dim, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
+      if config.get('wide_survival', False) and self.radiomics is not None
+      else None
+    )
     self.mmoe = MMoE(
       fused,
       config.num_experts,
@@ -284,6 +291,9 @@ class MoEMIL(nnx.Module):
       parts.append(z.astype(jnp.float32) * present[:, i : i + 1])
     parts.append(present.astype(jnp.float32))
     (response_logit, log_risk), gates = self.mmoe(jnp.concatenate(parts, -1), rngs=rngs)
+    if self.wide_survival is not None:
+      i = self.modalities.index('radiomics')
+      log_risk = log_risk + self.wide_survival(inputs['radiomics'])[:, 0] * present[:, i]
     out.update(
       response_logit=response_logit, log_risk=log_risk, gates=gates, modality_present=present
     )

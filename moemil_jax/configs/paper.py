@@ -16,6 +16,7 @@ def get_config():
   c.model.mri_deep_hidden_dim = 256
   c.model.expert_dim = 128
   c.model.tower_dim = 64
+  c.model.wide_survival = False  # the paper's model has no linear term
   c.train.epochs = 60
   c.train.learning_rate = 3e-4
   c.train.weight_decay = 0.01
