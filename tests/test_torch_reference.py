@@ -1,5 +1,6 @@
 """The Flax model against the CLAM-style PyTorch reference with the same weights."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -67,6 +68,9 @@ def _torch_patient(inputs, i):
 
 def _models(config):
   flax_model = models.MoEMIL(config.model, radiomics_dim=F, rngs=nnx.Rngs(params=1))
+  if flax_model.wide_survival is not None:  # zero at initialisation: give it weights to compare
+    weights = np.random.default_rng(2).normal(0.0, 0.5, (F, 1)).astype(np.float32)
+    flax_model.wide_survival.kernel[...] = jnp.asarray(weights)
   ref = torch_reference.TorchMoEMIL(config.model, radiomics_dim=F)
   torch_reference.copy_flax_params(ref, flax_model)
   return flax_model, ref.eval()
