@@ -245,13 +245,18 @@ class MoEMIL(nnx.Module):
       + (config.radiomics_hidden_dims[-1] if self.radiomics is not None else 0)
       + (config.mri_deep_hidden_dim if self.mri_deep is not None else 0)
     )
-    # A linear radiomics term in the log-risk, from zero (wide-and-deep): early-stopped
-    # gradient descent from zero on it approaches a strongly penalised Cox model.
-    self.wide_survival = (
-      nnx.Linear(radiomics_dim, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
-      if config.get('wide_survival', False) and self.radiomics is not None
-      else None
-    )
+
+    # Linear radiomics terms in the log-risk and the response logit, from zero (wide and
+    # deep): early-stopped gradient descent from zero on them approaches strongly penalised
+    # Cox and logistic models, the baselines that win at n ~ 170.
+    def wide(flag):
+      if not (config.get(flag, False) and self.radiomics is not None):
+        return None
+      init = nnx.initializers.zeros
+      return nnx.Linear(radiomics_dim, 1, use_bias=False, kernel_init=init, rngs=rngs)
+
+    self.wide_survival = wide('wide_survival')
+    self.wide_response = wide('wide_response')
     self.mmoe = MMoE(
       fused,
       config.num_experts,
@@ -291,9 +296,12 @@ class MoEMIL(nnx.Module):
       parts.append(z.astype(jnp.float32) * present[:, i : i + 1])
     parts.append(present.astype(jnp.float32))
     (response_logit, log_risk), gates = self.mmoe(jnp.concatenate(parts, -1), rngs=rngs)
-    if self.wide_survival is not None:
-      i = self.modalities.index('radiomics')
-      log_risk = log_risk + self.wide_survival(inputs['radiomics'])[:, 0] * present[:, i]
+    if self.radiomics is not None:
+      has_mri = present[:, self.modalities.index('radiomics')]
+      if self.wide_survival is not None:
+        log_risk = log_risk + self.wide_survival(inputs['radiomics'])[:, 0] * has_mri
+      if self.wide_response is not None:
+        response_logit = response_logit + self.wide_response(inputs['radiomics'])[:, 0] * has_mri
     out.update(
       response_logit=response_logit, log_risk=log_risk, gates=gates, modality_present=present
     )

@@ -76,29 +76,32 @@ def test_missing_modality_is_masked_out():
   np.testing.assert_allclose(np.asarray(a['log_risk']), np.asarray(b['log_risk']), rtol=1e-6)
 
 
-def test_wide_survival_term_adds_a_linear_radiomics_log_risk_that_trains():
-  model = _model(wide_survival=True)
+@pytest.mark.parametrize(
+  'term, output, other',
+  [
+    ('wide_survival', 'log_risk', 'response_logit'),
+    ('wide_response', 'response_logit', 'log_risk'),
+  ],
+)
+def test_wide_term_adds_a_linear_radiomics_term_to_its_output_that_trains(term, output, other):
+  model = _model(**{term: True})
   x = _inputs()
   # Zero at initialisation, so the model starts as the deep network alone.
-  assert not np.asarray(model.wide_survival.kernel[...]).any()
+  assert not np.asarray(getattr(model, term).kernel[...]).any()
   base = model(x)
   w = np.random.default_rng(1).normal(size=(F, 1)).astype(np.float32)
-  model.wide_survival.kernel[...] = jnp.asarray(w)
+  getattr(model, term).kernel[...] = jnp.asarray(w)
   out = model(x)
   linear = (x['radiomics'] @ w)[:, 0] * x['has_radiomics']  # none for the patient without MRI
+  np.testing.assert_allclose(np.asarray(out[output] - base[output]), linear, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out[other]), np.asarray(base[other]))
+  grad = nnx.grad(lambda m: m(x)[output].sum())(model)
   np.testing.assert_allclose(
-    np.asarray(out['log_risk'] - base['log_risk']), linear, rtol=1e-5, atol=1e-5
-  )
-  np.testing.assert_array_equal(
-    np.asarray(out['response_logit']), np.asarray(base['response_logit'])
-  )
-  grad = nnx.grad(lambda m: m(x)['log_risk'].sum())(model)
-  np.testing.assert_allclose(
-    np.asarray(grad.wide_survival.kernel[...])[:, 0],
+    np.asarray(getattr(grad, term).kernel[...])[:, 0],
     (x['radiomics'] * x['has_radiomics'][:, None]).sum(0),
     rtol=1e-5,
   )
-  assert _model(wide_survival=False).wide_survival is None
+  assert getattr(_model(**{term: False}), term) is None
 
 
 def test_baselines_build_only_their_modality():

@@ -68,9 +68,10 @@ def _torch_patient(inputs, i):
 
 def _models(config):
   flax_model = models.MoEMIL(config.model, radiomics_dim=F, rngs=nnx.Rngs(params=1))
-  if flax_model.wide_survival is not None:  # zero at initialisation: give it weights to compare
-    weights = np.random.default_rng(2).normal(0.0, 0.5, (F, 1)).astype(np.float32)
-    flax_model.wide_survival.kernel[...] = jnp.asarray(weights)
+  for seed, wide in enumerate((flax_model.wide_survival, flax_model.wide_response), start=2):
+    if wide is not None:  # zero at initialisation: give it weights to compare
+      weights = np.random.default_rng(seed).normal(0.0, 0.5, (F, 1)).astype(np.float32)
+      wide.kernel[...] = jnp.asarray(weights)
   ref = torch_reference.TorchMoEMIL(config.model, radiomics_dim=F)
   torch_reference.copy_flax_params(ref, flax_model)
   return flax_model, ref.eval()

@@ -143,11 +143,13 @@ class TorchMoEMIL(nn.Module):
     self.mmoe = MMoE(
       fused, config.num_experts, config.expert_dim, config.tower_dim, len(TASKS), config.dropout
     )
-    self.wide_survival = (
+    wide = lambda flag: (  # noqa: E731
       nn.Linear(radiomics_dim, 1, bias=False)
-      if config.get('wide_survival', False) and self.radiomics is not None
+      if config.get(flag, False) and self.radiomics is not None
       else None
     )
+    self.wide_survival = wide('wide_survival')
+    self.wide_response = wide('wide_response')
 
   def forward(self, patient: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """patient: wsi (N, 1024) real patches, radiomics (F,), mri_deep (S, 2048) real slices,
@@ -171,9 +173,12 @@ class TorchMoEMIL(nn.Module):
       parts.append(z * present[i].float())
     parts.append(present.float())
     (logit, log_risk), gates = self.mmoe(torch.cat(parts))
-    if self.wide_survival is not None:
-      i = self.modalities.index('radiomics')
-      log_risk = log_risk + self.wide_survival(patient['radiomics'])[0] * present[i].float()
+    if self.radiomics is not None:
+      has_mri = present[self.modalities.index('radiomics')].float()
+      if self.wide_survival is not None:
+        log_risk = log_risk + self.wide_survival(patient['radiomics'])[0] * has_mri
+      if self.wide_response is not None:
+        logit = logit + self.wide_response(patient['radiomics'])[0] * has_mri
     out.update(response_logit=logit, log_risk=log_risk, gates=gates)
     return out
 

@@ -16,7 +16,8 @@ def get_config():
   c.model.mri_deep_hidden_dim = 256
   c.model.expert_dim = 128
   c.model.tower_dim = 64
-  c.model.wide_survival = False  # the paper's model has no linear term
+  c.model.wide_survival = False  # the paper's model has no linear terms
+  c.model.wide_response = False
   c.train.epochs = 60
   c.train.learning_rate = 3e-4
   c.train.weight_decay = 0.01
