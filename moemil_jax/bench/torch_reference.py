@@ -143,11 +143,12 @@ class TorchMoEMIL(nn.Module):
     self.mmoe = MMoE(
       fused, config.num_experts, config.expert_dim, config.tower_dim, len(TASKS), config.dropout
     )
-    wide = lambda flag: (  # noqa: E731
-      nn.Linear(radiomics_dim, 1, bias=False)
-      if config.get(flag, False) and self.radiomics is not None
-      else None
-    )
+
+    def wide(flag):
+      if not (config.get(flag, False) and self.radiomics is not None):
+        return None
+      return nn.Linear(radiomics_dim, 1, bias=False)
+
     self.wide_survival = wide('wide_survival')
     self.wide_response = wide('wide_response')
 
