@@ -14,7 +14,7 @@ averaging K members removes much of the variance a small cohort gives each one.
 the members' parameters as an orbax checkpoint, so `launch.evaluate` treats it like any model.
 Development patients are reported as the 'train' split (the ensemble has seen each of them
 through K - 1 members); `oof_response_logit` and `oof_log_risk` hold their out-of-fold
-predictions.
+predictions and `oof_fold` the fold that validated each (-1 for the test center).
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   frame['oof_log_risk'] = sweep.out_of_fold(
     sweep.centred_log_risk(result.log_risk, result.splits), result.splits
   )
+  # The development fold each patient was validated in (-1: the test center), for the
+  # cross-conformal coverage of the response sets (moemil_jax/conformal.py).
+  fold = np.full(cohort.num_patients, -1, np.int64)
+  for k, m in enumerate(result.members):
+    fold[result.splits[k] == 'val'] = m.fold
+  frame['oof_fold'] = fold
   frame.to_parquet(workdir / train.PREDICTIONS, index=False)
 
   ckpt = ocp.StandardCheckpointer()
