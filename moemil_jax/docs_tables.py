@@ -10,7 +10,8 @@ A document holds a generated table between two marker comments:
 measuring tools wrote into docs/ (`launch.stress`: docs/stress_cpu*.csv; `launch.bench`:
 docs/bench_cpu*.json); `--check` changes nothing and names each file and table that differs,
 so a number typed over by hand, or a table left behind by a new run, fails CI. A table reads
-only what TABLES names, never another document's prose.
+only the files TABLES names (the reliability summary counts the case table of
+docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -308,6 +309,37 @@ def performance(docs: Path, link: str = '') -> str:
   return _rows(lines)
 
 
+# --------------------------------------------------------------------------- reliability
+
+RELIABILITY = 'reliability.md'
+_CASES_HEADER = '| Area | Case | Handling | Test |'
+
+
+def reliability_cases(docs: Path) -> list[dict[str, str]]:
+  """The rows of the case table in docs/reliability.md (area, case, handling, test)."""
+  path = docs / RELIABILITY
+  if not path.exists():
+    raise DocsError(f'{path} is missing: it holds the case table the summary counts')
+  lines = path.read_text().splitlines()
+  if _CASES_HEADER not in lines:
+    raise DocsError(f'{path}: no case table (a line {_CASES_HEADER!r})')
+  rows = []
+  for line in lines[lines.index(_CASES_HEADER) + 2 :]:
+    if not line.startswith('|'):
+      break
+    cells = [c.strip() for c in re.split(r'(?<!\\)\|', line.strip().strip('|'))]
+    rows.append(dict(zip(('area', 'case', 'handling', 'test'), cells)))
+  return rows
+
+
+def reliability_summary(docs: Path) -> str:
+  """How many cases the table holds, per area, in the table's order."""
+  rows = reliability_cases(docs)
+  areas = list(dict.fromkeys(r['area'] for r in rows))
+  counts = ', '.join(f'{a} {sum(r["area"] == a for r in rows)}' for a in areas)
+  return _rows([f'**{len(rows)} cases**, each with its test ({counts}).'])
+
+
 # --------------------------------------------------------------------------- the registry
 
 _FRESH_MODELS = (
@@ -363,6 +395,7 @@ TABLES: dict[str, Table] = {
     ('stress_cpu_seeds5-9.csv',),
   ),
   'performance': Table(performance, BENCH_RUNS),
+  'reliability_summary': Table(lambda d, _: reliability_summary(d), (RELIABILITY,)),
 }
 
 

@@ -1,6 +1,7 @@
 """Generated result tables (moemil_jax/docs_tables.py, python -m launch.docs)."""
 
 import csv
+import re
 import shutil
 import statistics
 import subprocess
@@ -134,3 +135,30 @@ def test_a_broken_marker_names_the_file_and_line(tmp_path):
   assert proc.returncode == 2
   assert "README.md:1: unknown table 'no_such_table'" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_test_the_reliability_table_names_exists():
+  cases = docs_tables.reliability_cases(ROOT / 'docs')
+  assert len(cases) > 40
+  named = 0
+  for case in cases:
+    current = None
+    for ref in re.findall(r'`([^`]*::[^`]*)`', case['test']):
+      file, _, name = ref.partition('::')
+      current = file or current
+      source = (ROOT / 'tests' / current).read_text()
+      assert f'def {name}(' in source, f'{case["area"]} / {case["case"]}: {current}::{name}'
+      named += 1
+  assert named >= len(cases)
+
+
+def test_the_reliability_summary_counts_the_case_table(tmp_path):
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'reliability.md').write_text(
+    '<!-- generated:reliability_summary -->\n<!-- /generated:reliability_summary -->\n\n'
+    '| Area | Case | Handling | Test |\n| --- | --- | --- | --- |\n'
+    '| Slides | a | b | `t.py::x` |\n| Slides | c \\| d | e | f |\n| MRI | g | h | i |\n\nafter\n'
+  )
+  docs_tables.run(tmp_path)
+  text = (tmp_path / 'docs' / 'reliability.md').read_text()
+  assert '**3 cases**, each with its test (Slides 2, MRI 1).' in text
