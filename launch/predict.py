@@ -1,4 +1,5 @@
-r"""Scores new patients with trained models: a response probability and a risk group each.
+r"""Scores new patients with trained models: a response probability and a risk group each,
+with OS probabilities, a conformal response set and the members' spreads.
 
   python -m launch.predict --model=runs/moemil --store=NEW_STORE --out=predictions.csv
   python -m launch.predict --model=runs/seed0 --model=runs/seed1 --store=NEW_STORE \
@@ -10,7 +11,8 @@ r"""Scores new patients with trained models: a response probability and a risk g
 it several times to average runs (folds or seeds). --store: a feature store made with the
 same encoder and settings as the training store (refused otherwise); with --manifest, the
 new patients' images are first extracted into --store with exactly the settings the model
-was trained with. Output columns: see README.md, "Predict for new patients".
+was trained with. Output columns: see README.md, "Predict for new patients", and
+docs/uncertainty.md (OS probabilities, conformal response sets, members' spreads, --cards).
 """
 
 from absl import app, flags, logging
@@ -53,6 +55,24 @@ _EXPLAIN = flags.DEFINE_bool(
   "With --manifest: each patient's slide attention heatmaps and MRI Grad-CAM (of the first "
   "--model; member 0 of an ensemble) into <out's folder>/explain/, as launch.explain does.",
 )
+_HORIZONS = flags.DEFINE_list(
+  'horizons', ['12', '36', '60'], 'OS probability horizons in months (os_prob_<h>m columns).'
+)
+_LEVEL = flags.DEFINE_float(
+  'conformal_level', 0.9, 'Coverage level of the conformal response sets (response_set).'
+)
+_SPREAD = flags.DEFINE_float(
+  'spread_warning',
+  0.3,
+  "Warn when the members' response (or 36-month OS) probabilities span more than this.",
+)
+_CURVES = flags.DEFINE_string(
+  'curves', None, "Also write every patient's whole OS curve (long format) to this CSV."
+)
+_CARDS = flags.DEFINE_string(
+  'cards', None, 'Write one patient card per patient (PNG and HTML) into this folder.'
+)
+_CARD_FORMATS = flags.DEFINE_list('card_formats', ['png', 'html'], 'With --cards: png, html.')
 flags.mark_flags_as_required(['model', 'store', 'out'])
 
 
@@ -61,8 +81,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from pathlib import Path
 
-  from moemil_jax import bundle, predict
+  from moemil_jax import bundle, predict, uncertainty
 
+  try:
+    horizons = [float(h) for h in _HORIZONS.value]
+  except ValueError:
+    raise cli.UserError(
+      f'--horizons={",".join(_HORIZONS.value)}: give months as numbers, e.g. 12,36,60'
+    ) from None
+  if not 0 < _LEVEL.value < 1:
+    raise cli.UserError(f'--conformal_level={_LEVEL.value}: use a value between 0 and 1, e.g. 0.9')
+  options = uncertainty.Options(horizons=horizons, level=_LEVEL.value, spread_warning=_SPREAD.value)
   try:
     models = [predict.load_bundle(path) for path in _MODELS.value]
     if _MANIFEST.value:
@@ -79,7 +108,7 @@ def main(argv):
       summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
       if summary.failed:
         logging.warning('%d item(s) failed to extract: see %s', summary.failed, _STORE.value)
-    table = predict.predict_ensemble(models, _STORE.value, _PATIENTS.value)
+    table = predict.predict_ensemble(models, _STORE.value, _PATIENTS.value, options)
   except (bundle.BundleError, ValueError, FileNotFoundError) as e:
     raise cli.UserError(str(e)) from None
   out = Path(_OUT.value)
@@ -100,6 +129,27 @@ def main(argv):
       out_dir=out.parent / 'explain',
     )
     print(f'{len(pictures)} explanation images -> {out.parent / "explain"}')
+  if _CURVES.value:
+    curves = uncertainty.curves(table)
+    Path(_CURVES.value).parent.mkdir(parents=True, exist_ok=True)
+    curves.to_csv(_CURVES.value, index=False)
+    print(f'OS curves of {curves.patient_id.nunique()} patients -> {_CURVES.value}')
+  if _CARDS.value:
+    from moemil_jax import patient_card
+
+    try:
+      cards = patient_card.write_cards(
+        table,
+        _CARDS.value,
+        explain_dir=out.parent / 'explain' if _EXPLAIN.value else None,
+        formats=_CARD_FORMATS.value,
+      )
+    except ValueError as e:
+      raise cli.UserError(f'--card_formats: {e}') from None
+    print(f'{len(cards)} patient card files -> {_CARDS.value}')
+  extras = uncertainty.extras(table)
+  for note in extras.notes if extras else []:
+    print(f'note: {note}')
   warned = int((table.warnings != '').sum())
   print(
     f'{len(table)} patients scored by {table.model.iloc[0]} -> {out} '

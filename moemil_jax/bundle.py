@@ -7,7 +7,8 @@ Training writes `<workdir>/bundle/` beside its checkpoints:
                transform, training bag-size range); the operating points (response
                threshold, risk-group cutoff, and which predictions fixed them); the
                fingerprint of the store it was trained on (encoder, weights hash, patch
-               size and MPP, radiomics parameters); the code version.
+               size and MPP, radiomics parameters); the code version; `uncertainty`: the
+               Breslow baseline hazard and the conformal calibration scores (`uncertainty`).
   state.parquet  one row per array: per member, the model parameters and the fitted
                preprocessing arrays (patch, deep MRI and radiomics statistics, quantile
                maps), each as its dtype, shape and raw little-endian bytes.
@@ -34,6 +35,7 @@ from moemil_jax import metrics, preprocess
 BUNDLE_DIR = 'bundle'
 BUNDLE_JSON = 'bundle.json'
 STATE = 'state.parquet'
+PREDICTIONS = 'predictions.parquet'  # the run's, written before the bundle
 FORMAT = 1
 
 
@@ -135,14 +137,40 @@ def operating_points(frame) -> dict[str, Any]:
   return out
 
 
+def uncertainty(frame) -> dict[str, Any]:
+  """What a bundle needs to state its uncertainty, fitted on a run's predictions: the Breslow
+  baseline hazard of the development log-risks (`survival_probability`) and the per-class
+  conformal calibration scores of the response (`conformal`), both from out-of-fold
+  predictions when the run has them. An entry that cannot be fitted holds why not."""
+  from moemil_jax import conformal, survival_probability
+
+  out: dict[str, Any] = {}
+  try:
+    out['survival'] = survival_probability.fit_frame(frame).to_json()
+  except (ValueError, KeyError) as e:
+    out['survival_undefined'] = str(e)
+  try:
+    mondrian, source = conformal.fit_frame(frame)
+    out['conformal'] = {'calibrated_on': source, 'scores': mondrian.to_json()}
+  except (ValueError, KeyError) as e:
+    out['conformal_undefined'] = str(e)
+  return out
+
+
 def write(
   workdir: str | Path,
   config,
   members: list[Member],
   operating: dict[str, Any],
   store_dir: str | Path,
+  frame=None,
 ) -> Path:
-  """Writes <workdir>/bundle (replacing an earlier one)."""
+  """Writes <workdir>/bundle (replacing an earlier one). `frame`: the run's predictions, for
+  the survival baseline and conformal calibration (default: <workdir>/predictions.parquet)."""
+  if frame is None and (Path(workdir) / PREDICTIONS).exists():
+    import pandas as pd
+
+    frame = pd.read_parquet(Path(workdir) / PREDICTIONS)
   path = (Path(workdir) / BUNDLE_DIR).resolve()
   if path.exists():
     shutil.rmtree(path)
@@ -179,6 +207,7 @@ def write(
       for m in members
     ],
     'operating_points': operating,
+    'uncertainty': uncertainty(frame) if frame is not None else {},
     'trained_on': {'store': str(Path(store_dir).resolve()), **store_fingerprint(store_dir)},
   }
   (path / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, default=_jsonable) + '\n')

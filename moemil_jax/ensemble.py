@@ -112,7 +112,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> di
     )
     for k, m in enumerate(result.members)
   ]
-  bundle.write(workdir, config, members, bundle.operating_points(frame), config.store)
+  bundle.write(workdir, config, members, bundle.operating_points(frame), config.store, frame=frame)
 
   run_info = {
     'model': config.name,

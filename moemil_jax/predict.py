@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from moemil_jax import batching, bundle, models, preprocess, store_reader, train
+from moemil_jax import batching, bundle, models, preprocess, store_reader, train, uncertainty
 from moemil_jax import device_data as device_data_lib
 
 MODALITY_NAMES = {'wsi': 'WSI', 'radiomics': 'MRI radiomics', 'mri_deep': 'deep MRI'}
@@ -139,11 +139,17 @@ class Bundle:
       gates.append(gate)
     return {'logit': np.stack(logits), 'log_risk': np.stack(risks), 'gates': np.stack(gates)}
 
-  def predict(self, store_dir: str | Path, patients: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per patient: probabilities, classes, risks, groups, gates and warnings."""
+  def predict(
+    self,
+    store_dir: str | Path,
+    patients: Sequence[str] | None = None,
+    options: uncertainty.Options | None = None,
+  ) -> pd.DataFrame:
+    """One row per patient: probabilities, classes, risks, groups, gates, warnings and the
+    uncertainty columns (`moemil_jax/uncertainty.py`)."""
     cohort = self.load(store_dir, patients)
     out = self.outputs(cohort)
-    return _table(
+    frame = _table(
       cohort,
       out['logit'].mean(0),
       out['log_risk'].mean(0),
@@ -153,6 +159,7 @@ class Bundle:
       self.members[0].fitted,
       f'{self.name} ({len(self.members)} member{"s" if len(self.members) > 1 else ""})',
     )
+    return uncertainty.add_columns(frame, self.meta, out['logit'], out['log_risk'], options)
 
 
 def load_bundle(run_dir: str | Path) -> Bundle:
@@ -160,12 +167,17 @@ def load_bundle(run_dir: str | Path) -> Bundle:
 
 
 def predict_ensemble(
-  bundles: Sequence[Bundle], store_dir: str | Path, patients: Sequence[str] | None = None
+  bundles: Sequence[Bundle],
+  store_dir: str | Path,
+  patients: Sequence[str] | None = None,
+  options: uncertainty.Options | None = None,
 ) -> pd.DataFrame:
   """Several runs (folds or seeds) averaged: mean logit, mean log-risk, mean gates; the
-  threshold and cutoff are the runs' means. One run is just that run."""
+  threshold and cutoff are the runs' means; the members' spread is over every member of
+  every run, the survival baseline and conformal calibration are the first run's. One run
+  is just that run."""
   if len(bundles) == 1:
-    return bundles[0].predict(store_dir, patients)
+    return bundles[0].predict(store_dir, patients, options)
   first = bundles[0]
   for b in bundles[1:]:
     if tuple(b.config.model.modalities) != tuple(first.config.model.modalities):
@@ -183,7 +195,7 @@ def predict_ensemble(
     'cutoff': float(np.mean([b.operating_points['cutoff'] for b in bundles])),
   }
   gates = run_mean['gates'] if len({o['gates'].shape for o in outs}) == 1 else None
-  return _table(
+  frame = _table(
     cohort,
     run_mean['logit'],
     run_mean['log_risk'],
@@ -192,6 +204,13 @@ def predict_ensemble(
     first.config,
     first.members[0].fitted,
     f'ensemble of {len(bundles)} runs: ' + ', '.join(str(b.run_dir) for b in bundles),
+  )
+  return uncertainty.add_columns(
+    frame,
+    first.meta,
+    np.concatenate([o['logit'] for o in outs]),
+    np.concatenate([o['log_risk'] for o in outs]),
+    options,
   )
 
 

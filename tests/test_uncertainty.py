@@ -132,3 +132,90 @@ def test_cross_conformal_development_coverage():
 def test_conformal_refuses_a_class_too_small():
   with pytest.raises(ValueError, match='responders'):
     conformal.Mondrian(np.array([0.2, 0.3, 0.9]), np.array([0, 0, 1]))
+
+
+@pytest.fixture(scope='module')
+def scored(cox_data):
+  """A predict table of 6 patients from a 3-member 'ensemble', with a fitted bundle entry."""
+  from moemil_jax import bundle, uncertainty
+
+  rng = np.random.default_rng(5)
+  n = len(cox_data)
+  dev = pd.DataFrame(
+    {
+      'os_months': cox_data.t,
+      'os_event': cox_data.e,
+      'split': 'train',
+      'log_risk': 0.8 * cox_data.x0 - 0.5 * cox_data.x1,
+      'ic_response': pd.array(rng.integers(0, 2, n), dtype='Int64'),
+      'response_prob': rng.uniform(size=n),
+      'center': 'A',
+    }
+  )
+  dev['oof_log_risk'] = dev.log_risk + rng.normal(0, 0.1, n)
+  dev['oof_response_logit'] = np.log(dev.response_prob / (1 - dev.response_prob))
+  dev['oof_fold'] = rng.integers(0, 3, n)
+  meta = {'uncertainty': bundle.uncertainty(dev)}
+  assert meta['uncertainty']['survival']['source'] == 'out_of_fold'
+  logits = np.array([[-2.0, 0.0, 1.0, 2.0, 0.1, -1.0], [-1.8, 0.1, 1.2, -1.5, 0.0, -1.1]])
+  logits = np.vstack([logits, logits[0] + 0.05])
+  risks = np.array([[0.0, 1.0, -1.0, 0.5, 0.0, 2.0]] * 3) + np.array([[0.0], [0.1], [-1.5]])
+  frame = pd.DataFrame(
+    {
+      'patient_id': [f'P{i}' for i in range(6)],
+      'response_prob': 1 / (1 + np.exp(-logits.mean(0))),
+      'log_risk': risks.mean(0),
+      'risk_group': 'high',
+      'modalities_used': 'wsi+radiomics',
+      'warnings': ['', 'no deep MRI', '', '', '', ''],
+      'model': 'moemil (3 members)',
+    }
+  )
+  frame['response_class'] = (frame.response_prob >= 0.5).astype(int)
+  frame.attrs['threshold'] = 0.5
+  return uncertainty.add_columns(frame, meta, logits, risks, uncertainty.Options()), meta
+
+
+def test_predict_columns_hold_probabilities_sets_and_spreads(scored):
+  from moemil_jax import uncertainty
+
+  table, meta = scored
+  base = uncertainty.baseline(meta)
+  np.testing.assert_allclose(
+    table.os_prob_36m, np.exp(-base.cumulative_hazard(36.0) * np.exp(table.log_risk))
+  )
+  for h in ('12', '36', '60'):
+    lo, p, hi = table[f'os_prob_{h}m_lo'], table[f'os_prob_{h}m'], table[f'os_prob_{h}m_hi']
+    assert (lo <= hi).all() and ((lo <= p + 1e-12) & (p <= hi + 1e-12)).all()
+  assert (table.os_prob_12m >= table.os_prob_60m).all()
+  assert set(table.response_set) <= {'responder', 'non-responder', 'uncertain', 'empty'}
+  assert (table.response_set_level == 0.9).all()
+  # Patient 3: members at logits 2.0 and -1.5 disagree; patient 0 does not. Patient 5's
+  # members' log-risks span 1.6 where the hazard is high (OS 36 months 0.2-0.8).
+  assert 'members disagree on the response probability' in table.warnings[3]
+  assert 'members disagree on the 36-month OS probability' in table.warnings[5]
+  assert table.warnings[1].startswith('no deep MRI')
+  assert table.warnings[0] == ''
+  curves = uncertainty.curves(table)
+  assert curves.groupby('patient_id').month.count().nunique() == 1
+  assert (curves.os_prob_lo <= curves.os_prob_hi).all()
+
+
+def test_patient_card_renders(scored, tmp_path):
+  import matplotlib.pyplot as plt
+
+  from moemil_jax import patient_card
+
+  table, _ = scored
+  explain = tmp_path / 'explain'
+  explain.mkdir()
+  plt.imsave(explain / 'P0_slide1_attention.png', np.random.default_rng(0).uniform(size=(20, 30)))
+  written = patient_card.write_cards(table.iloc[:2], tmp_path / 'cards', explain_dir=explain)
+  assert sorted(p.name for p in written) == ['P0.html', 'P0.png', 'P1.html', 'P1.png']
+  cards = tmp_path / 'cards'
+  with_thumb, without = plt.imread(cards / 'P0.png'), plt.imread(cards / 'P1.png')
+  assert with_thumb.shape[0] > without.shape[0] > 300  # the thumbnail row adds height
+  page = (tmp_path / 'cards' / 'P1.html').read_text()
+  assert 'no deep MRI' in page and 'OS at 36 months' in page and 'data:image/png;base64' in page
+  with pytest.raises(ValueError, match='card format'):
+    patient_card.write_cards(table, tmp_path / 'x', formats=['pdf'])
