@@ -1,6 +1,6 @@
 """The result tables of README.md and docs/*.md, written from the committed outputs in docs/.
 
-A document holds a generated table between two marker comments:
+A document holds a generated table between two marker comments, each a line of its own:
 
   <!-- generated:NAME -->
   (anything: replaced)
@@ -47,7 +47,7 @@ LABELS = {
 }
 METRICS = (('auc', 'AUC'), ('cindex', 'C-index'))
 
-_BEGIN = re.compile(r'<!-- generated:([\w.-]+) -->')
+_BEGIN = re.compile(r'^<!-- generated:([\w.-]+) -->$', re.MULTILINE)  # a line of its own
 _END = '<!-- /generated:{} -->'
 
 
@@ -340,6 +340,27 @@ def reliability_summary(docs: Path) -> str:
   return _rows([f'**{len(rows)} cases**, each with its test ({counts}).'])
 
 
+# --------------------------------------------------------------------------- links
+
+# The guides at the top level, then every docs/*.md (by name), each with its first heading.
+LINKED = ('BUILD.md', 'BENCHMARKS.md')
+
+
+def doc_links(docs: Path) -> str:
+  """A list of the project's other documents, for README.md: a new docs/*.md is listed by
+  running launch.docs, and --check fails until it is."""
+  root = docs.parent
+  paths = [root / p for p in LINKED if (root / p).exists()] + sorted(docs.glob('*.md'))
+  lines = []
+  for path in paths:
+    title = next(
+      (x[2:].strip() for x in path.read_text().splitlines() if x.startswith('# ')), path.stem
+    )
+    rel = path.relative_to(root).as_posix()
+    lines.append(f'- [{rel}]({rel}): {title}')
+  return _rows(lines)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _FRESH_MODELS = (
@@ -396,6 +417,7 @@ TABLES: dict[str, Table] = {
   ),
   'performance': Table(performance, BENCH_RUNS),
   'reliability_summary': Table(lambda d, _: reliability_summary(d), (RELIABILITY,)),
+  'doc_links': Table(lambda d, _: doc_links(d), ('*.md',)),
 }
 
 
@@ -425,9 +447,10 @@ def regenerate(
     line = text.count('\n', 0, begin.start()) + 1
     if name not in TABLES:
       raise DocsError(f'{where}:{line}: unknown table {name!r}; known: {", ".join(TABLES)}')
-    end = text.find(_END.format(name), begin.end())
-    if end < 0:
+    close = re.compile(f'^{re.escape(_END.format(name))}$', re.MULTILINE).search(text, begin.end())
+    if close is None:
       raise DocsError(f'{where}:{line}: {begin.group(0)} has no {_END.format(name)}')
+    end = close.start()
     new = '\n' + TABLES[name].render(docs, link)
     if text[begin.end() : end] != new:
       changed.append(name)

@@ -162,3 +162,26 @@ def test_the_reliability_summary_counts_the_case_table(tmp_path):
   docs_tables.run(tmp_path)
   text = (tmp_path / 'docs' / 'reliability.md').read_text()
   assert '**3 cases**, each with its test (Slides 2, MRI 1).' in text
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_every_local_link_and_anchor_in_the_documents_resolves():
+  broken = []
+  for doc in docs_tables.documents(ROOT):
+    for target in re.findall(r'\]\(([^)\s]+)\)', doc.read_text()):
+      if re.match(r'[a-z]+:', target):
+        continue  # a URL
+      path, _, anchor = target.partition('#')
+      file = (doc.parent / path).resolve() if path else doc
+      if not file.exists():
+        broken.append(f'{doc.name}: {target}')
+        continue
+      if anchor:
+        heads = [_slug(x.lstrip('#')) for x in file.read_text().splitlines() if x.startswith('#')]
+        if anchor not in heads:
+          broken.append(f'{doc.name}: {target}')
+  assert not broken
