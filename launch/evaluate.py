@@ -121,6 +121,9 @@ def main(argv):
       ev, pseudonym.salt_for(FLAGS.workdir, FLAGS.pseudonym_salt)
     )
   paths = report.write_report(ev, FLAGS.workdir)
+  from moemil_jax import uncertainty_report  # OS probabilities and response sets
+
+  paths.update(uncertainty_report.write(ev, FLAGS.workdir))
   if FLAGS.pseudonymise:
     paths[pseudonym.PREDICTIONS_COPY] = pseudonym.write_predictions_copy(ev, FLAGS.workdir)
     leaks = pseudonym.find_ids(paths.values(), original_ids)

@@ -219,3 +219,47 @@ def test_patient_card_renders(scored, tmp_path):
   assert 'no deep MRI' in page and 'OS at 36 months' in page and 'data:image/png;base64' in page
   with pytest.raises(ValueError, match='card format'):
     patient_card.write_cards(table, tmp_path / 'x', formats=['pdf'])
+
+
+def test_report_section_per_split_and_center(cox_data, tmp_path):
+  """The evaluation hook: development coverage cross-conformal, the test center split-conformal."""
+  import types
+
+  from moemil_jax import uncertainty_report
+
+  rng = np.random.default_rng(6)
+  n = len(cox_data)
+  prob, y = _synthetic(rng, n)
+  lp = 0.8 * cox_data.x0 - 0.5 * cox_data.x1
+  test = rng.uniform(size=n) < 0.3
+  frame = pd.DataFrame(
+    {
+      'patient_id': [f'P{i}' for i in range(n)],
+      'center': np.where(test, 'B', 'A'),
+      'split': np.where(test, 'test', 'train'),
+      'response_prob': prob,
+      'ic_response': pd.array(y, dtype='Int64'),
+      'log_risk': lp - lp.mean(),
+      'os_months': cox_data.t,
+      'os_event': cox_data.e,
+    }
+  )
+  frame['oof_response_logit'] = np.where(test, np.nan, np.log(prob / (1 - prob)))
+  frame['oof_log_risk'] = np.where(test, np.nan, frame.log_risk)
+  frame['oof_fold'] = np.where(test, -1, rng.integers(0, 5, n))
+  (tmp_path / 'report.html').write_text('<html><body><h1>r</h1>\n</body></html>')
+  ev = types.SimpleNamespace(results={'primary': 'moemil'}, predictions={'moemil': frame})
+  paths = uncertainty_report.write(ev, tmp_path)
+  res = __import__('json').loads(paths['uncertainty.json'].read_text())
+  sets = res['conformal']
+  assert sets['per_split']['train']['method'] == 'cross-conformal'
+  assert sets['per_split']['test']['method'] == 'split-conformal'
+  assert set(sets['per_center']) == {'A (train)', 'B (test)'}
+  assert 0.8 < sets['per_split']['train']['coverage'] < 1.0
+  assert res['survival']['baseline_source'] == 'out_of_fold'
+  assert res['survival']['test']['ibs'] < res['survival']['test']['ibs_null']
+  page = (tmp_path / 'report.html').read_text()
+  assert page.count('<!-- uncertainty -->') == 1 and 'os_calibration' not in page
+  assert (tmp_path / 'figures' / 'os_calibration_test.png').exists()
+  uncertainty_report.write(ev, tmp_path)  # rerun: the section is replaced, not added
+  assert (tmp_path / 'report.html').read_text().count('<!-- uncertainty -->') == 1
