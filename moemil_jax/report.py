@@ -154,7 +154,8 @@ def plot_decision_curve(ev: Evaluation, split: str, path: Path) -> Path:
 
 
 def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
-  """Kaplan-Meier of high vs low risk (training-median cutoff) with numbers at risk and log-rank P."""
+  """Kaplan-Meier of high vs low risk with numbers at risk and log-rank P. The cutoff is the
+  median out-of-fold or validation log-risk (in-sample training only as a warned fallback)."""
   from lifelines import KaplanMeierFitter
   from lifelines.plotting import add_at_risk_counts
 
