@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ _PART_KEY = b'moemil_part'
 MRI_CROP_MARGIN = 0.25
 MRI_PERCENTILES = (0.5, 99.5)
 READ_BLOCK = 8  # grid cells per side read with one read_region
+# One INFO line per slide (its patches and speed; an MPP not from the slide itself): the
+# launchers show them only with --verbose (launch/cli.py); the progress bars and one summary
+# line per shard always show.
+ITEM_LOG = std_logging.getLogger('feature_store.extract.items')
 
 
 class FingerprintMismatch(store.StoreError):
@@ -161,7 +166,7 @@ def _log_mpp_choice(slide, slide_id: str, mpp: float, source: str) -> None:
       own,
     )
   else:
-    logging.info('%s: %.4g um/px from the %s', slide_id, mpp, source)
+    ITEM_LOG.info('%s: %.4g um/px from the %s', slide_id, mpp, source)
 
 
 def _slide_is_current(
@@ -199,7 +204,7 @@ def _slide_is_current(
     handle.close()
   if now[1] == was[1] and bool(np.isclose(now[0], was[0] or 0.0)):
     return True
-  logging.info(
+  ITEM_LOG.info(
     '%s: MPP now %.4g (%s), its features were made at %s (%s): extracting it again',
     slide.slide_id,
     now[0],
@@ -264,7 +269,7 @@ def extract_slide(
     emb = np.concatenate(embs)
     if not np.isfinite(emb.astype(np.float16)).all():
       raise slides.SlideError('embeddings overflow float16')
-    logging.info(
+    ITEM_LOG.info(
       '%s: %d patches in %.1fs (%.1f patches/s)',
       slide_id,
       len(emb),

@@ -15,8 +15,8 @@ Every tool calls `cli.run(main, example=...)` instead of `app.run(main)`:
 - `--config=moemil` (dlr, pathomics, paper, test) names a packaged config; a path still
   works, and `moemil_jax/configs/NAME.py` works from any directory.
 - Library noise (orbax's per-checkpoint INFO lines, the TPU-backend probe, NumExpr's thread
-  count, tensorboardX's NaN warnings, the same INFO line repeated) is hidden unless
-  `--verbose`; warnings and errors always show.
+  count, tensorboardX's NaN warnings, extraction's line per slide, the same INFO line
+  repeated) is hidden unless `--verbose`; warnings and errors always show.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ _QUIET_LOGGERS = {
   'jax._src.xla_bridge': std_logging.WARNING,  # "Unable to initialize backend 'tpu'"
   'numexpr': std_logging.WARNING,  # "NumExpr defaulting to N threads"
   'tensorboardX': std_logging.ERROR,  # "NaN or Inf found in input tensor" per NaN scalar
+  'feature_store.extract.items': std_logging.WARNING,  # one INFO line per slide extracted
 }
 _EPOCH_LINE = re.compile(r'^(?:sweep )?epoch (\d+)/(\d+):')
 

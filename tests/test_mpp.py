@@ -303,7 +303,7 @@ def test_command_takes_the_objective_power_and_extracts_only_that_slide(shared_d
   assert extract.extract(path, out, CFG).failed == 1  # nompp
   scanned = _mtime(out, 'scanned')
 
-  done = _launch(path, out, '--mpp_from_objective')
+  done = _launch(path, out, '--mpp_from_objective', '--verbose')  # the line per slide
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'extracted 1 slides (9 patches), skipped 1;' in done.stdout
   assert _last_line(done) == '2 patients extracted, 0 rejected, 0 failed'
@@ -336,3 +336,5 @@ def test_command_takes_the_manifest_mpp_and_rejects_a_magnification_in_it(shared
   )
   assert _meta(out, 'nompp')['mpp'] == 0.5 and _meta(out, 'nompp')['mpp_source'] == 'manifest'
   assert not store.wsi_path(out, 'scanned').exists()
+  # The lines per slide (its MPP source, its patches) only with --verbose.
+  assert 'um/px from the manifest' not in done.stderr and 'patches in' not in done.stderr
