@@ -42,7 +42,7 @@ _WSI_ENCODER = flags.DEFINE_string(
   'wsi_encoder',
   'resnet50_trunc',
   'Slide patch encoder: resnet50_trunc, uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, '
-  'prov-gigapath, or timm:<model name> (README, "Slide encoders").',
+  'prov-gigapath, or timm:<model name> (BUILD.md, "Slide encoders").',
 )
 _WSI_WEIGHTS = flags.DEFINE_string(
   'wsi_encoder_weights',

@@ -11,7 +11,7 @@ with OS probabilities, a conformal response set and the members' spreads.
 it several times to average runs (folds or seeds). --store: a feature store made with the
 same encoder and settings as the training store (refused otherwise); with --manifest, the
 new patients' images are first extracted into --store with exactly the settings the model
-was trained with. Output columns: see README.md, "Predict for new patients", and
+was trained with. Output columns: see BUILD.md, "Predictions", and
 docs/uncertainty.md (OS probabilities, conformal response sets, members' spreads, --cards).
 """
 

@@ -5,7 +5,7 @@
 # cohorts"). On each: MoEMIL and the DLR and pathomics comparators with their default configs
 # (no harmonisation), and MoEMIL again with per-center harmonisation (transductive), each
 # evaluated with the simple baselines, the posterior-mean ceiling and the oracle. Prints the
-# four tables; the figures are in README.md. About 22 minutes on 2 idle CPU cores (75 shared
+# four tables; the figures are in docs/validity.md. About 22 minutes on 2 idle CPU cores (75 shared
 # with other jobs; eight 5-member ensembles); 256 training patches per bag keep it CPU-sized.
 #   launch/validity.sh [OUT_DIR]
 set -euo pipefail
