@@ -220,6 +220,89 @@ def delong_test(y, score_a, score_b) -> tuple[float, float]:
   return z, float(2 * stats.norm.sf(abs(z)))
 
 
+def delong_difference(y, score_a, score_b, *, alpha: float = 0.05):
+  """(AUC(a) - AUC(b), lower, upper, z, p): the paired DeLong test of `delong_test` and the
+  normal (1 - alpha) interval of the difference from the same variance."""
+  y = _binary(y)
+  a = _finite(score_a, 'score_a')
+  b = _finite(score_b, 'score_b')
+  _same_length(y=y, score_a=a, score_b=b)
+  _two_classes(y)
+  if min(int(y.sum()), int(len(y) - y.sum())) < 2:
+    raise UndefinedMetric('DeLong test undefined: needs at least 2 patients in each class')
+  aucs, cov = _delong_components(y, np.stack([a, b]))
+  diff = float(aucs[0] - aucs[1])
+  var = max(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), 0.0)
+  if var == 0:
+    if diff == 0:
+      return 0.0, 0.0, 0.0, 0.0, 1.0
+    raise UndefinedMetric('DeLong test undefined: zero variance of the AUC difference')
+  se = np.sqrt(var)
+  half = stats.norm.ppf(1 - alpha / 2) * se
+  z = diff / se
+  return diff, diff - half, diff + half, float(z), float(2 * stats.norm.sf(abs(z)))
+
+
+def paired_bootstrap_ci(statistic, n: int, *, n_bootstrap: int = 1000, seed: int = 0, alpha=0.05):
+  """(lower, upper): percentile interval of `statistic(idx)` over patient resamples.
+
+  Resample b is `rng.integers(0, n, n)`, in turn from `np.random.default_rng(seed)`; the same
+  indices go to both models of a difference, so the interval is paired. A resample on which
+  the statistic is undefined (UndefinedMetric or NaN: one class, no comparable pair) is left
+  out; the interval is undefined when more than half are.
+  """
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(n_bootstrap):
+    idx = rng.integers(0, n, n)
+    try:
+      v = float(statistic(idx))
+    except UndefinedMetric:
+      continue
+    if np.isfinite(v):
+      values.append(v)
+  if len(values) < n_bootstrap // 2 or not values:
+    raise UndefinedMetric(
+      f'bootstrap interval undefined: only {len(values)} of {n_bootstrap} resamples defined'
+    )
+  lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+  return float(lo), float(hi)
+
+
+def auc_difference_ci(y, score_a, score_b, *, n_bootstrap: int = 1000, seed: int = 0, alpha=0.05):
+  """(AUC(a) - AUC(b), lower, upper): paired patient bootstrap (`paired_bootstrap_ci`)."""
+  y = _binary(y)
+  a = _finite(score_a, 'score_a')
+  b = _finite(score_b, 'score_b')
+  _same_length(y=y, score_a=a, score_b=b)
+  _two_classes(y)
+
+  def diff(idx):
+    yy = y[idx]
+    if yy.min() == yy.max():
+      return np.nan
+    return _auc(yy, a[idx]) - _auc(yy, b[idx])
+
+  lo, hi = paired_bootstrap_ci(diff, len(y), n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+  return float(_auc(y, a) - _auc(y, b)), lo, hi
+
+
+def cindex_difference_ci(
+  time, event, risk_a, risk_b, *, n_bootstrap: int = 1000, seed: int = 0, alpha=0.05
+):
+  """(C(a) - C(b), lower, upper): Harrell's C difference, paired patient bootstrap."""
+  t, e, a = _survival_scores(time, event, risk_a)
+  b = _finite(risk_b, 'risk_b')
+  _same_length(time=t, risk_b=b)
+  c = concordance_index(t, e, a) - concordance_index(t, e, b)
+
+  def diff(idx):
+    return concordance_index(t[idx], e[idx], a[idx]) - concordance_index(t[idx], e[idx], b[idx])
+
+  lo, hi = paired_bootstrap_ci(diff, len(t), n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+  return float(c), lo, hi
+
+
 # --------------------------------------------------------------------------- threshold metrics
 
 

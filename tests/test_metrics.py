@@ -547,3 +547,48 @@ def test_evaluation_bench_reports_its_figures():
   assert 0 < out['eval_tdauc_mb'] < 50 < out['old_tdauc_one_matrix_mb']
   lo, hi = out['c_index_ci']
   assert lo < out['c_index'] < hi
+
+
+def test_paired_bootstrap_differences_match_a_direct_computation(rossi):
+  """The paired intervals against the same resamples scored by scikit-learn and lifelines."""
+  from lifelines.utils import concordance_index as lifelines_c
+
+  df, risk = rossi
+  df, risk = df.iloc[:120], risk[:120]  # a fixed example, small enough to loop over directly
+  y, t = df['arrest'].to_numpy(), df['week'].to_numpy(float)
+  other = -df['age'].to_numpy(float)
+  diff, lo, hi = metrics.auc_difference_ci(y, risk, other, n_bootstrap=300, seed=3)
+  rng = np.random.default_rng(3)
+  direct = []
+  for _ in range(300):
+    idx = rng.integers(0, len(y), len(y))
+    if y[idx].min() != y[idx].max():
+      direct.append(skm.roc_auc_score(y[idx], risk[idx]) - skm.roc_auc_score(y[idx], other[idx]))
+  assert diff == pytest.approx(skm.roc_auc_score(y, risk) - skm.roc_auc_score(y, other))
+  assert (lo, hi) == pytest.approx(tuple(np.quantile(direct, [0.025, 0.975])), abs=1e-12)
+  assert lo < diff < hi
+
+  c, lo, hi = metrics.cindex_difference_ci(t, y, risk, other, n_bootstrap=300, seed=3)
+  rng = np.random.default_rng(3)
+  direct = []
+  for _ in range(300):
+    idx = rng.integers(0, len(y), len(y))
+    direct.append(
+      lifelines_c(t[idx], -risk[idx], y[idx]) - lifelines_c(t[idx], -other[idx], y[idx])
+    )
+  assert c == pytest.approx(lifelines_c(t, -risk, y) - lifelines_c(t, -other, y))
+  assert (lo, hi) == pytest.approx(tuple(np.quantile(direct, [0.025, 0.975])), abs=1e-12)
+
+
+def test_delong_difference_interval_and_test(rossi):
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  other = -df['age'].to_numpy(float)
+  diff, lo, hi, z, p = metrics.delong_difference(y, risk, other)
+  assert (z, p) == pytest.approx(metrics.delong_test(y, risk, other))
+  se = (hi - lo) / (2 * stats.norm.ppf(0.975))
+  assert diff == pytest.approx(skm.roc_auc_score(y, risk) - skm.roc_auc_score(y, other))
+  assert z == pytest.approx(diff / se)
+  # The paired bootstrap and DeLong agree on these 432 patients.
+  _, blo, bhi = metrics.auc_difference_ci(y, risk, other, n_bootstrap=1000)
+  assert blo == pytest.approx(lo, abs=0.02) and bhi == pytest.approx(hi, abs=0.02)
