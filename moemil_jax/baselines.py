@@ -183,51 +183,173 @@ def _clinical_z(df: pd.DataFrame, train: np.ndarray) -> tuple[np.ndarray, list[s
   return (x - mean) / np.where(sd > 0, sd, 1.0), [*TNM_FEATURES, 'log10_ebv_dna']
 
 
-def combined_predictions(clinical: pd.DataFrame, primary: pd.DataFrame) -> pd.DataFrame:
+def combined_predictions(
+  clinical: pd.DataFrame, primary: pd.DataFrame, folds: pd.Series | None = None
+) -> pd.DataFrame:
   """The nomogram NPC papers report: the model's score with TNM and EBV DNA.
 
-  A logistic regression on (response logit, stages, log EBV DNA) and a Cox model on
-  (log-risk, the same clinical variables), fitted where the model's scores are honest: its
-  out-of-fold predictions when it has them (ensembles), else its validation split, never
-  its training predictions (which it has fitted) nor the external test. Applied to every
-  patient with the model's own score.
-  """
-  from lifelines import CoxPHFitter
-  from sklearn.linear_model import LogisticRegression
+  The TNM + EBV DNA model (the same inputs z-scored on the fitting patients, the same L2
+  logistic regression C=1 and ridge Cox penalizer 0.01) plus one input, the model's response
+  logit (logistic) or log-risk (Cox), so TNM + EBV DNA is its nested comparator and a score
+  that adds nothing gets a weight near zero. Fitted where the model's scores are honest: its
+  out-of-fold predictions (ensembles: each development patient's score from the members
+  that did not train on it), else its validation split; never its training predictions nor
+  the external test. The score is standardised with the fitting patients' mean and SD and the
+  same map is applied to the model's own prediction (the ensemble mean) for every patient.
 
+  Its own out-of-fold predictions (`oof_response_logit`, `oof_log_risk`) come from the same
+  fit repeated per fold of `folds` (the primary's `oof_fold`; without it, 5 folds stratified
+  by response) on the other folds' out-of-fold scores. `attrs['lr_test']` holds the
+  likelihood-ratio tests of the nested models (`nested_lr_tests`).
+  """
   split_of = primary.set_index('patient_id')['split']
   df = _patients(clinical, split_of, (*TNM_FEATURES, 'ebv_dna'))
   p = primary.set_index('patient_id').loc[df['patient_id']]
   if 'oof_response_logit' in p and p['oof_response_logit'].notna().any():
-    fit = p['oof_response_logit'].notna().to_numpy()
     logit_fit, risk_fit = p['oof_response_logit'].to_numpy(float), p['oof_log_risk'].to_numpy(float)
+    fit = np.isfinite(logit_fit) & np.isfinite(risk_fit)
+    source = 'out-of-fold'
   else:
     fit = (df['split'] == 'val').to_numpy()
     logit_fit, risk_fit = p['response_logit'].to_numpy(float), p['log_risk'].to_numpy(float)
+    source = 'validation'
   if fit.sum() < 10:
     raise BaselineSkipped('fewer than 10 out-of-fold or validation patients to fit it on')
-  z, names = _clinical_z(df, fit)
-  logit_all, risk_all = p['response_logit'].to_numpy(float), p['log_risk'].to_numpy(float)
-  scale_l, scale_r = np.std(logit_fit[fit]) or 1.0, np.std(risk_fit[fit]) or 1.0
   y, t, e = _outcomes(df)
-  labelled = fit & np.isfinite(y)
+  logit_all, risk_all = p['response_logit'].to_numpy(float), p['log_risk'].to_numpy(float)
+  logit, log_risk = _combined_fit(df, fit, logit_fit, risk_fit, logit_all, risk_all, y, t, e)
+
+  # Out of fold only where the primary is (an ensemble): a single model's validation split
+  # is too small to refit the combination on parts of it.
+  fold = _fit_folds(df, fit, y, folds) if source == 'out-of-fold' else np.full(len(df), -1)
+  oof_logit, oof_risk = np.full(len(df), np.nan), np.full(len(df), np.nan)
+  filled_l, filled_r = np.nan_to_num(logit_fit), np.nan_to_num(risk_fit)
+  oof_failed = None
+  for f in np.unique(fold[fold >= 0]):
+    held = fold == f
+    try:
+      lg, rk = _combined_fit(df, fit & ~held, logit_fit, risk_fit, filled_l, filled_r, y, t, e)
+    except _UNFITTABLE as err:  # a small fold (a single model's validation split)
+      oof_failed = f'fold {f}: {err}'
+      break
+    oof_logit[held], oof_risk[held] = lg[held], rk[held]
+  out = _frame(df, COMBINED, logit, log_risk)
+  if oof_failed is None and (fold >= 0).any():
+    out['oof_response_logit'], out['oof_log_risk'], out['oof_fold'] = oof_logit, oof_risk, fold
+  else:
+    out.attrs['oof_failed'] = oof_failed
+  out.attrs['fitted_on'] = source
+  out.attrs['lr_test'] = nested_lr_tests(df, fit, logit_fit, risk_fit, y, t, e)
+  out.attrs['lr_test']['fitted_on'] = source
+  return out
+
+
+def _fit_folds(
+  df: pd.DataFrame, fit: np.ndarray, y: np.ndarray, folds: pd.Series | None
+) -> np.ndarray:
+  """(P,) fold of each fitting patient (-1 for the others): `folds` where given, else 5 folds
+  stratified by response (unknown its own stratum)."""
+  from sklearn.model_selection import StratifiedKFold
+
+  out = np.full(len(df), -1, np.int64)
+  if folds is not None:
+    f = folds.copy()
+    f.index = f.index.astype(str)
+    mapped = f.reindex(df['patient_id'].astype(str)).to_numpy(float)
+    known = fit & np.isfinite(mapped) & (np.nan_to_num(mapped, nan=-1) >= 0)
+    if known.any():
+      out[known] = mapped[known].astype(np.int64)
+      return out
+  rows = np.flatnonzero(fit)
+  strata = np.where(np.isnan(y[rows]), -1, y[rows])
+  k = min(CV_FOLDS, int(np.unique(strata, return_counts=True)[1].min()))
+  if k < 2:
+    return out
+  split = StratifiedKFold(n_splits=k, shuffle=True, random_state=0).split(rows, strata)
+  for f, (_, held) in enumerate(split):
+    out[rows[held]] = f
+  return out
+
+
+def _combined_fit(df, rows, logit_fit, risk_fit, logit_out, risk_out, y, t, e):
+  """(logit, log_risk) for every patient from the combined models fitted on `rows`: clinical
+  inputs z-scored on those rows plus the model's score standardised on them (the map is
+  applied to `logit_out` / `risk_out`)."""
+  from lifelines import CoxPHFitter
+  from sklearn.linear_model import LogisticRegression
+
+  z, names = _clinical_z(df, rows)
+
+  def standard(fit_values, out_values):
+    mean, sd = fit_values[rows].mean(), fit_values[rows].std()
+    return (out_values - mean) / (sd if sd > 0 else 1.0), (fit_values - mean) / (sd or 1.0)
+
+  s_out, s_fit = standard(logit_fit, logit_out)
+  r_out, r_fit = standard(risk_fit, risk_out)
+  labelled = rows & np.isfinite(y)
   if len(np.unique(y[labelled])) < 2:
     raise BaselineSkipped('the fitting set has one response class only')
-  x_fit = np.column_stack([logit_fit / scale_l, z])
-  lr = LogisticRegression(C=1.0, max_iter=1000).fit(x_fit[labelled], y[labelled].astype(int))
-  logit = lr.decision_function(np.column_stack([logit_all / scale_l, z]))
+  lr = LogisticRegression(C=1.0, max_iter=1000).fit(
+    np.column_stack([s_fit, z])[labelled], y[labelled].astype(int)
+  )
+  logit = lr.decision_function(np.column_stack([s_out, z]))
   cols = ['model_log_risk', *names]
-  os_ok = fit & np.isfinite(t) & np.isfinite(e)
-  cox_df = pd.DataFrame(np.column_stack([risk_fit / scale_r, z])[os_ok], columns=cols)
+  os_ok = rows & np.isfinite(t) & np.isfinite(e)
+  cox_df = pd.DataFrame(np.column_stack([r_fit, z])[os_ok], columns=cols)
   cph = CoxPHFitter(penalizer=0.01).fit(
     cox_df.assign(os_months=t[os_ok], os_event=e[os_ok]), 'os_months', 'os_event'
   )
   log_risk = np.asarray(
-    cph.predict_log_partial_hazard(
-      pd.DataFrame(np.column_stack([risk_all / scale_r, z]), columns=cols)
-    )
+    cph.predict_log_partial_hazard(pd.DataFrame(np.column_stack([r_out, z]), columns=cols))
   )
-  return _frame(df, COMBINED, logit, log_risk)
+  return logit, log_risk
+
+
+def nested_lr_tests(df, rows, logit_fit, risk_fit, y, t, e) -> dict[str, Any]:
+  """Likelihood-ratio tests, on `rows`, of TNM + EBV DNA + the model's score against TNM +
+  EBV DNA alone (1 degree of freedom): unpenalised logistic regressions (statsmodels) and Cox
+  models (lifelines), the score standardised on those rows."""
+  import statsmodels.api as sm
+  from lifelines import CoxPHFitter
+  from scipy import stats
+
+  z, names = _clinical_z(df, rows)
+  out: dict[str, Any] = {}
+  labelled = rows & np.isfinite(y)
+  s = (logit_fit - logit_fit[rows].mean()) / (logit_fit[rows].std() or 1.0)
+  try:
+    x0 = sm.add_constant(z[labelled], has_constant='add')
+    x1 = np.column_stack([x0, s[labelled]])
+    reduced = sm.Logit(y[labelled], x0).fit(disp=0)
+    full = sm.Logit(y[labelled], x1).fit(disp=0)
+    chi2 = max(0.0, 2 * (full.llf - reduced.llf))
+    out['response'] = {
+      'n': int(labelled.sum()),
+      'chi2': float(chi2),
+      'df': 1,
+      'p': float(stats.chi2.sf(chi2, 1)),
+      'coef_per_sd': float(full.params[-1]),
+    }
+  except Exception as err:  # statsmodels raises several types on (quasi-)separation
+    out['response'] = {'undefined': f'logistic likelihood-ratio test failed: {err}'}
+  os_ok = rows & np.isfinite(t) & np.isfinite(e)
+  r = (risk_fit - risk_fit[rows].mean()) / (risk_fit[rows].std() or 1.0)
+  base = pd.DataFrame(z[os_ok], columns=names).assign(os_months=t[os_ok], os_event=e[os_ok])
+  try:
+    reduced = CoxPHFitter().fit(base, 'os_months', 'os_event')
+    full = CoxPHFitter().fit(base.assign(model_log_risk=r[os_ok]), 'os_months', 'os_event')
+    chi2 = max(0.0, 2 * (full.log_likelihood_ - reduced.log_likelihood_))
+    out['survival'] = {
+      'n': int(os_ok.sum()),
+      'events': int(e[os_ok].sum()),
+      'chi2': float(chi2),
+      'df': 1,
+      'p': float(stats.chi2.sf(chi2, 1)),
+      'coef_per_sd': float(full.params_['model_log_risk']),
+    }
+  except Exception as err:  # lifelines' ConvergenceError and numpy's LinAlgError
+    out['survival'] = {'undefined': f'Cox likelihood-ratio test failed: {err}'}
+  return out
 
 
 def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame:
@@ -552,8 +674,14 @@ def baseline_predictions(
   notes: list[str] | None = None,
   data_config: Mapping[str, Any] | None = None,
   seed: int = 0,
+  folds: pd.Series | None = None,
 ) -> dict[str, pd.DataFrame]:
   """{name: predictions} for each baseline in `names` that could be fitted.
+
+  `folds`: patient_id -> development fold (the primary model's `oof_fold`): each baseline is
+  also refitted once per fold on the training patients outside it, exactly as it is fitted on
+  all of them (CV, preprocessing and all), and its predictions for the held-out fold become
+  its `oof_response_logit` / `oof_log_risk`, so its thresholds are fixed out of fold too.
 
   `split_of`: patient_id -> split, from the primary model's predictions (so every row of the
   comparison uses the same patients in the same splits). A baseline that cannot be fitted is
@@ -570,7 +698,53 @@ def baseline_predictions(
   split_of.index = split_of.index.astype(str)
   # Hundreds of small solves: one BLAS thread each is faster, and far faster on a busy machine.
   with threadpool_limits(limits=1):
-    return _baseline_predictions(Path(store_dir), split_of, names, notes, data_config, seed)
+    out = _baseline_predictions(Path(store_dir), split_of, names, notes, data_config, seed)
+    if folds is not None and out:
+      _add_out_of_fold(out, Path(store_dir), split_of, folds, notes, data_config, seed)
+  return out
+
+
+def _add_out_of_fold(
+  out: dict[str, pd.DataFrame],
+  root: Path,
+  split_of: pd.Series,
+  folds: pd.Series,
+  notes: list[str],
+  data_config: Mapping[str, Any] | None,
+  seed: int,
+) -> None:
+  """Adds oof_response_logit, oof_log_risk and oof_fold to each frame of `out` (in place):
+  per fold, the baselines refitted with that fold's patients moved out of training."""
+  folds = folds.copy()
+  folds.index = folds.index.astype(str)
+  folds = folds[folds.index.isin(split_of.index[split_of == 'train'])]
+  logits: dict[str, list[pd.Series]] = {name: [] for name in out}
+  risks: dict[str, list[pd.Series]] = {name: [] for name in out}
+  failed: dict[str, str] = {}
+  for fold in sorted(folds.unique()):
+    held = folds.index[folds == fold]
+    split_f = split_of.copy()
+    split_f[split_f.index.isin(held)] = 'val'
+    fold_notes: list[str] = []
+    names = [n for n in out if n not in failed]
+    got = _baseline_predictions(root, split_f, names, fold_notes, data_config, seed)
+    for name in names:
+      if name not in got:
+        failed[name] = f'fold {fold}: ' + '; '.join(n for n in fold_notes if label(name) in n)
+        continue
+      g = got[name].set_index('patient_id')
+      g = g[g.index.isin(held)]
+      logits[name].append(g['response_logit'].astype(float))
+      risks[name].append(g['log_risk'].astype(float))
+  for name, df in out.items():
+    if name in failed:
+      notes.append(f'{label(name)}: no out-of-fold predictions ({failed[name]})')
+      logging.warning('%s', notes[-1])
+      continue
+    ids = df['patient_id'].astype(str)
+    df['oof_response_logit'] = pd.concat(logits[name]).reindex(ids).to_numpy(float)
+    df['oof_log_risk'] = pd.concat(risks[name]).reindex(ids).to_numpy(float)
+    df['oof_fold'] = folds.reindex(ids).fillna(-1).astype(int).to_numpy()
 
 
 def _baseline_predictions(

@@ -30,7 +30,23 @@ from moemil_jax import bundle, metrics, preprocess
 PREDICTIONS = 'predictions.parquet'
 RUN_JSON = 'run.json'
 SPLITS = ('train', 'val', 'test')
-SPLIT_NAMES = {'train': 'Training', 'val': 'Validation (model selection)', 'test': 'External test'}
+# 'oof' is not a split of predictions.parquet but the development patients' out-of-fold
+# predictions (`oof_response_logit`, `oof_log_risk`), scored as a column of its own; 'train'
+# is in-sample (every model has fitted those patients). Columns, in reporting order:
+OOF = 'oof'
+REPORT_SPLITS = (OOF, 'val', 'test', 'train')
+SPLIT_NAMES = {
+  OOF: 'Development (out-of-fold)',
+  'train': 'Training (in-sample)',
+  'val': 'Validation (model selection)',
+  'test': 'External test',
+}
+# bundle.operating_points' names for where a threshold was fixed, as the report prints them.
+FIXED_ON = {
+  'out_of_fold': 'development out-of-fold predictions',
+  'validation': 'the validation split',
+  'training': 'in-sample training predictions',
+}
 MODEL_ORDER = (
   'moemil',
   'moemil_clinical',
@@ -156,6 +172,44 @@ def discover_models(workdir: Path) -> dict[str, tuple[pd.DataFrame, dict[str, An
   return found
 
 
+def has_out_of_fold(df: pd.DataFrame) -> bool:
+  return 'oof_response_logit' in df and bool(df['oof_response_logit'].notna().any())
+
+
+def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
+  """The rows scored in a column: a split's rows, or for 'oof' the development patients'
+  out-of-fold predictions put in place of response_logit/response_prob/log_risk (and their
+  out-of-fold risk group as high_risk)."""
+  if split != OOF:
+    return df[df['split'] == split]
+  if not has_out_of_fold(df) or 'oof_log_risk' not in df:
+    return df.iloc[:0]
+  logit, risk = df['oof_response_logit'].astype(float), df['oof_log_risk'].astype(float)
+  part = df[logit.notna() & risk.notna() & (df['split'] != 'test')].copy()
+  part['response_logit'] = part['oof_response_logit'].astype(float)
+  part['response_prob'] = 1.0 / (1.0 + np.exp(-part['response_logit']))
+  part['log_risk'] = part['oof_log_risk'].astype(float)
+  if 'oof_high_risk' in part:
+    part['high_risk'] = part['oof_high_risk']
+  part['split'] = OOF
+  return part
+
+
+def shown_splits(results: Mapping[str, Any]) -> list[str]:
+  """The columns some model has patients in (an ensemble has no validation split; a single
+  model no out-of-fold predictions), in reporting order."""
+  per_model = results['per_model']
+  return [
+    split
+    for split in results.get('splits', REPORT_SPLITS)
+    if any(
+      (tasks.get(task, {}).get(split) or {}).get('n')
+      for tasks in per_model.values()
+      for task in ('response', 'survival')
+    )
+  ]
+
+
 def check_split_agreement(predictions: Mapping[str, pd.DataFrame]) -> None:
   """The same patient must be in the same split for every model."""
   merged = None
@@ -204,6 +258,10 @@ def oracle_predictions(
   clipped = np.clip(prob, 1e-7, 1 - 1e-7)
   out['response_logit'] = np.log(clipped) - np.log1p(-clipped)
   out['log_risk'] = truth.loc[reference['patient_id'], hazard_col].to_numpy(float)
+  if has_out_of_fold(reference):  # the truth needs no fit: its out-of-fold rows are its own
+    oof = reference['oof_response_logit'].notna().to_numpy()
+    out['oof_response_logit'] = np.where(oof, out['response_logit'], np.nan)
+    out['oof_log_risk'] = np.where(oof, out['log_risk'], np.nan)
   return check_predictions(out, 'truth.csv')
 
 
@@ -250,14 +308,21 @@ def response_results(df: pd.DataFrame, *, n_bootstrap: int, ci_method: str) -> d
   else:
     threshold = points['threshold']
     out['threshold_fixed_on'] = points['threshold_fixed_on']
+    if points['threshold_fixed_on'] == 'training':
+      out['threshold_warning'] = (
+        'Youden threshold fixed on in-sample training predictions (no out-of-fold or '
+        'validation predictions)'
+      )
   out['threshold'] = threshold
-  for split in SPLITS:
-    part = df[df['split'] == split]
+  for split in REPORT_SPLITS:
+    part = split_rows(df, split)
     lab = _labelled(part)
     y, prob = lab['ic_response'].astype(int).to_numpy(), lab['response_prob'].to_numpy(float)
     res: dict[str, Any] = {'n': len(part), 'n_labelled': len(lab), 'n_responders': int(y.sum())}
     if len(part) == 0:
-      res['undefined'] = 'no patients in this split'
+      res['undefined'] = (
+        'no out-of-fold predictions' if split == OOF else 'no patients in this split'
+      )
       out[split] = res
       continue
     auc, reason = _try(metrics.roc_auc_ci, y, prob, method=ci_method, n_bootstrap=n_bootstrap)
@@ -288,20 +353,26 @@ def survival_results(
   cutoff = None if points['cutoff_fixed_on'].startswith('default') else points['cutoff']
   out['cutoff'] = cutoff
   out['cutoff_fixed_on'] = points['cutoff_fixed_on']
-  for split in SPLITS:
-    part = _with_os(df[df['split'] == split])
+  if points['cutoff_fixed_on'] == 'training':
+    out['cutoff_warning'] = (
+      'median log-risk cutoff fixed on in-sample training predictions (no out-of-fold or '
+      'validation predictions)'
+    )
+  for split in REPORT_SPLITS:
+    rows = split_rows(df, split)
+    part = _with_os(rows)
     t, e = part['os_months'].to_numpy(float), part['os_event'].to_numpy(float)
     risk = part['log_risk'].to_numpy(float)
     res: dict[str, Any] = {
       'n': len(part),
       'events': int(e.sum()),
-      'n_without_os': int((df['split'] == split).sum() - len(part)),
+      'n_without_os': int(len(rows) - len(part)),
     }
     if res['n_without_os']:
       res['os_warning'] = f'{res["n_without_os"]} patients without OS follow-up left out'
     if len(part) == 0 or cutoff is None:
       res['undefined'] = (
-        'no patients with OS in this split'
+        ('no out-of-fold predictions' if split == OOF else 'no patients with OS in this split')
         if len(part) == 0
         else 'no patients with a log-risk to fix the risk cutoff'
       )
@@ -345,13 +416,13 @@ def delong_comparisons(predictions: Mapping[str, pd.DataFrame], primary: str) ->
   """Paired DeLong tests of the primary model against each comparator, per split."""
   out: dict[str, Any] = {}
   base = predictions[primary]
-  for split in SPLITS:
+  for split in REPORT_SPLITS:
     out[split] = {}
-    a = _labelled(base[base['split'] == split])[['patient_id', 'ic_response', 'response_prob']]
+    a = _labelled(split_rows(base, split))[['patient_id', 'ic_response', 'response_prob']]
     for name, df in predictions.items():
       if name == primary:
         continue
-      b = df[df['split'] == split][['patient_id', 'response_prob']]
+      b = split_rows(df, split)[['patient_id', 'response_prob']]
       m = a.merge(b, on='patient_id', suffixes=('_a', '_b'))
       res: dict[str, Any] = {'n': len(m)}
       zp, reason = (
@@ -397,8 +468,12 @@ def evaluate_predictions(
   n_bootstrap: int = 1000,
   ci_method: str = 'delong',
   notes: list[str] | None = None,
+  lr_tests: Mapping[str, Any] | None = None,
 ) -> Evaluation:
-  """Results for already-loaded predictions (e.g. including the TNM comparator)."""
+  """Results for already-loaded predictions (e.g. including the TNM comparator).
+
+  lr_tests: `baselines.nested_lr_tests` of MoEMIL + clinical against TNM + EBV DNA, put in
+  results['added_value'] beside the differences."""
   predictions = {m: predictions[m].copy() for m in _ordered(predictions)}
   check_split_agreement(predictions)
   primary = primary or (PRIMARY_MODEL if PRIMARY_MODEL in predictions else next(iter(predictions)))
@@ -408,6 +483,8 @@ def evaluate_predictions(
     surv = survival_results(df, horizons=horizons, n_bootstrap=n_bootstrap)
     if surv['cutoff'] is not None:
       df['high_risk'] = (df['log_risk'] > surv['cutoff']).astype(int)
+      if has_out_of_fold(df) and 'oof_log_risk' in df:
+        df['oof_high_risk'] = (df['oof_log_risk'] > surv['cutoff']).astype(int)
     per_model[name] = {
       'response': response_results(df, n_bootstrap=n_bootstrap, ci_method=ci_method),
       'survival': surv,
@@ -415,7 +492,7 @@ def evaluate_predictions(
   results = {
     'primary': primary,
     'models': list(predictions),
-    'splits': list(SPLITS),
+    'splits': list(REPORT_SPLITS),
     'ci_method': ci_method,
     'horizons_months': list(horizons),
     'per_model': per_model,
@@ -426,7 +503,167 @@ def evaluate_predictions(
   if combined in predictions and clinical in predictions:
     pair = {k: predictions[k] for k in (combined, clinical)}
     results['delong_combined_vs_clinical'] = delong_comparisons(pair, combined)
+  results['added_value'] = added_value(
+    predictions, per_model, primary, n_bootstrap=n_bootstrap, lr_tests=lr_tests
+  )
   return Evaluation(predictions=dict(predictions), results=_clean(results))
+
+
+# --------------------------------------------------------------------------- added value
+
+COMBINED_MODEL, CLINICAL_MODEL = 'moemil_clinical', 'tnm_ebv'
+REFERENCE_MODELS = ('oracle', 'ceiling')  # the truth, never a comparator
+
+
+def best_baseline(per_model: Mapping[str, Any], task: str, key: str) -> tuple[str | None, str]:
+  """(the baseline with the highest `key`, the column it was chosen on): chosen on the
+  development out-of-fold figures, else validation, else in-sample training; never on the
+  external test."""
+  from moemil_jax import baselines
+
+  candidates = [m for m in per_model if m in baselines.BASELINES]
+  for split in (OOF, 'val', 'train'):
+    scored = {m: per_model[m][task][split].get(key) for m in candidates}
+    scored = {m: v for m, v in scored.items() if v is not None}
+    if scored:
+      return max(scored, key=scored.get), split
+  return None, ''
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+  keep = ['patient_id', *cols]
+  return a[keep].merge(b[['patient_id', *cols[-1:]]], on='patient_id', suffixes=('_a', '_b'))
+
+
+def compare_pair(
+  a: pd.DataFrame, b: pd.DataFrame, split: str, *, n_bootstrap: int, seed: int = 0
+) -> dict[str, Any]:
+  """AUC and C-index of model a minus model b on the patients both score in `split`: paired
+  bootstrap intervals (`metrics.auc_difference_ci`, `metrics.cindex_difference_ci`) and the
+  DeLong test of the AUC difference."""
+  ra, rb = split_rows(a, split), split_rows(b, split)
+  out: dict[str, Any] = {}
+  lab = _paired(_labelled(ra), rb, ['ic_response', 'response_prob'])
+  resp: dict[str, Any] = {'n': len(lab)}
+  y = lab['ic_response'].astype(int).to_numpy()
+  pa, pb = lab['response_prob_a'].to_numpy(float), lab['response_prob_b'].to_numpy(float)
+  if len(lab) == 0:
+    resp['undefined'] = 'no patients in common'
+  else:
+    boot, reason = _try(metrics.auc_difference_ci, y, pa, pb, n_bootstrap=n_bootstrap, seed=seed)
+    if reason:
+      resp['undefined'] = reason
+    else:
+      resp['diff'], resp['lo'], resp['hi'] = boot
+      dl, reason = _try(metrics.delong_difference, y, pa, pb)
+      if reason:
+        resp['delong_undefined'] = reason
+      else:
+        _, resp['delong_lo'], resp['delong_hi'], resp['delong_z'], resp['delong_p'] = dl
+  out['auc'] = resp
+  sa, sb = _with_os(ra), _with_os(rb)
+  os_ = _paired(sa, sb, ['os_months', 'os_event', 'log_risk'])
+  surv: dict[str, Any] = {'n': len(os_)}
+  if len(os_) == 0:
+    surv['undefined'] = 'no patients in common'
+  else:
+    c, reason = _try(
+      metrics.cindex_difference_ci,
+      os_['os_months'].to_numpy(float),
+      os_['os_event'].to_numpy(float),
+      os_['log_risk_a'].to_numpy(float),
+      os_['log_risk_b'].to_numpy(float),
+      n_bootstrap=n_bootstrap,
+      seed=seed,
+    )
+    if reason:
+      surv['undefined'] = reason
+    else:
+      surv['diff'], surv['lo'], surv['hi'] = c
+  out['c_index'] = surv
+  return out
+
+
+def added_value(
+  predictions: Mapping[str, pd.DataFrame],
+  per_model: Mapping[str, Any],
+  primary: str,
+  *,
+  n_bootstrap: int,
+  lr_tests: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Does the image model add to TNM + EBV DNA? Per column (out-of-fold, validation,
+  external): MoEMIL + clinical minus TNM + EBV DNA, and MoEMIL minus the best baseline (chosen
+  per metric on development figures), in AUC and C-index; plus the likelihood-ratio tests."""
+  out: dict[str, Any] = {'comparisons': [], 'lr_test': dict(lr_tests or {})}
+  pairs = []
+  if COMBINED_MODEL in predictions and CLINICAL_MODEL in predictions:
+    pairs.append((COMBINED_MODEL, CLINICAL_MODEL, ('auc', 'c_index'), ''))
+  for metric, task, key in (('auc', 'response', 'auc'), ('c_index', 'survival', 'c_index')):
+    best, chosen_on = best_baseline(per_model, task, key)
+    if best is not None and primary in predictions:
+      why = f'best baseline by {SPLIT_NAMES[chosen_on]} {"AUC" if metric == "auc" else "C-index"}'
+      pairs.append((primary, best, (metric,), why))
+  for a, b, wanted, why in pairs:
+    entry: dict[str, Any] = {'model': a, 'comparator': b, 'metrics': list(wanted), 'why': why}
+    for split in REPORT_SPLITS:
+      if split == 'train':  # in-sample differences say nothing about added value
+        continue
+      res = compare_pair(predictions[a], predictions[b], split, n_bootstrap=n_bootstrap)
+      if res['auc']['n'] or res['c_index']['n']:
+        entry[split] = {m: res[m] for m in wanted}
+    out['comparisons'].append(entry)
+  return out
+
+
+def _diff_text(r: Mapping[str, Any], prefix: str = '') -> str:
+  if r.get(prefix + 'lo') is None or r.get('diff') is None:
+    return 'n/a'
+  return f'{r["diff"]:+.3f} ({r[prefix + "lo"]:+.3f} to {r[prefix + "hi"]:+.3f})'
+
+
+def added_value_table(ev: Evaluation) -> pd.DataFrame:
+  """One row per comparison and metric: the difference (paired bootstrap 95% CI) per
+  column, and for the AUC the DeLong P."""
+  rows = []
+  av = ev.results.get('added_value') or {}
+  shown = [s for s in shown_splits(ev.results) if s != 'train']
+  for entry in av.get('comparisons', []):
+    for metric in entry['metrics']:
+      name = 'AUC' if metric == 'auc' else 'C-index'
+      row = {
+        'Comparison': f'{display_name(entry["model"])} - {display_name(entry["comparator"])}',
+        'Metric': name + (f' ({entry["why"]})' if entry.get('why') else ''),
+      }
+      for split in shown:
+        r = (entry.get(split) or {}).get(metric) or {}
+        row[f'{SPLIT_NAMES[split]} difference (95% CI)'] = _diff_text(r)
+        if metric == 'auc':
+          row[f'{SPLIT_NAMES[split]} DeLong P'] = format_p(r.get('delong_p'))
+      rows.append(row)
+  if not rows:
+    return pd.DataFrame(columns=['Comparison']).set_index('Comparison')
+  return pd.DataFrame(rows).set_index('Comparison')
+
+
+def lr_test_lines(ev: Evaluation) -> list[str]:
+  """The likelihood-ratio tests of MoEMIL + clinical against TNM + EBV DNA, one line each."""
+  lr = (ev.results.get('added_value') or {}).get('lr_test') or {}
+  where = lr.get('fitted_on', 'out-of-fold')
+  lines = []
+  for task, what in (('response', 'IC response, logistic'), ('survival', 'OS, Cox')):
+    r = lr.get(task)
+    if not r:
+      continue
+    if r.get('undefined'):
+      lines.append(f'Likelihood-ratio test ({what}): {r["undefined"]}')
+      continue
+    lines.append(
+      f'Likelihood-ratio test, TNM + EBV DNA + MoEMIL score vs TNM + EBV DNA ({what}, '
+      f'development center, {where} scores, n={r["n"]}): chi2 {r["chi2"]:.2f} (1 df), '
+      f'P {format_p(r["p"])}; score coefficient {r["coef_per_sd"]:+.3f} per SD'
+    )
+  return lines
 
 
 def evaluate(
@@ -452,6 +689,7 @@ def evaluate(
   predictions = {name: df for name, (df, _) in found.items()}
   notes: list[str] = []
   primary = PRIMARY_MODEL if PRIMARY_MODEL in found else next(iter(found))
+  folds = development_folds(predictions[primary], notes)
   wanted = [
     name
     for name in baselines.BASELINES
@@ -472,17 +710,24 @@ def evaluate(
       data_config = found[primary][1].get('config', {}).get('data')
       predictions.update(
         baselines.baseline_predictions(
-          store, split_of, names=wanted, notes=notes, data_config=data_config
+          store, split_of, names=wanted, notes=notes, data_config=data_config, folds=folds
         )
       )
+  lr_tests = None
   if with_baselines and 'moemil_clinical' not in predictions:
     store = found[primary][1].get('store')
     try:
       clinical = pd.read_parquet(Path(store) / 'clinical.parquet')
       clinical['patient_id'] = clinical['patient_id'].astype(str)
       predictions['moemil_clinical'] = baselines.combined_predictions(
-        clinical, predictions[primary]
+        clinical, predictions[primary], folds
       )
+      lr_tests = predictions['moemil_clinical'].attrs.get('lr_test')
+      if predictions['moemil_clinical'].attrs.get('oof_failed'):
+        notes.append(
+          f'{baselines.label("moemil_clinical")}: no out-of-fold predictions '
+          f'({predictions["moemil_clinical"].attrs["oof_failed"]})'
+        )
     except (EvaluationError, ValueError, OSError, TypeError) as e:
       notes.append(f'{baselines.label("moemil_clinical")} skipped: {e}')
       logging.warning('%s', notes[-1])
@@ -493,14 +738,55 @@ def evaluate(
         f'{display_name(name)}: features standardised within each center on its own patients '
         '(data.harmonise=per_center, transductive: it needs a batch of patients per center)'
       )
+    if data_config and preprocess.harmonise_mode(data_config) == 'combat':
+      notes.append(
+        f'{display_name(name)}: radiomics ComBat-harmonised to the development center '
+        "(data.harmonise=combat, transductive: each other center's location and scale are "
+        "estimated from that center's own patients, the external test's included, so a new "
+        'center needs a batch of patients; external figures are not those of one new patient)'
+      )
   if truth is not None:
     truth_table = pd.read_csv(truth, dtype={'patient_id': str})
     predictions['oracle'] = oracle_predictions(truth_table, predictions[primary])
     if 'ceiling_response_prob' in truth_table.columns:  # older truth.csv files lack it
       predictions['ceiling'] = oracle_predictions(truth_table, predictions[primary], ceiling=True)
   return evaluate_predictions(
-    predictions, horizons=horizons, n_bootstrap=n_bootstrap, ci_method=ci_method, notes=notes
+    predictions,
+    horizons=horizons,
+    n_bootstrap=n_bootstrap,
+    ci_method=ci_method,
+    notes=notes,
+    lr_tests=lr_tests,
   )
+
+
+def development_folds(primary: pd.DataFrame, notes: list[str]) -> pd.Series | None:
+  """patient_id -> development fold for the comparators' out-of-fold fits: the primary
+  model's `oof_fold` (ensembles), else, when it has out-of-fold predictions without it, 5
+  folds stratified by response (noted); None without out-of-fold predictions."""
+  if not has_out_of_fold(primary):
+    return None
+  ids = primary['patient_id'].astype(str)
+  if 'oof_fold' in primary:
+    fold = pd.Series(pd.to_numeric(primary['oof_fold'], errors='coerce').to_numpy(), index=ids)
+    fold = fold[fold >= 0]
+    if len(fold):
+      return fold.astype(int)
+  from sklearn.model_selection import StratifiedKFold
+
+  dev = primary[primary['oof_response_logit'].notna()]
+  y = pd.to_numeric(dev['ic_response'], errors='coerce').fillna(-1).to_numpy()
+  k = min(5, int(np.unique(y, return_counts=True)[1].min()))
+  if k < 2:
+    return None
+  fold = np.empty(len(dev), int)
+  for f, (_, held) in enumerate(StratifiedKFold(k, shuffle=True, random_state=0).split(y, y)):
+    fold[held] = f
+  notes.append(
+    f'the predictions carry no oof_fold: the comparators were fitted out of fold on {k} folds '
+    "stratified by response, not the ensemble's own folds"
+  )
+  return pd.Series(fold, index=dev['patient_id'].astype(str).to_numpy())
 
 
 # --------------------------------------------------------------------------- tables
@@ -522,11 +808,10 @@ def split_sizes(ev: Evaluation) -> str:
   """One line: how many patients each split has (all models' patients), e.g. 'Patients:
   Training 100 (96 with IC response, 38 deaths); ...; External test 100, center B (95 ..., 41 ...)'."""
   cols = ['patient_id', 'split', 'center', 'ic_response', 'os_event']
-  frames = [df[[c for c in cols if c in df]] for df in ev.predictions.values()]
-  patients = pd.concat(frames).drop_duplicates('patient_id') if frames else pd.DataFrame()
   parts = []
-  for split in SPLITS:
-    part = patients[patients['split'] == split] if len(patients) else patients
+  for split in shown_splits(ev.results):
+    frames = [split_rows(df, split)[[c for c in cols if c in df]] for df in ev.predictions.values()]
+    part = pd.concat(frames).drop_duplicates('patient_id') if frames else pd.DataFrame()
     text = f'{SPLIT_NAMES[split]} {len(part)}'
     centers = sorted(part['center'].dropna().astype(str).unique()) if 'center' in part else []
     if split == 'test' and centers:
@@ -539,23 +824,42 @@ def split_sizes(ev: Evaluation) -> str:
   return 'Patients: ' + '; '.join(parts)
 
 
+def fixed_on(ev: Evaluation) -> str:
+  """Where the models' thresholds and cutoffs were fixed, e.g. 'development out-of-fold
+  predictions (every model)' or '...out-of-fold predictions (MoEMIL, ...); the validation split
+  (DLR)'."""
+  where: dict[str, list[str]] = {}
+  for name, r in ev.results['per_model'].items():
+    for key in (r['response'].get('threshold_fixed_on'), r['survival'].get('cutoff_fixed_on')):
+      if key and not key.startswith('default'):
+        models = where.setdefault(FIXED_ON.get(key, key), [])
+        if display_name(name) not in models:
+          models.append(display_name(name))
+  if len(where) == 1:
+    return f'{next(iter(where))} (every model)'
+  return '; '.join(f'{k} ({", ".join(v)})' for k, v in where.items()) or 'nowhere (undefined)'
+
+
 def comparison_table(ev: Evaluation) -> pd.DataFrame:
   """The paper's table: one row per model and baseline; AUC (95% CI), C-index and log-rank P per split."""
   rows = []
+  shown = shown_splits(ev.results)
   for name in ev.models:
     r = ev.results['per_model'][name]
     row = {'Model': display_name(name)}
-    for split in SPLITS:
+    for split in shown:
       row[f'AUC {SPLIT_NAMES[split]} (95% CI)'] = _ci(r['response'][split], 'auc')
-    for split in SPLITS:
+    for split in shown:
       row[f'C-index {SPLIT_NAMES[split]} (95% CI)'] = _ci(r['survival'][split], 'c_index')
-    for split in SPLITS:
+    for split in shown:
       s = r['survival'][split]
       p = format_p(s.get('logrank_p'))
       row[f'Log-rank P {SPLIT_NAMES[split]}'] = p + ('*' if s.get('logrank_warning') else '')
     rows.append(row)
   table = pd.DataFrame(rows).set_index('Model')
   table.attrs['split_sizes'] = split_sizes(ev)  # printed under the title by format_comparison
+  table.attrs['fixed_on'] = fixed_on(ev)
+  table.attrs['added_value'] = format_added_value(ev)
   return table
 
 
@@ -628,22 +932,19 @@ def undefined_notes(ev: Evaluation) -> list[str]:
   per_model = ev.results['per_model']
   # A split that no model has a patient in (an ensemble's validation split) is one line, not
   # one per task and comparison.
-  empty = [
-    split
-    for split in SPLITS
-    if per_model
-    and all(
-      not (tasks.get(task, {}).get(split) or {}).get('n')
-      for tasks in per_model.values()
-      for task in ('response', 'survival')
-    )
-  ]
+  shown = shown_splits(ev.results) if per_model else []
+  empty = [split for split in ev.results.get('splits', REPORT_SPLITS) if split not in shown]
   for split in empty:
     oof = any(
       t.get('response', {}).get('threshold_fixed_on') == 'out_of_fold' for t in per_model.values()
     )
+    if split == OOF:
+      lines.append(f'{SPLIT_NAMES[split]}: no model has out-of-fold predictions (column left out)')
+      continue
     why = ': ensembles choose their epoch on out-of-fold predictions instead' if oof else ''
-    lines.append(f'{SPLIT_NAMES[split]}: no patients in this split (all models){why}')
+    lines.append(
+      f'{SPLIT_NAMES[split]}: no patients in this split (all models; column left out){why}'
+    )
 
   def add(kind: str, message: str, split: str, model: str) -> None:
     if split in empty:
@@ -656,7 +957,7 @@ def undefined_notes(ev: Evaluation) -> list[str]:
       for key, value in result.items():
         if key.endswith(('undefined', 'warning')) and isinstance(value, str):
           add(task, value, 'all splits', model)
-      for split in SPLITS:
+      for split in ev.results.get('splits', REPORT_SPLITS):
         for key, value in (result.get(split) or {}).items():
           if key.endswith(('undefined', 'warning')) and isinstance(value, str):
             add(task, value, split, model)
@@ -678,13 +979,14 @@ def undefined_notes(ev: Evaluation) -> list[str]:
 
 def format_comparison(table: pd.DataFrame) -> str:
   """The comparison table as fixed-width text for the terminal (splits stacked as row blocks)."""
-  lines = ['MoEMIL vs comparators (thresholds and cutoffs fixed on validation or out-of-fold)']
+  where = table.attrs.get('fixed_on', 'out-of-fold or validation predictions')
+  lines = [f'MoEMIL vs comparators (thresholds and cutoffs fixed on {where})']
   if table.attrs.get('split_sizes'):
     lines.append(table.attrs['split_sizes'])
   metrics_cols = ('AUC', 'C-index', 'Log-rank P')
-  header = ['Model'] + [f'{SPLIT_NAMES[s]}' for s in SPLITS]
   for metric in metrics_cols:
     cols = [c for c in table.columns if c.startswith(metric + ' ')]
+    header = ['Model'] + [c[len(metric) + 1 :].removesuffix(' (95% CI)') for c in cols]
     block = [[str(m)] + [str(table.loc[m, c]) for c in cols] for m in table.index]
     # A split no model has (an ensemble has no validation split) is left out.
     kept = [0] + [i + 1 for i in range(len(cols)) if any(r[i + 1] != 'n/a' for r in block)]
@@ -700,4 +1002,24 @@ def format_comparison(table: pd.DataFrame) -> str:
   if table.apply(lambda c: c.astype(str).str.endswith('*')).to_numpy().any():
     lines.append('')
     lines.append(f'* fewer than {metrics.MIN_EVENTS_LOGRANK} events: log-rank P unreliable')
+  if table.attrs.get('added_value'):
+    lines += ['', table.attrs['added_value']]
+  return '\n'.join(lines)
+
+
+def format_added_value(ev: Evaluation) -> str:
+  """The added-value block: differences (paired bootstrap 95% CI, DeLong P) and the
+  likelihood-ratio tests, as fixed-width text ('' when there is nothing to compare)."""
+  table = added_value_table(ev)
+  if table.empty:
+    return ''
+  lines = ['Added value (model minus comparator; paired bootstrap 95% CI; DeLong P for AUC)']
+  cols = list(table.columns)
+  block = [[str(i)] + [str(v) for v in row] for i, row in zip(table.index, table.to_numpy())]
+  header = ['Comparison', *cols]
+  widths = [max(len(r[i]) for r in block + [header]) for i in range(len(header))]
+  lines.append('  '.join(h.ljust(w) for h, w in zip(header, widths)))
+  lines.append('  '.join('-' * w for w in widths))
+  lines.extend('  '.join(v.ljust(w) for v, w in zip(r, widths)) for r in block)
+  lines.extend(lr_test_lines(ev))
   return '\n'.join(lines)

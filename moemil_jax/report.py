@@ -23,7 +23,7 @@ from absl import logging  # noqa: E402
 
 from feature_store.store import atomic_write_bytes  # noqa: E402
 from moemil_jax import evaluation, metrics  # noqa: E402
-from moemil_jax.evaluation import SPLIT_NAMES, SPLITS, Evaluation, display_name  # noqa: E402
+from moemil_jax.evaluation import SPLIT_NAMES, Evaluation, display_name  # noqa: E402
 
 FIGURES = 'figures'
 DCA_THRESHOLDS = np.linspace(0.01, 0.99, 99)
@@ -65,7 +65,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _labelled(df: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
-  part = df[(df['split'] == split) & df['ic_response'].notna()]
+  part = evaluation.split_rows(df, split)
+  part = part[part['ic_response'].notna()]
   return part['ic_response'].astype(int).to_numpy(), part['response_prob'].to_numpy(float)
 
 
@@ -153,14 +154,41 @@ def plot_decision_curve(ev: Evaluation, split: str, path: Path) -> Path:
   return _save(fig, path)
 
 
+def plot_added_value_curve(ev: Evaluation, split: str, path: Path) -> Path | None:
+  """Decision curves of MoEMIL + clinical and TNM + EBV DNA alone (None if either is missing)."""
+  names = [evaluation.COMBINED_MODEL, evaluation.CLINICAL_MODEL]
+  if not all(n in ev.predictions for n in names):
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  treat_all = None
+  for name, color in zip(names, ('#d62728', '#7f7f7f')):
+    y, prob = _labelled(ev.predictions[name], split)
+    if len(y) == 0:
+      plt.close(fig)
+      return None
+    nb, treat_all = metrics.net_benefit(y, prob, DCA_THRESHOLDS)
+    ax.plot(DCA_THRESHOLDS, nb, color=color, label=display_name(name))
+  ax.plot(DCA_THRESHOLDS, treat_all, color='k', lw=0.8, label='Treat all')
+  ax.axhline(0, color='k', ls=':', lw=0.8, label='Treat none')
+  ax.set(
+    xlabel='Threshold probability',
+    ylabel='Net benefit',
+    xlim=(0, 1),
+    ylim=(-0.05, max(0.05, float(np.nanmax(treat_all)) * 1.15)),
+    title=f'Added value, decision curves: {SPLIT_NAMES[split]}',
+  )
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
 def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
   """Kaplan-Meier of high vs low risk with numbers at risk and log-rank P. The cutoff is the
   median out-of-fold or validation log-risk (in-sample training only as a warned fallback)."""
   from lifelines import KaplanMeierFitter
   from lifelines.plotting import add_at_risk_counts
 
-  df = ev.predictions[model]
-  part = df[(df['split'] == split) & df['os_months'].notna() & df['os_event'].notna()]
+  part = evaluation.split_rows(ev.predictions[model], split)
+  part = part[part['os_months'].notna() & part['os_event'].notna()]
   s = ev.results['per_model'][model]['survival'][split]
   fig, ax = plt.subplots(figsize=(5.5, 4.8))
   fitters = []
@@ -207,9 +235,12 @@ def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
 def write_tables(ev: Evaluation, workdir: Path) -> dict[str, Path]:
   out = {}
   tables = {'comparison': evaluation.comparison_table(ev)}
-  for split in SPLITS:
+  for split in evaluation.shown_splits(ev.results):
     tables[f'response_{split}'] = evaluation.response_table(ev, split)
     tables[f'survival_{split}'] = evaluation.survival_table(ev, split)
+  added = evaluation.added_value_table(ev)
+  if not added.empty:
+    tables['added_value'] = added
   for name, df in tables.items():
     atomic_write_bytes(workdir / f'{name}.csv', df.to_csv().encode())
     atomic_write_bytes(workdir / f'{name}.md', to_markdown(df).encode())
@@ -220,7 +251,7 @@ def write_tables(ev: Evaluation, workdir: Path) -> dict[str, Path]:
 def write_figures(ev: Evaluation, workdir: Path) -> dict[str, Path]:
   fig_dir = workdir / FIGURES
   out = {}
-  for split in SPLITS:
+  for split in evaluation.shown_splits(ev.results):
     for kind, plot in (
       ('roc', plot_roc),
       ('calibration', plot_calibration),
@@ -229,6 +260,10 @@ def write_figures(ev: Evaluation, workdir: Path) -> dict[str, Path]:
       out[f'{kind}_{split}'] = plot(ev, split, fig_dir / f'{kind}_{split}.png')
     for model in ev.models:
       out[f'km_{model}_{split}'] = plot_km(ev, model, split, fig_dir / f'km_{model}_{split}.png')
+    if split != 'train':
+      added = plot_added_value_curve(ev, split, fig_dir / f'decision_curve_added_{split}.png')
+      if added is not None:
+        out[f'decision_curve_added_{split}'] = added
     logging.info('figures for %s written', split)
   return out
 
@@ -313,8 +348,14 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
     f'<h1>{html.escape(primary)}: IC response and overall survival</h1>',
     '<p>Thresholds are fixed once and applied unchanged to every split: the Youden threshold '
     'of the response probability and the median log-risk for high/low OS risk groups, on '
-    'out-of-fold predictions (ensembles), else on the validation split (model selection), '
-    'else on training; never on the external test. Time-dependent AUC: censoring weights '
+    'development out-of-fold predictions (ensembles, and the baselines and MoEMIL + clinical '
+    'refitted on the same folds), else on the validation split (model selection), else, with a '
+    'warning, on in-sample training predictions; never on the external test. Here they were '
+    f'fixed on {html.escape(evaluation.fixed_on(ev))}. The Development (out-of-fold) column '
+    'scores each development patient with models that did not see that patient (its threshold '
+    'and cutoff were fixed on those same predictions, so its sensitivity, specificity and '
+    'log-rank are mildly optimistic); Training (in-sample) scores models on patients they '
+    'were fitted on and says nothing about generalisation. Time-dependent AUC: censoring weights '
     "from each split's own patients. AUC 95% CI: "
     f'{html.escape(ev.results["ci_method"])}; C-index 95% CI: patient bootstrap. '
     'TNM: logistic regression (response) and Cox model (OS) on T, N and overall stage, fitted '
@@ -323,6 +364,26 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
     f'<p>{html.escape(evaluation.split_sizes(ev))}</p>',
     _table(evaluation.comparison_table(ev)),
   ]
+  added = evaluation.added_value_table(ev)
+  if not added.empty:
+    parts += [
+      '<h2>Added value over TNM + EBV DNA</h2>',
+      '<p>Differences in AUC and C-index (model minus comparator) on the patients both score, '
+      'with paired patient-bootstrap 95% intervals (and the DeLong test and interval for the '
+      'AUC), on the development out-of-fold predictions and the external test. MoEMIL + '
+      'clinical is TNM + EBV DNA (same inputs, same penalties) plus the MoEMIL score, fitted '
+      "on the development center's out-of-fold scores; the best baseline is chosen on "
+      'development figures, never on the external test.</p>',
+      _table(added),
+      *(f'<p>{html.escape(line)}</p>' for line in evaluation.lr_test_lines(ev)),
+      "<div class='grid'>",
+      *(
+        _img(figures[k], k.replace('_', ' '))
+        for k in sorted(figures)
+        if k.startswith('decision_curve_added_')
+      ),
+      '</div>',
+    ]
   notes = evaluation.undefined_notes(ev)
   if notes:
     parts.append(
@@ -330,7 +391,7 @@ def write_html(ev: Evaluation, figures: dict[str, Path], path: Path) -> Path:
       + ''.join(f'<li>{html.escape(n)}</li>' for n in notes)
       + '</ul>'
     )
-  for split in SPLITS:
+  for split in evaluation.shown_splits(ev.results):
     name = SPLIT_NAMES[split]
     parts += [
       f'<h2>{html.escape(name)}</h2>',

@@ -371,4 +371,98 @@ def test_an_empty_split_is_one_warning_line(tmp_path):
   ev = evaluation.evaluate(workdir, n_bootstrap=50, with_baselines=False)
   notes = evaluation.undefined_notes(ev)
   about_val = [n for n in notes if 'Validation' in n]
-  assert about_val == ['Validation (model selection): no patients in this split (all models)']
+  assert about_val == [
+    'Validation (model selection): no patients in this split (all models; column left out)'
+  ]
+  table = evaluation.comparison_table(ev)
+  assert not any('Validation' in c for c in table.columns)  # no empty column
+  # No out-of-fold or validation predictions: thresholds in-sample, and the results say so.
+  assert ev.results['per_model']['moemil']['response']['threshold_warning']
+
+
+def to_ensemble(workdir: Path, seed: int = 0) -> None:
+  """Rewrites the workdir's predictions as an ensemble's: development patients are 'train'
+  (in-sample) with noisier out-of-fold predictions and their fold (`oof_fold`)."""
+  rng = np.random.default_rng(seed + 5)
+  for path in workdir.glob('*/predictions.parquet'):
+    df = pd.read_parquet(path)
+    dev = (df['split'] != 'test').to_numpy()
+    df.loc[dev, 'split'] = 'train'
+    noise = rng.normal(0, 1.0, len(df))
+    df['oof_response_logit'] = np.where(dev, df['response_logit'] + 0.75 * noise, np.nan)
+    df['oof_log_risk'] = np.where(dev, df['log_risk'] + 0.4 * noise, np.nan)
+    df['oof_fold'] = np.where(dev, rng.integers(0, 5, len(df)), -1)
+    df.to_parquet(path, index=False)
+
+
+@pytest.fixture(scope='module')
+def ensemble_evaluated(tmp_path_factory):
+  workdir = write_workdir(tmp_path_factory.mktemp('ens'), models=('moemil',))
+  to_ensemble(workdir)
+  return workdir, evaluation.evaluate(workdir, n_bootstrap=200)
+
+
+def test_ensemble_development_column_is_out_of_fold(ensemble_evaluated):
+  workdir, ev = ensemble_evaluated
+  assert {'tnm', 'tnm_ebv', 'moemil_clinical'} <= set(ev.models)
+  table = evaluation.comparison_table(ev)
+  assert 'AUC Development (out-of-fold) (95% CI)' in table.columns
+  assert 'AUC Training (in-sample) (95% CI)' in table.columns
+  assert not any('Validation' in c for c in table.columns)
+  assert 'development out-of-fold predictions (every model)' in table.attrs['fixed_on']
+  for name in ('moemil', 'tnm', 'tnm_ebv', 'moemil_clinical'):
+    r = ev.results['per_model'][name]
+    assert r['response']['threshold_fixed_on'] == 'out_of_fold'
+    assert r['survival']['cutoff_fixed_on'] == 'out_of_fold'
+    df = ev.predictions[name]
+    oof = df[df['oof_response_logit'].notna()]
+    assert len(oof) == (df['split'] == 'train').sum()  # every development patient
+    lab = oof[oof['ic_response'].notna()]
+    assert r['response']['oof']['auc'] == pytest.approx(
+      roc_auc_score(lab['ic_response'].astype(int), lab['oof_response_logit'])
+    )
+    # The threshold is the Youden point of those out-of-fold predictions.
+    prob = 1 / (1 + np.exp(-lab['oof_response_logit']))
+    assert r['response']['threshold'] == pytest.approx(
+      metrics.youden_threshold(lab['ic_response'].astype(int).to_numpy(), prob.to_numpy())
+    )
+  # A baseline's out-of-fold prediction for fold 0 is the baseline refitted without fold 0.
+  from moemil_jax import baselines
+
+  clinical = pd.read_parquet(workdir.parent / 'store' / 'clinical.parquet')
+  clinical['patient_id'] = clinical['patient_id'].astype(str)
+  primary = ev.predictions['moemil']
+  split_of = primary.set_index('patient_id')['split'].copy()
+  fold0 = primary.loc[primary['oof_fold'] == 0, 'patient_id']
+  split_of[fold0] = 'val'
+  refit = baselines.tnm_ebv_predictions(clinical, split_of).set_index('patient_id')
+  got = ev.predictions['tnm_ebv'].set_index('patient_id')
+  np.testing.assert_allclose(
+    got.loc[fold0, 'oof_response_logit'], refit.loc[fold0, 'response_logit'], rtol=1e-6
+  )
+  assert not np.allclose(got.loc[fold0, 'oof_response_logit'], got.loc[fold0, 'response_logit'])
+
+
+def test_added_value_rows_and_nested_tests(ensemble_evaluated, tmp_path):
+  _, ev = ensemble_evaluated
+  av = ev.results['added_value']
+  first = av['comparisons'][0]
+  assert (first['model'], first['comparator']) == ('moemil_clinical', 'tnm_ebv')
+  for split in ('oof', 'test'):
+    auc = first[split]['auc']
+    assert auc['lo'] <= auc['diff'] <= auc['hi'] and 0 <= auc['delong_p'] <= 1
+    assert auc['delong_lo'] <= auc['diff'] <= auc['delong_hi']
+    c = first[split]['c_index']
+    assert c['lo'] <= c['diff'] <= c['hi']
+  # MoEMIL's score carries the latent signal the stages only echo: the nested tests see it.
+  assert av['lr_test']['response']['p'] < 0.01 and av['lr_test']['survival']['p'] < 0.05
+  assert {e['comparator'] for e in av['comparisons'][1:]} <= {'tnm', 'tnm_ebv'}
+  text = evaluation.format_comparison(evaluation.comparison_table(ev))
+  assert 'Added value' in text and 'Likelihood-ratio test' in text
+  assert 'MoEMIL + clinical (TNM, EBV DNA) - TNM + EBV DNA' in text
+  from moemil_jax import report
+
+  paths = report.write_report(ev, tmp_path)
+  assert 'decision_curve_added_oof' in paths and 'decision_curve_added_test' in paths
+  assert 'Added value over TNM + EBV DNA' in paths['report.html'].read_text()
+  assert (tmp_path / 'added_value.csv').exists()

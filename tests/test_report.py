@@ -32,7 +32,9 @@ IMAGE_PROBE = (
   'document.body.dataset.images = imgs.length; document.body.dataset.loaded = '
   'imgs.filter(i => i.complete && i.naturalWidth > 0).length;});</script>'
 )
-N_IMAGES = 3 * 3 + 6 * 3  # ROC, calibration, DCA per split + KM per model (6) per split
+# ROC, calibration, DCA per split + KM per model (6) per split + the added-value decision
+# curves (MoEMIL + clinical vs TNM + EBV DNA) on validation and external test
+N_IMAGES = 3 * 3 + 6 * 3 + 2
 
 
 @pytest.fixture(scope='module')
