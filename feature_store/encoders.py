@@ -556,27 +556,37 @@ class Encoder:
         return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1)
       return self.net(x)
 
+  def _staged(self, images: np.ndarray, transform) -> torch.Tensor:
+    """The batch on the device, through `transform` (uint8 NHWC -> uint8 NHWC, e.g. a
+    stain normaliser) when one is given."""
+    x = self._stage(images)
+    return x if transform is None else transform(x)
+
   @torch.inference_mode()
-  def __call__(self, images: np.ndarray) -> np.ndarray:
+  def __call__(self, images: np.ndarray, transform=None) -> np.ndarray:
     """images: (n, h, w, 3) uint8 (0-255) or float (0-1) -> (n, dim) float32."""
     if len(images) == 0:
       return np.zeros((0, self.dim), np.float32)
-    out = self._forward(self._preprocess(self._stage(images), images.dtype == np.uint8))
+    out = self._forward(self._preprocess(self._staged(images, transform), images.dtype == np.uint8))
     return out.float().cpu().numpy()
 
   @torch.inference_mode()
-  def encode_batches(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple]:
+  def encode_batches(
+    self, batches: Iterable[tuple[Any, np.ndarray]], transform=None
+  ) -> Iterator[tuple]:
     """(key, images) -> (key, features), in order. On CUDA the features of batch k are
-    copied to pinned host memory while batch k+1 runs (two buffers, one event each)."""
+    copied to pinned host memory while batch k+1 runs (two buffers, one event each).
+    transform: applied to each uint8 batch on the device before the model (stain.Normaliser)."""
     if not self.cuda:
       for key, images in batches:
-        yield key, self(images)
+        yield key, self(images, transform)
       return
     pending = None
     slot = 0
     hosts: list[torch.Tensor | None] = [None, None]
     for key, images in batches:
-      out = self._forward(self._preprocess(self._stage(images), images.dtype == np.uint8))
+      x = self._staged(images, transform)
+      out = self._forward(self._preprocess(x, images.dtype == np.uint8))
       out = out.float()
       host = hosts[slot]
       if host is None or host.shape != out.shape:

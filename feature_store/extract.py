@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from tqdm.auto import tqdm
 
-from feature_store import encoders, mri, slides, store
+from feature_store import encoders, mri, slides, stain, store
 from feature_store import manifest as manifest_lib
 
 MRI_DIR = 'mri'
@@ -78,6 +78,15 @@ class ExtractConfig:
   outcomes_required: bool = True  # False: a manifest of new patients to score (no labels)
   prune: bool = False  # remove the files of patients no longer in the manifest
 
+  # Stain normalisation of slide patches (feature_store/stain.py, docs/stain.md): the target
+  # is stain_target (a fingerprint's 'stain' dict: launch.predict), else fitted on the image
+  # stain_reference, else fitted on stain_fit_patches patches of the centers stain_fit_centers
+  # (default: every center but the second by name, the one training holds out as external).
+  stain_norm: str = 'none'  # none | macenko | reinhard
+  stain_reference: str | None = None
+  stain_target: Any = None
+  stain_fit_centers: tuple[str, ...] = ()
+  stain_fit_patches: int = 256
 
 @dataclasses.dataclass
 class Summary:
@@ -237,7 +246,9 @@ def extract_slide(
 ) -> int:
   """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure.
 
-  mpp: the manifest's um/px for this slide, which wins over what the slide records."""
+  mpp: the manifest's um/px for this slide, which wins over what the slide records.
+  normaliser: stain-normalises each batch on the encoder's device; the patches where the
+  stain could not be estimated (kept as they are) are counted in the slide's `stain` record."""
   slide = slides.open_slide(slide_path)
   try:
     plan = slides.plan_patches(
@@ -535,6 +546,11 @@ def extract(
 
   bar = tqdm(
     my_slides, desc=f'slides (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='slide'
+  target = stain_target(man, store_dir, cfg)
+  normaliser = None
+  if target is not None:  # only then: stores made without it keep their fingerprint
+    wsi_fp['stain'] = target.fingerprint()
+    normaliser = stain.Normaliser(target, cfg.device)
   )
   start = time.perf_counter()
   for patient, slide in bar:
@@ -566,6 +582,7 @@ def extract(
     shard_file,
     json.dumps(
       {'wsi_sha256': wsi_sha, 'mri_sha256': mri_sha, 'failures': summary.failures}, indent=1
+        normaliser=normaliser,
     ).encode(),
   )
   summary.finalised = _finalise(
@@ -601,6 +618,122 @@ def _finalise(
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
   shard_failures: list[dict[str, str]] = []
   for i in range(cfg.shard_count):
+def fit_centers(man: manifest_lib.Manifest, cfg: ExtractConfig) -> list[str]:
+  """The centers a fitted stain target is drawn from: cfg.stain_fit_centers, else every
+  center but the second by name (the external test center training picks by default)."""
+  names = sorted({str(p.clinical.get('center')) for p in man.patients})
+  if cfg.stain_fit_centers:
+    unknown = sorted(set(cfg.stain_fit_centers) - set(names))
+    if unknown:
+      raise stain.StainError(
+        f'--stain_fit_centers: {", ".join(unknown)} not a center of the manifest (centers: '
+        f'{", ".join(names)})'
+      )
+    return sorted(cfg.stain_fit_centers)
+  return [c for i, c in enumerate(names) if i != 1 or len(names) == 1]
+
+
+def stain_target(
+  man: manifest_lib.Manifest, store_dir: Path, cfg: ExtractConfig
+) -> stain.StainTarget | None:
+  """The stain target of this run (None without normalisation): given (a bundle's), from a
+  reference image, reused from STORE.json when fitted the same way, else fitted here."""
+  method = cfg.stain_norm
+  if method not in stain.METHODS:
+    raise stain.StainError(f'--stain_norm={method}: choose {", ".join(stain.METHODS)}')
+  if method == 'none':
+    if cfg.stain_reference:
+      raise stain.StainError('--stain_reference needs --stain_norm=macenko or reinhard')
+    return None
+  if cfg.stain_target:
+    target = stain.StainTarget.from_fingerprint(cfg.stain_target)
+    if target.method != method:
+      raise stain.StainError(f'stain target is {target.method}, --stain_norm={method}')
+    return target
+  if cfg.stain_reference:
+    path = Path(cfg.stain_reference)
+    if not path.is_file():
+      raise stain.StainError(f'--stain_reference={path}: no such file')
+    target = stain.reference_target(str(path), method, sha256=encoders.sha256_file(path))
+    logging.info('stain target (%s): %s', method, target.source)
+    return target
+  centers = fit_centers(man, cfg)
+  prefix = f'fitted on center(s) {",".join(centers)}:'
+  if (store_dir / store.STORE_JSON).exists():
+    old = store.read_store_json(store_dir).get('wsi', {}).get('fingerprint', {}).get('stain')
+    if (
+      old
+      and old.get('method') == method
+      and str(old.get('source', '')).startswith(prefix)
+      and old.get('params') == stain.StainParams().as_dict()
+    ):
+      logging.info('stain target (%s): reused from %s: %s', method, store.STORE_JSON, old['source'])
+      return stain.StainTarget.from_fingerprint(old)
+  target = fit_stain_target(man, cfg, centers, prefix)
+  logging.info('stain target (%s): %s', method, target.source)
+  return target
+
+
+FIT_SLIDES = 16  # slides a fitted target samples at most
+
+
+def fit_stain_target(
+  man: manifest_lib.Manifest, cfg: ExtractConfig, centers: list[str], prefix: str
+) -> stain.StainTarget:
+  """A pooled target from up to cfg.stain_fit_patches tissue patches, evenly spread over up
+  to FIT_SLIDES slides of `centers` (evenly spaced in slide-id order): deterministic, so
+  every shard and every rerun fits the same target."""
+  chosen = sorted(
+    (s.slide_id, s)
+    for p in man.patients
+    if str(p.clinical.get('center')) in centers
+    for s in p.slides
+  )
+  if len(chosen) > FIT_SLIDES:
+    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, FIT_SLIDES).round().astype(int)]
+  per_slide = max(1, -(-cfg.stain_fit_patches // max(1, len(chosen))))
+  stats, patches, used = [], 0, 0
+  for slide_id, s in chosen:
+    try:
+      handle = slides.open_slide(s.path)
+    except slides.SlideError as e:
+      logging.warning('stain fit: skipping %s: %s', slide_id, e)
+      continue
+    try:
+      plan = slides.plan_patches(
+        handle,
+        target_mpp=cfg.target_mpp,
+        patch_px=cfg.patch_px,
+        tissue=cfg.tissue,
+        fallback_mpp=cfg.fallback_mpp,
+        manifest_mpp=s.mpp,
+        mpp_from_objective=cfg.mpp_from_objective,
+      )
+      if not len(plan.xy):
+        continue
+      idx = np.unique(np.linspace(0, len(plan.xy) - 1, min(per_slide, len(plan.xy))).round())
+      idx = idx.astype(int)
+      sub = dataclasses.replace(plan, cells=plan.cells[idx], xy=plan.xy[idx])
+      for _, batch in slides.iter_patch_batches(handle, sub, batch_size=cfg.batch_size, workers=0):
+        stats.append(stain.estimate(torch.from_numpy(batch).to(cfg.device), cfg.stain_norm))
+        patches += len(batch)
+      used += 1
+    except slides.SlideError as e:
+      logging.warning('stain fit: skipping %s: %s', slide_id, e)
+    finally:
+      handle.close()
+  try:
+    return stain.pooled_target(
+      stats, cfg.stain_norm, f'{prefix} {patches} patches from {used} slides'
+    )
+  except stain.StainError:
+    raise stain.StainError(
+      f'cannot fit a stain target: no tissue patch with an estimable stain among {patches} '
+      f'patches of {used} slides of center(s) {", ".join(centers)}; pass '
+      '--stain_reference=IMAGE (an H&E tile in the stain to map to)'
+    ) from None
+
+
     path = store_dir / SHARDS_DIR / f'{i}-of-{cfg.shard_count}.json'
     if not path.exists():
       return False

@@ -127,6 +127,25 @@ _PRUNE = flags.DEFINE_bool(
   'Remove the store files of patients no longer in the manifest (one log line each); '
   'without it they are kept, with a warning, and training ignores them.',
 )
+_STAIN_NORM = flags.DEFINE_enum(
+  'stain_norm',
+  'none',
+  ['none', 'macenko', 'reinhard'],
+  'Stain-normalise slide patches on the extraction device before the encoder (docs/stain.md); '
+  'in the slide fingerprint: changing it re-extracts the slides (with --overwrite), not MRI.',
+)
+_STAIN_REFERENCE = flags.DEFINE_string(
+  'stain_reference',
+  None,
+  'With --stain_norm: an H&E image (PNG, JPEG, TIFF) whose stain is the target; default: a '
+  "pooled estimate over a sample of the development center's tissue patches.",
+)
+_STAIN_FIT_CENTERS = flags.DEFINE_list(
+  'stain_fit_centers',
+  [],
+  'With --stain_norm and no --stain_reference: the centers whose patches the target is fitted '
+  'on (default: every center but the second by name, the external one training holds out).',
+)
 _KEEP_GOING = flags.DEFINE_bool(
   'keep_going',
   False,
@@ -209,6 +228,9 @@ def main(argv):
     mpp_from_objective=_MPP_FROM_OBJECTIVE.value,
     overwrite=_OVERWRITE.value,
     prune=_PRUNE.value,
+    stain_norm=_STAIN_NORM.value,
+    stain_reference=_STAIN_REFERENCE.value,
+    stain_fit_centers=tuple(_STAIN_FIT_CENTERS.value),
     tissue=slides.TissueParams(
       sthresh=_SATURATION.value,
       mthresh=_MEDIAN.value,
@@ -221,7 +243,12 @@ def main(argv):
     ),
   )
   logging.info('extracting on %s, shard %d of %d', device, shard_index + 1, shard_count)
-  summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
+  from feature_store import stain
+
+  try:
+    summary = extract.extract(_MANIFEST.value, _STORE.value, cfg)
+  except stain.StainError as e:
+    raise cli.UserError(str(e)) from None
   print(summary.counts())
   print(summary.line(_STORE.value), flush=True)
   if (summary.rejected or summary.failed) and not _KEEP_GOING.value:

@@ -317,6 +317,8 @@ def extraction_config(
     mri_slices=mri['slices'],
     fallback_mpp=fallback_mpp,
     mpp_from_objective=mpp_from_objective,
-    tissue=slides.TissueParams(**wsi['tissue']),
+    tissue=slides.TissueParams(**wsi.get('tissue', {})),
+    stain_norm=(wsi.get('stain') or {}).get('method', 'none'),
+    stain_target=wsi.get('stain'),
     outcomes_required=False,
   )
