@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from absl import logging
 from tqdm.auto import tqdm
 
@@ -77,7 +78,6 @@ class ExtractConfig:
   overwrite: bool = False
   outcomes_required: bool = True  # False: a manifest of new patients to score (no labels)
   prune: bool = False  # remove the files of patients no longer in the manifest
-
   # Stain normalisation of slide patches (feature_store/stain.py, docs/stain.md): the target
   # is stain_target (a fingerprint's 'stain' dict: launch.predict), else fitted on the image
   # stain_reference, else fitted on stain_fit_patches patches of the centers stain_fit_centers
@@ -87,6 +87,7 @@ class ExtractConfig:
   stain_target: Any = None
   stain_fit_centers: tuple[str, ...] = ()
   stain_fit_patches: int = 256
+
 
 @dataclasses.dataclass
 class Summary:
@@ -243,6 +244,7 @@ def extract_slide(
   fp: dict,
   fp_sha: str,
   mpp: float | None = None,
+  normaliser: stain.Normaliser | None = None,
 ) -> int:
   """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure.
 
@@ -273,7 +275,9 @@ def extract_slide(
       batches = slides.iter_patch_batches(
         slide, plan, batch_size=cfg.batch_size, workers=cfg.workers, block=READ_BLOCK
       )
-      for xy, emb in encoder.encode_batches(batches):
+      if normaliser is not None:
+        normaliser.pop_fallbacks()
+      for xy, emb in encoder.encode_batches(batches, transform=normaliser):
         embs.append(emb)
         xys.append(xy)
         bar.update(len(xy))
@@ -298,6 +302,16 @@ def extract_slide(
       'encoder': encoder.fingerprint,
       'fingerprint_sha256': fp_sha,
     }
+    if normaliser is not None:
+      fallbacks = normaliser.pop_fallbacks()
+      meta['stain'] = {**fp.get('stain', {}), 'fallback_patches': fallbacks}
+      if fallbacks:
+        logging.info(
+          '%s: %d of %d patches kept their own stain (too little tissue or one colour)',
+          slide_id,
+          fallbacks,
+          len(emb),
+        )
     store.write_slide(store_dir, slide_id, patient_id, np.concatenate(xys), emb, meta)
     return len(emb)
   finally:
@@ -532,6 +546,11 @@ def extract(
     'fallback_mpp': None,
     'read_block': READ_BLOCK,
   }
+  target = stain_target(man, store_dir, cfg)
+  normaliser = None
+  if target is not None:  # only then: stores made without it keep their fingerprint
+    wsi_fp['stain'] = target.fingerprint()
+    normaliser = stain.Normaliser(target, cfg.device)
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
   _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
   store_dir.mkdir(parents=True, exist_ok=True)
@@ -546,11 +565,6 @@ def extract(
 
   bar = tqdm(
     my_slides, desc=f'slides (shard {cfg.shard_index + 1}/{cfg.shard_count})', unit='slide'
-  target = stain_target(man, store_dir, cfg)
-  normaliser = None
-  if target is not None:  # only then: stores made without it keep their fingerprint
-    wsi_fp['stain'] = target.fingerprint()
-    normaliser = stain.Normaliser(target, cfg.device)
   )
   start = time.perf_counter()
   for patient, slide in bar:
@@ -568,6 +582,7 @@ def extract(
         wsi_fp,
         wsi_sha,
         mpp=slide.mpp,
+        normaliser=normaliser,
       )
       summary.slides_done += 1
     except slides.SlideError as e:
@@ -582,7 +597,6 @@ def extract(
     shard_file,
     json.dumps(
       {'wsi_sha256': wsi_sha, 'mri_sha256': mri_sha, 'failures': summary.failures}, indent=1
-        normaliser=normaliser,
     ).encode(),
   )
   summary.finalised = _finalise(
@@ -604,20 +618,6 @@ def extract(
   return summary
 
 
-def _finalise(
-  store_dir: Path,
-  man: manifest_lib.Manifest,
-  cfg: ExtractConfig,
-  wsi_fp: dict,
-  mri_fp: dict,
-  pretrained: bool,
-  *,
-  provenance: str,
-) -> bool:
-  """Assembles the store-level files once every shard has reported; returns whether it did."""
-  wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
-  shard_failures: list[dict[str, str]] = []
-  for i in range(cfg.shard_count):
 def fit_centers(man: manifest_lib.Manifest, cfg: ExtractConfig) -> list[str]:
   """The centers a fitted stain target is drawn from: cfg.stain_fit_centers, else every
   center but the second by name (the external test center training picks by default)."""
@@ -734,6 +734,20 @@ def fit_stain_target(
     ) from None
 
 
+def _finalise(
+  store_dir: Path,
+  man: manifest_lib.Manifest,
+  cfg: ExtractConfig,
+  wsi_fp: dict,
+  mri_fp: dict,
+  pretrained: bool,
+  *,
+  provenance: str,
+) -> bool:
+  """Assembles the store-level files once every shard has reported; returns whether it did."""
+  wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
+  shard_failures: list[dict[str, str]] = []
+  for i in range(cfg.shard_count):
     path = store_dir / SHARDS_DIR / f'{i}-of-{cfg.shard_count}.json'
     if not path.exists():
       return False
