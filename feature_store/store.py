@@ -456,6 +456,69 @@ def read_store_json(store: Path) -> dict[str, Any]:
   return info
 
 
+# --------------------------------------------------------------------------- fingerprints
+
+# Fingerprint keys that record the environment a store was made in, not what its features
+# are: the same encoder, weights, patching, tissue, stain and radiomics settings on a GPU in
+# fp16 or a CPU in fp32, or under another library version, give features that differ by
+# rounding (docs/stain.md, "Fingerprints"). A store that differs from a model's training
+# store only in these is scored with one warning; any other difference is refused.
+ENVIRONMENT_KEYS = frozenset(
+  {'device_type', 'precision', 'torch', 'torchvision', 'timm', 'pyradiomics'}
+)
+# The parts of a store's fingerprint (moemil_jax.bundle.store_fingerprint) that are compared.
+FINGERPRINT_PARTS = ('encoder', 'wsi', 'mri')
+
+
+def split_fingerprint(fp: Any, path: str = '') -> tuple[Any, dict[str, Any]]:
+  """(fp without its environment keys, {dotted path: value} of those keys), at any depth."""
+  if not isinstance(fp, Mapping):
+    return fp, {}
+  features, env = {}, {}
+  for key in sorted(fp):
+    where = f'{path}.{key}' if path else str(key)
+    if key in ENVIRONMENT_KEYS:
+      env[where] = fp[key]
+      continue
+    features[key], inner = split_fingerprint(fp[key], where)
+    env.update(inner)
+  return features, env
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    for key in sorted(set(a) | set(b)):
+      found = _first_difference(a.get(key), b.get(key), f'{path}.{key}' if path else key)
+      if found:
+        return found
+    return None
+  return None if a == b else f'{path}: {a!r} vs {b!r}'
+
+
+def compare_fingerprints(
+  trained: Mapping[str, Any], other: Mapping[str, Any]
+) -> tuple[str | None, list[str]]:
+  """(the first difference in what defines the features, as '<field>: <trained> vs
+  <other>', or None; the environment differences, each '<field>: <trained> vs <other>').
+
+  Compares FINGERPRINT_PARTS; stores without extraction fingerprints (synthetic) are
+  compared by their fingerprint hashes too."""
+  a_feat, a_env = split_fingerprint({k: trained.get(k) for k in FINGERPRINT_PARTS})
+  b_feat, b_env = split_fingerprint({k: other.get(k) for k in FINGERPRINT_PARTS})
+  found = _first_difference(a_feat, b_feat, '')
+  if found is None and trained.get('wsi') is None and other.get('wsi') is None:
+    keys = ('wsi_sha256', 'mri_sha256')
+    found = _first_difference(
+      {k: trained.get(k) for k in keys}, {k: other.get(k) for k in keys}, ''
+    )
+  env = [
+    f'{k}: {a_env.get(k)!r} vs {b_env.get(k)!r}'
+    for k in sorted(set(a_env) | set(b_env))
+    if a_env.get(k) != b_env.get(k)
+  ]
+  return found, env
+
+
 def upgrade_store(store: Path) -> int:
   """Rewrites a schema-1 store's slide files in the schema-2 layout, each atomically, then
   STORE.json; returns the files rewritten. Interrupted, it resumes: a converted file is

@@ -47,6 +47,12 @@ _FROM_OBJECTIVE = flags.DEFINE_bool(
   'With --manifest: MPP-less slides get 10 / their objective power (as launch.extract).',
 )
 _DEVICE = flags.DEFINE_string('device', 'cpu', 'With --manifest: torch device for extraction.')
+_FEATURES_DIR = flags.DEFINE_string(
+  'features_dir',
+  None,
+  'With --manifest, for a model trained on imported CLAM / TRIDENT features: the folder of '
+  "the new patients' <slide>.h5 files (made by the same pipeline), imported as training's were.",
+)
 _OUT = flags.DEFINE_string('out', None, 'Output CSV, one row per patient.')
 _PATIENTS = flags.DEFINE_list('patients', None, 'Only these patient ids.')
 _EXPLAIN = flags.DEFINE_bool(
@@ -94,7 +100,16 @@ def main(argv):
   options = uncertainty.Options(horizons=horizons, level=_LEVEL.value, spread_warning=_SPREAD.value)
   try:
     models = [predict.load_bundle(path) for path in _MODELS.value]
-    if _MANIFEST.value:
+    if _MANIFEST.value and _FEATURES_DIR.value:
+      from feature_store import imported
+
+      icfg = predict.import_config(
+        models[0].meta, _FEATURES_DIR.value, device=_DEVICE.value, weights=_WEIGHTS.value
+      )
+      summary = imported.import_features(_MANIFEST.value, _STORE.value, icfg)
+      if summary.failed:
+        logging.warning('%d item(s) failed to import: see %s', summary.failed, _STORE.value)
+    elif _MANIFEST.value:
       from feature_store import extract
 
       cfg = predict.extraction_config(

@@ -87,22 +87,10 @@ def store_fingerprint(store_dir: str | Path) -> dict[str, Any]:
 
 
 def fingerprint_difference(trained: dict[str, Any], other: dict[str, Any]) -> str | None:
-  """The first difference, as '<field>: <trained> vs <other>', or None when they match."""
-
-  def walk(a, b, path):
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in sorted(set(a) | set(b)):
-        found = walk(a.get(key), b.get(key), f'{path}.{key}' if path else key)
-        if found:
-          return found
-      return None
-    return None if a == b else f'{path}: {a!r} vs {b!r}'
-
-  return walk(
-    {k: trained.get(k) for k in ('wsi_sha256', 'mri_sha256', 'encoder')},
-    {k: other.get(k) for k in ('wsi_sha256', 'mri_sha256', 'encoder')},
-    '',
-  )
+  """The first difference in what defines the features, as '<field>: <trained> vs <other>',
+  or None when they match; the environment (device, precision, library versions) is not
+  compared here (`store_lib.compare_fingerprints` lists it)."""
+  return store_lib.compare_fingerprints(trained, other)[0]
 
 
 def operating_points(frame) -> dict[str, Any]:

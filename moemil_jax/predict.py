@@ -7,9 +7,11 @@
 
   predict.predict_ensemble([predict.load_bundle(d) for d in run_dirs], 'new_store')
 
-The store must hold features made exactly as the training store's (same encoder, weights,
-patch size and MPP, radiomics settings): a store with another fingerprint is refused with
-one line naming the difference. Each patient is scored from its own features only (unless
+The store must hold features made as the training store's (same encoder, weights, patch
+size and MPP, tissue, stain and radiomics settings): a store with another fingerprint is
+refused with one line naming the difference. A store that differs only in the environment it
+was made in (device, precision, torch / timm / pyradiomics versions) is scored, with one
+warning line naming the differences. Each patient is scored from its own features only (unless
 the model was trained with per-center harmonisation, which re-standardises the new store's
 centers on their own patients, and says so), with every preprocessing statistic taken from
 the bundle. Labels are not needed.
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pandas as pd
+from absl import logging
 from flax import nnx
 
 from moemil_jax import batching, bundle, models, preprocess, store_reader, train, uncertainty
@@ -88,9 +91,12 @@ class Bundle:
   def name(self) -> str:
     return str(self.config.name)
 
-  def check_store(self, store_dir: str | Path) -> None:
-    """Refuses a store whose features were made otherwise than the training store's."""
-    diff = bundle.fingerprint_difference(
+  def check_store(self, store_dir: str | Path) -> str | None:
+    """Refuses a store whose features were made otherwise than the training store's; returns
+    (and logs, as one warning line) the environment differences, None when there are none."""
+    from feature_store import store as store_lib
+
+    diff, env = store_lib.compare_fingerprints(
       self.meta['trained_on'], bundle.store_fingerprint(store_dir)
     )
     if diff:
@@ -98,6 +104,15 @@ class Bundle:
         f'{store_dir}: features made differently from the store {self.run_dir} was trained '
         f'on ({diff}); extract the new patients with the same encoder and settings'
       )
+    if not env:
+      return None
+    line = (
+      f'{store_dir}: features made in another environment than the store {self.run_dir} was '
+      f'trained on ({"; ".join(env)}): same encoder and settings, scoring it (such features '
+      'differ by rounding only: docs/stain.md, "Fingerprints")'
+    )
+    logging.warning('%s', line)
+    return line
 
   def load(self, store_dir: str | Path, patients: Sequence[str] | None = None):
     """The store's patients (or the named ones), as the model needs them."""
@@ -293,6 +308,12 @@ def extraction_config(
       'new patients cannot be extracted the same way'
     )
   encoder = wsi['encoder']
+  if encoder.get('provenance') == 'imported' or 'weights' not in encoder:
+    raise ValueError(
+      f'the model was trained on imported {encoder.get("format", "")} features '
+      f'({encoder.get("name")!r}, made outside this project): pass --features_dir=DIR with the '
+      "new patients' .h5 files, made by the same pipeline, to import them instead"
+    )
   wsi_encoder = 'resnet50_trunc' if encoder['name'].startswith('resnet50') else encoder['name']
   mri_name = mri['encoder']['weights']
   if mri_name not in ('imagenet', 'random') and not weights:
@@ -321,4 +342,40 @@ def extraction_config(
     stain_norm=(wsi.get('stain') or {}).get('method', 'none'),
     stain_target=wsi.get('stain'),
     outcomes_required=False,
+  )
+
+
+def import_config(meta: dict, features_dir: str | Path, *, device: str = 'cpu', weights=None):
+  """The ImportConfig that imports new patients' CLAM / TRIDENT features as the training
+  store's were (encoder name, format, patch size and MPP) and extracts their MRI as it did."""
+  from feature_store import imported
+
+  trained = meta['trained_on']
+  wsi, mri = trained.get('wsi') or {}, trained.get('mri')
+  encoder = wsi.get('encoder') or {}
+  if encoder.get('provenance') != 'imported' or not mri:
+    raise ValueError(
+      '--features_dir: the model was not trained on imported features; drop --features_dir '
+      'to extract the new patients with its encoder'
+    )
+  mri_name = mri['encoder']['weights']
+  if mri_name not in ('imagenet', 'random') and not weights:
+    raise ValueError(
+      f'the model used MRI encoder weights {mri_name!r}: pass --encoder_weights=PATH'
+    )
+  from feature_store import extract
+
+  return imported.ImportConfig(
+    format=encoder.get('format', 'clam'),
+    features_dir=str(features_dir),
+    encoder_name=encoder['name'],
+    patch_px=wsi.get('patch_px'),
+    mpp=wsi.get('target_mpp'),
+    extract=extract.ExtractConfig(
+      device=device,
+      encoder_weights=weights or mri_name,
+      radiomics_params=mri['radiomics']['params'],
+      mri_slices=mri['slices'],
+      outcomes_required=False,
+    ),
   )
