@@ -116,14 +116,26 @@ def test_command_line_writes_one_row_per_patient_and_refuses_in_one_line(runs, t
   root = Path(__file__).resolve().parents[1]
   out = tmp_path / 'pred.csv'
   args = [sys.executable, '-m', 'launch.predict', f'--model={run}', f'--model={other_run}']
+  extra = [
+    f'--cards={tmp_path / "cards"}',
+    f'--curves={tmp_path / "curves.csv"}',
+    '--horizons=6,12',
+  ]
   done = subprocess.run(
-    [*args, f'--store={store}', f'--out={out}'], cwd=root, capture_output=True, text=True
+    [*args, f'--store={store}', f'--out={out}', *extra], cwd=root, capture_output=True, text=True
   )
   assert done.returncode == 0, done.stderr[-2000:]
   table = pd.read_csv(out)
   clinical = pd.read_parquet(store / 'clinical.parquet')
   assert list(table.patient_id) == list(clinical.patient_id)
   assert {'response_prob', 'response_class', 'log_risk', 'risk_group', 'warnings'} <= set(table)
+  # Uncertainty (docs/uncertainty.md): single runs trained on a split, so their spread is
+  # the two runs'; OS probabilities from the first run's training-split Breslow baseline.
+  assert {'os_prob_6m', 'os_prob_12m_lo', 'response_prob_lo', 'response_set'} <= set(table)
+  assert (table.response_prob_lo <= table.response_prob_hi).all()
+  assert table.os_prob_12m.between(0, 1).all() and (table.os_prob_6m >= table.os_prob_12m).all()
+  assert len(list((tmp_path / 'cards').glob('*.png'))) == len(table)
+  assert pd.read_csv(tmp_path / 'curves.csv').patient_id.nunique() == len(table)
   assert 'ensemble of 2 runs' in done.stdout
   bad = subprocess.run(
     [*args, f'--store={tmp_path}', f'--out={out}'], cwd=root, capture_output=True, text=True
