@@ -338,33 +338,66 @@ def _read_patch_rows(cohort: Cohort, rows: np.ndarray) -> np.ndarray:
   )
 
 
-HARMONISE_MODES = ('none', 'reference', 'per_center')
+HARMONISE_MODES = ('none', 'per_center', 'combat')
 
 
 def harmonise_mode(data_config) -> str:
-  """config.data.harmonise ('none', 'reference' or 'per_center'); the older boolean
-  `harmonise_centers = True` means 'per_center'."""
+  """config.data.harmonise ('none', 'per_center' or 'combat'); the older boolean
+  `harmonise_centers = True` means 'per_center', and the older 'reference' (which changed
+  nothing) means 'none'."""
   mode = data_config.get('harmonise', None) or (
     'per_center' if data_config.get('harmonise_centers', False) else 'none'
   )
+  if mode == 'reference':
+    logging.warning(
+      "data.harmonise='reference' changed nothing and is read as 'none'; for harmonisation "
+      "to the development center use 'combat'"
+    )
+    return 'none'
   if mode not in HARMONISE_MODES:
     raise ValueError(f'data.harmonise={mode!r}: choose one of {HARMONISE_MODES}')
   return mode
 
 
+def combat_reference(data_config, centers) -> list[str]:
+  """The reference centers of 'combat': `data.combat_reference` (comma-separated) when set,
+  else every center but the external test center by the split's default rule (the second
+  center by name, `splits.default_test_center`): set it when `split.test_center` names
+  another."""
+  from moemil_jax import splits
+
+  named = str(data_config.get('combat_reference', '') or '')
+  if named:
+    return [c.strip() for c in named.split(',') if c.strip()]
+  test = splits.default_test_center(centers)
+  return [c for c in splits.center_order(centers) if c != test]
+
+
 def harmonise(cohort: Cohort, data_config) -> str:
   """Applies config.data.harmonise to the cohort (in place); returns the mode.
 
-  'none' and 'reference' change nothing here: every normalisation statistic (patches, deep
-  MRI, radiomics scaling and selection) is fitted on the training patients, who all come
-  from the development center(s), and applied unchanged to every center, so a new patient
-  is scored on their own. 'reference' names that choice explicitly. 'per_center' is
-  transductive: each center's features are standardised with that center's own unlabelled
-  patients (at least `data.min_center_patients`), which removes location and scale shifts
-  between hospitals but needs a batch of patients from the new center, and is flagged in
-  run.json and the report.
+  'none' changes nothing here: every normalisation statistic (patches, deep MRI, radiomics
+  scaling and selection) is fitted on the training patients, who all come from the
+  development center(s), and applied unchanged to every center, so a new patient is scored
+  on their own. 'per_center' is transductive: each center's features are standardised with
+  that center's own unlabelled patients (at least `data.min_center_patients`), which removes
+  location and scale shifts between hospitals but needs a batch of patients from the new
+  center, and is flagged in run.json and the report. 'combat' is transductive too: the
+  radiomics of every other center are ComBat-mapped onto the development center's
+  (`combat.combat_to_reference`; the development center's values unchanged, its reference
+  from `combat_reference`); slide and deep MRI features are left as they are.
   """
   mode = harmonise_mode(data_config)
+  if mode == 'combat':
+    from moemil_jax import combat
+
+    cohort.radiomics = combat.combat_to_reference(
+      cohort.radiomics,
+      cohort.center,
+      combat_reference(data_config, cohort.center),
+      min_patients=int(data_config.get('min_center_patients', 20)),
+    )
+    return mode
   if mode != 'per_center':
     return mode
   minimum = int(data_config.get('min_center_patients', 20))

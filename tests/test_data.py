@@ -222,13 +222,13 @@ def test_univariate_selection_is_survival_aware_stable_and_train_only():
   np.testing.assert_allclose(again.mean, sel.mean)
 
 
-def test_reference_harmonisation_uses_no_statistic_of_the_test_center(store):
+def test_no_harmonisation_uses_no_statistic_of_the_test_center(store):
   """Everything fitted comes from training patients: center B's features cannot move it."""
   config = test_config.get_config().data
-  config.harmonise = 'reference'
+  config.harmonise = 'none'
 
   def fitted(cohort):
-    assert preprocess.harmonise(cohort, config) == 'reference'
+    assert preprocess.harmonise(cohort, config) == 'none'
     cohort.split = splits.assign_splits(cohort, seed=0)
     return device_data.prepare(cohort, config).fitted
 
