@@ -9,12 +9,16 @@ and splits it uses for the deep models:
                     lightly ridge-penalised Cox model for OS (the paper's clinical comparator).
   tnm_ebv           the same on T, N, overall stage and log10(EBV DNA + 1); missing EBV DNA
                     takes the training median.
-  radiomics_linear  the radiomics columns the deep model sees (`data.fit_radiomics` without
-                    LASSO, then `.transform`): L2 logistic regression with C chosen by 5-fold
-                    stratified CV AUC, and a ridge Cox model whose penalty is chosen by 5-fold
-                    CV C-index.
-  wsi_meanpool      each patient's patch embeddings averaged over all slides, standardised and
-                    reduced to 32 principal components, then the same two models.
+  radiomics_linear  the radiomics columns the deep model sees: the store's radiomics after the
+                    primary run's `data.harmonise` (per_center or ComBat, as the deep model's
+                    inputs), then `preprocess.fit_radiomics` with its `data` settings
+                    (correlation filter, transform, missing-value rule, `radiomics_top_k`)
+                    but without LASSO, fitted on training patients: L2 logistic regression
+                    with C chosen by 5-fold stratified CV AUC, and a ridge Cox model whose
+                    penalty is chosen by 5-fold CV C-index.
+  wsi_meanpool      each patient's patch embeddings as the store holds them (not harmonised),
+                    averaged over all slides, standardised and reduced to 32 principal
+                    components, then the same two models.
 
 Splits come from the primary model's predictions; every statistic (standardisation, PCA,
 imputation, CV, the fits) uses training patients only, so validation and test outcomes never
@@ -590,10 +594,13 @@ def radiomics_matrix(
   *,
   data_config: Mapping[str, Any] | None = None,
   seed: int = 0,
+  os_months: np.ndarray | None = None,
+  os_event: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(x, has): the deep model's radiomics preprocessing (its `data` config: correlation
-  filter, transform, missing-value rule), fitted on training patients, without the LASSO so
-  the penalised model does its own shrinkage; rows without radiomics are 0."""
+  filter, transform, missing-value rule and `radiomics_top_k`, the univariate selection on
+  response and, given os_months/os_event, OS), fitted on training patients, without the LASSO
+  so the penalised model does its own shrinkage; rows without radiomics are 0."""
   has = wide.notna().any(axis=1).to_numpy()
   if wide.shape[1] == 0 or not has.any():
     raise BaselineSkipped('the store has no radiomics')
@@ -607,12 +614,40 @@ def radiomics_matrix(
     min_present=dc.get('radiomics_min_present', 0.5),
     lasso=False,
     seed=seed,
+    top_k=int(dc.get('radiomics_top_k', 0) or 0),
+    os_months=os_months,
+    os_event=os_event,
   )
   if not sel.columns:
     raise BaselineSkipped('no usable radiomics column on the training patients')
   x = np.asarray(sel.transform(wide), np.float64)
   x[~has] = 0.0
   return x, has
+
+
+def harmonised_radiomics(cohort, data_config: Mapping[str, Any] | None) -> pd.DataFrame:
+  """The cohort's radiomics after the primary run's `data.harmonise`, as the deep model saw
+  them: per_center z-scores within each center, combat maps other centers onto the
+  development center's (`preprocess.harmonise` does the same to the deep model's inputs)."""
+  dc = dict(data_config or {})
+  mode = preprocess.harmonise_mode(dc)
+  if mode == 'combat':
+    from moemil_jax import combat
+
+    return combat.combat_to_reference(
+      cohort.radiomics,
+      cohort.center,
+      preprocess.combat_reference(dc, cohort.center),
+      min_patients=int(dc.get('min_center_patients', 20)),
+    )
+  if mode == 'per_center':
+    rad = cohort.radiomics.copy()
+    for center in np.unique(cohort.center):
+      rows = cohort.center == center
+      part = rad.loc[rows]
+      rad.loc[rows] = (part - part.mean()) / part.std(ddof=0).where(lambda v: v > 1e-12, 1.0)
+    return rad
+  return cohort.radiomics
 
 
 def wsi_mean_embeddings(
@@ -795,7 +830,13 @@ def _baseline_predictions(
       if name == 'radiomics_linear':
         # Same rows and response as training: the whole store, training patients by split.
         x, has = radiomics_matrix(
-          cohort.radiomics, train_all, cohort.response, data_config=data_config, seed=seed
+          harmonised_radiomics(cohort, data_config),
+          train_all,
+          cohort.response,
+          data_config=data_config,
+          seed=seed,
+          os_months=cohort.os_months,
+          os_event=cohort.os_event,
         )
         x, has = x[rows], has[rows]
       else:

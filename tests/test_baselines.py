@@ -281,3 +281,36 @@ def test_the_strong_ends_of_the_grids_have_converged(fitted):
   for scores in (logit, risk):
     limit, end = scores.values()
     assert spearmanr(limit, end).statistic > 0.9999
+
+
+def test_radiomics_baseline_sees_the_deep_models_columns(fitted):
+  """radiomics_top_k and the harmonisation of the primary run apply to the baseline too."""
+  _, cohort, split_of, _ = fitted
+  train = split_of.loc[cohort.patient_id].eq('train').to_numpy()
+  dc = {'radiomics_top_k': 5, 'radiomics_transform': 'zscore'}
+  x, _ = baselines.radiomics_matrix(
+    cohort.radiomics,
+    train,
+    cohort.response,
+    data_config=dc,
+    os_months=cohort.os_months,
+    os_event=cohort.os_event,
+  )
+  deep = preprocess.fit_radiomics(
+    cohort.radiomics,
+    train,
+    cohort.response,
+    lasso=False,
+    top_k=5,
+    os_months=cohort.os_months,
+    os_event=cohort.os_event,
+  )
+  assert x.shape[1] == 5
+  has = cohort.radiomics.notna().any(axis=1).to_numpy()
+  np.testing.assert_allclose(x[has], np.asarray(deep.transform(cohort.radiomics))[has])
+  # per_center: the baseline's radiomics are z-scored within each center, as the deep model's.
+  rad = baselines.harmonised_radiomics(cohort, {'harmonise': 'per_center'})
+  for center in ('A', 'B'):
+    part = rad[cohort.center == center].dropna(axis=1, how='all')
+    assert np.allclose(part.mean().dropna(), 0, atol=1e-8)
+  assert baselines.harmonised_radiomics(cohort, {}) is cohort.radiomics
