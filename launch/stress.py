@@ -88,6 +88,9 @@ def _one_cohort(out: Path, preset: str, seed: int) -> pd.DataFrame:
         'model': name,
         'auc': res['response']['test'].get('auc'),
         'cindex': res['survival']['test'].get('c_index'),
+        # Development out-of-fold (every model refitted on the ensemble's folds).
+        'oof_auc': res['response'].get('oof', {}).get('auc'),
+        'oof_cindex': res['survival'].get('oof', {}).get('c_index'),
       }
     )
   return pd.DataFrame(rows)
