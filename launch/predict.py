@@ -69,7 +69,7 @@ _LEVEL = flags.DEFINE_float(
 )
 _SPREAD = flags.DEFINE_float(
   'spread_warning',
-  0.3,
+  0.2,
   "Warn when the members' response (or 36-month OS) probabilities span more than this.",
 )
 _CURVES = flags.DEFINE_string(

@@ -115,7 +115,7 @@ def render(
   y = 0.97
   for label, value in text_lines(row, threshold):
     left.text(0.0, y, label, fontsize=9.5, weight='bold', va='top', transform=left.transAxes)
-    left.text(0.4, y, value, fontsize=9.5, va='top', transform=left.transAxes, wrap=True)
+    left.text(0.46, y, value, fontsize=9.5, va='top', transform=left.transAxes, wrap=True)
     y -= 0.075
   # The response probability on a 0-1 scale: members' interval, point, threshold.
   bar = left.inset_axes([0.0, y - 0.1, 0.95, 0.06])

@@ -34,7 +34,7 @@ from moemil_jax import conformal, survival_probability
 class Options:
   horizons: Sequence[float] = survival_probability.HORIZONS_MONTHS
   level: float = conformal.LEVEL
-  spread_warning: float = 0.3  # members' max - min probability that adds a warning
+  spread_warning: float = 0.2  # members' max - min probability that adds a warning
   spread_horizon: float = 36.0  # the OS horizon whose spread is checked
 
 
