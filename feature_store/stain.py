@@ -397,13 +397,17 @@ class Normaliser:
       # Concentrations under the patch's stains, rescaled, recoloured with the target's:
       # one 3 x 3 matrix per patch on the optical densities.
       m = self._he @ ((self._conc / max_c)[..., None] * _pinv(est['he']))
+      ok &= torch.isfinite(m).all(-1).all(-1)  # then the output is finite: OD always is
+      m = torch.where(ok[:, None, None], m, torch.zeros_like(m))
       out = p.io * torch.exp(-(optical_density(x, p.io) @ m.transpose(1, 2)))
     else:
       std = torch.where(ok[:, None], est['std'], torch.ones_like(est['std']))
       scale = (self._std / std)[:, None]
       shift = self._mean - est['mean'][:, None] * scale
+      ok &= torch.isfinite(scale).all(-1).all(-1) & torch.isfinite(shift).all(-1).all(-1)
+      scale = torch.where(ok[:, None, None], scale, torch.ones_like(scale))
+      shift = torch.where(ok[:, None, None], shift, torch.zeros_like(shift))
       out = _reinhard_apply(x, scale[:, 0], shift[:, 0]) * 255.0
-    ok = ok & torch.isfinite(out).all(-1).all(-1)
     self._fallbacks += (~ok).sum()
     self.patches += int(shape[0])
     out = out.clamp(0, 255).round().to(torch.uint8)

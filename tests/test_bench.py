@@ -25,6 +25,7 @@ EXPECTED = {
   'p3',
   'p4_encoder',
   'p4_naive',
+  'p4_stain',
   'p5',
   'p5_bytes',
   'p5_gbps',

@@ -10,6 +10,12 @@ depend on them), same batch size, same device:
 Figures: end-to-end / encoder-only patches/s (how much of the model's speed the pipeline
 keeps) and end-to-end / naive; the read path alone (ours against one read_region per
 patch, no model) shows where the pipeline's advantage lives when the model dominates.
+
+Stain normalisation (issue 28): end to end with Macenko normalisation on the encoder's
+device (target fitted on the first slide's patches) against the same run without,
+alternated `stain_repeats` times each so that a busy machine slows both alike; the figure
+is the ratio of the median patches/s (on / off), and P4 with it on (encoder-only / end to
+end with normalisation).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from absl import logging
 
-from feature_store import encoders, extract, slides, synthetic_cohort
+from feature_store import encoders, extract, slides, stain, synthetic_cohort
 from feature_store import manifest as manifest_lib
 
 
@@ -85,8 +91,73 @@ def _read_naive(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
     slide.close()
 
 
+def _stain_comparison(
+  items, encoder, cfg, fp, sha, out_dir: Path, device: str, repeats: int, methods
+) -> dict[str, Any]:
+  """Median end-to-end patches/s with each normalisation method and without, alternated."""
+  sync = (lambda: torch.cuda.synchronize()) if device.startswith('cuda') else (lambda: None)
+  patches = np.concatenate(_read_ours(items[0][2], cfg))
+  times: dict[str, list[float]] = {'none': [], **{m: [] for m in methods}}
+  normalisers = {'none': None}
+  for m in methods:
+    target = stain.fit_target(patches, m, 'bench: first slide', device=device)
+    normalisers[m] = stain.Normaliser(target, device)
+  total = fallbacks = 0
+  for _ in range(repeats):
+    for name, norm in normalisers.items():
+      start = time.perf_counter()
+      n = 0
+      for slide_id, patient_id, path in items:
+        n += extract.extract_slide(
+          path, slide_id, patient_id, out_dir, encoder, cfg, fp, sha, normaliser=norm
+        )
+      sync()
+      times[name].append(n / (time.perf_counter() - start))
+      total = n
+      if norm is not None:
+        fallbacks = norm.pop_fallbacks()
+  median = {k: float(np.median(v)) for k, v in times.items()}
+  # The normaliser's own cost beside the encoder's, on the same in-memory patches (batches
+  # as extraction forms them), alternated: less at the mercy of a busy machine than the
+  # end-to-end runs; the ratio it implies is 1 / (1 + normaliser s / encoder s).
+  batches = [patches[i : i + cfg.batch_size] for i in range(0, len(patches), cfg.batch_size)]
+  cost: dict[str, list[float]] = {'encoder': [], **{m: [] for m in methods}}
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for b in batches:
+      encoder(b)
+    sync()
+    cost['encoder'].append(time.perf_counter() - start)
+    for m in methods:
+      x = [torch.from_numpy(b).to(device) for b in batches]
+      sync()
+      start = time.perf_counter()
+      for b in x:
+        normalisers[m](b)
+      sync()
+      cost[m].append(time.perf_counter() - start)
+  out = {
+    'stain_repeats': repeats,
+    'stain_patches_per_s': {k: [round(x, 3) for x in v] for k, v in times.items()},
+    'stain_median_patches_per_s': median,
+    'stain_patches': total,
+    'stain_fallback_patches_last_run': fallbacks,
+  }
+  for m in methods:
+    out[f'stain_ratio_{m}'] = median[m] / median['none']
+    share = float(np.median(cost[m]) / np.median(cost['encoder']))
+    out[f'stain_cost_vs_encoder_{m}'] = share
+    out[f'stain_implied_ratio_{m}'] = 1.0 / (1.0 + share)
+  out['stain_cost_patches'] = len(patches)
+  return out
+
+
 def run(
-  quick: bool = False, workdir: str | Path | None = None, device: str = 'cpu'
+  quick: bool = False,
+  workdir: str | Path | None = None,
+  device: str = 'cpu',
+  stain_methods: tuple[str, ...] = ('macenko',),
+  stain_repeats: int | None = None,
 ) -> dict[str, Any]:
   root = Path(workdir or tempfile.mkdtemp(prefix='moemil_bench_extract_'))
   patients, slide_px, max_slides = (4, 1536, 1) if quick else (4, 2048, 4)
@@ -141,7 +212,19 @@ def run(
   sync()
   naive_s = naive_read_s + time.perf_counter() - start
 
+  stain_result = _stain_comparison(
+    items,
+    encoder,
+    cfg,
+    fp,
+    sha,
+    out_dir,
+    device,
+    stain_repeats or (1 if quick else 3),
+    stain_methods,
+  )
   result = {
+    **stain_result,
     'slides': len(items),
     'patches': patches,
     'batch_size': batch,
@@ -157,5 +240,7 @@ def run(
     'read_speedup_vs_naive': naive_read_s / ours_read_s,
     'torch_threads': torch.get_num_threads(),
   }
+  for m in stain_methods:  # P4 with normalisation on: the same ratio, scaled by on / off
+    result[f'ratio_to_encoder_{m}'] = result['ratio_to_encoder'] * result[f'stain_ratio_{m}']
   logging.info('P4: %s', result)
   return result
