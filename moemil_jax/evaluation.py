@@ -56,6 +56,10 @@ MODEL_ORDER = (
   'tnm_ebv',
   'radiomics_linear',
   'wsi_meanpool',
+  'wsi_prototypes',
+  'key_patch_oracle',
+  'ceiling_wsi',
+  'ceiling_mri',
   'ceiling',
   'oracle',
 )
@@ -68,6 +72,10 @@ DISPLAY_NAMES = {
   'radiomics_linear': 'Radiomics (L2 logistic / Cox)',
   'wsi_meanpool': 'WSI mean-pool (L2 logistic / Cox)',
   'moemil_clinical': 'MoEMIL + clinical (TNM, EBV DNA)',
+  'wsi_prototypes': 'WSI prototypes (L2 logistic / Cox)',
+  'key_patch_oracle': 'Key-patch oracle (L2 on the true key patches)',
+  'ceiling_wsi': 'Ceiling, slides alone',
+  'ceiling_mri': 'Ceiling, MRI alone',
   'ceiling': 'Ceiling (what the views allow)',
   'oracle': 'Oracle (truth)',
 }
@@ -232,16 +240,18 @@ def tnm_predictions(clinical: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame
 
 
 def oracle_predictions(
-  truth: pd.DataFrame, reference: pd.DataFrame, *, ceiling: bool = False
+  truth: pd.DataFrame, reference: pd.DataFrame, *, ceiling: bool | str = False
 ) -> pd.DataFrame:
   """The synthetic cohort's ground truth as a model: the ceiling no model can beat.
 
   `truth` is a synthetic cohort's truth.csv (patient_id, response_prob, log_hazard);
   `reference` is another model's predictions, whose splits and outcomes are reused.
   ceiling: use the posterior-mean columns instead (`ceiling_response_prob`,
-  `ceiling_log_hazard`): the best prediction the image views allow.
+  `ceiling_log_hazard`): the best prediction the image views allow; 'wsi' or 'mri': what
+  that view allows alone (`ceiling_wsi_*`, `ceiling_mri_*`; model 'ceiling_wsi' / 'ceiling_mri').
   """
-  prefix = 'ceiling_' if ceiling else ''
+  name = 'oracle' if not ceiling else 'ceiling' if ceiling is True else f'ceiling_{ceiling}'
+  prefix = '' if name == 'oracle' else f'{name}_'
   prob_col, hazard_col = f'{prefix}response_prob', f'{prefix}log_hazard'
   missing = {'patient_id', prob_col, hazard_col} - set(truth.columns)
   if missing:
@@ -252,7 +262,7 @@ def oracle_predictions(
     raise EvaluationError(f'truth.csv has no row for {_names(absent)}')
   prob = truth.loc[reference['patient_id'], prob_col].to_numpy(float)
   out = reference.loc[:, list(PREDICTION_COLUMNS)].copy()
-  out['model'] = 'ceiling' if ceiling else 'oracle'
+  out['model'] = name
   out['response_prob'] = prob
   # truth.csv keeps 6 decimals, so a strongly determined cohort has probabilities of 0 or 1.
   clipped = np.clip(prob, 1e-7, 1 - 1e-7)
@@ -512,7 +522,8 @@ def evaluate_predictions(
 # --------------------------------------------------------------------------- added value
 
 COMBINED_MODEL, CLINICAL_MODEL = 'moemil_clinical', 'tnm_ebv'
-REFERENCE_MODELS = ('oracle', 'ceiling')  # the truth, never a comparator
+# The truth, never a comparator.
+REFERENCE_MODELS = ('oracle', 'ceiling', 'ceiling_wsi', 'ceiling_mri', 'key_patch_oracle')
 
 
 def best_baseline(per_model: Mapping[str, Any], task: str, key: str) -> tuple[str | None, str]:
@@ -602,7 +613,8 @@ def added_value(
   for metric, task, key in (('auc', 'response', 'auc'), ('c_index', 'survival', 'c_index')):
     best, chosen_on = best_baseline(per_model, task, key)
     if best is not None and primary in predictions:
-      why = f'best baseline by {SPLIT_NAMES[chosen_on]} {"AUC" if metric == "auc" else "C-index"}'
+      where = {OOF: 'out-of-fold', 'val': 'validation', 'train': 'in-sample'}[chosen_on]
+      why = f'best baseline by {where} {"AUC" if metric == "auc" else "C-index"}'
       pairs.append((primary, best, (metric,), why))
   for a, b, wanted, why in pairs:
     entry: dict[str, Any] = {'model': a, 'comparator': b, 'metrics': list(wanted), 'why': why}
@@ -637,9 +649,10 @@ def added_value_table(ev: Evaluation) -> pd.DataFrame:
       }
       for split in shown:
         r = (entry.get(split) or {}).get(metric) or {}
-        row[f'{SPLIT_NAMES[split]} difference (95% CI)'] = _diff_text(r)
-        if metric == 'auc':
-          row[f'{SPLIT_NAMES[split]} DeLong P'] = format_p(r.get('delong_p'))
+        row[f'{SPLIT_NAMES[split]} (95% CI)'] = _diff_text(r)
+        row[f'{SPLIT_NAMES[split]} DeLong P'] = (
+          format_p(r.get('delong_p')) if metric == 'auc' else '-'
+        )
       rows.append(row)
   if not rows:
     return pd.DataFrame(columns=['Comparison']).set_index('Comparison')
@@ -750,6 +763,19 @@ def evaluate(
     predictions['oracle'] = oracle_predictions(truth_table, predictions[primary])
     if 'ceiling_response_prob' in truth_table.columns:  # older truth.csv files lack it
       predictions['ceiling'] = oracle_predictions(truth_table, predictions[primary], ceiling=True)
+    for view in ('wsi', 'mri'):
+      if f'ceiling_{view}_response_prob' in truth_table.columns:
+        predictions[f'ceiling_{view}'] = oracle_predictions(
+          truth_table, predictions[primary], ceiling=view
+        )
+    store = found[primary][1].get('store')
+    key_patches = Path(truth).parent / 'truth_key_patches.parquet'
+    if store and key_patches.exists():  # a synthetic store's planted informative patches
+      split_of = predictions[primary].set_index('patient_id')['split']
+      try:
+        predictions['key_patch_oracle'] = baselines.key_patch_oracle(store, split_of, key_patches)
+      except baselines.BaselineSkipped as e:
+        notes.append(f'key-patch oracle skipped: {e}')
   return evaluate_predictions(
     predictions,
     horizons=horizons,
