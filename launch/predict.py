@@ -100,6 +100,8 @@ def main(argv):
   options = uncertainty.Options(horizons=horizons, level=_LEVEL.value, spread_warning=_SPREAD.value)
   try:
     models = [predict.load_bundle(path) for path in _MODELS.value]
+    if _FEATURES_DIR.value and not _MANIFEST.value:
+      raise cli.UserError('--features_dir needs --manifest: the new patients to import')
     if _MANIFEST.value and _FEATURES_DIR.value:
       from feature_store import imported
 
