@@ -592,3 +592,21 @@ def test_delong_difference_interval_and_test(rossi):
   # The paired bootstrap and DeLong agree on these 432 patients.
   _, blo, bhi = metrics.auc_difference_ci(y, risk, other, n_bootstrap=1000)
   assert blo == pytest.approx(lo, abs=0.02) and bhi == pytest.approx(hi, abs=0.02)
+
+
+def test_delong_difference_matches_mlstatkit(rossi):
+  """An implementation nobody here wrote (MLstatkit's Delong_test, aligned with R pROC's
+  roc.test): the same z (its sign is AUC_B - AUC_A) and P, on tied and untied scores."""
+  from MLstatkit import Delong_test
+
+  df, risk = rossi
+  y = df['arrest'].to_numpy()
+  for a, b in ((risk, -df['age'].to_numpy(float)), (df['prio'].to_numpy(float), risk)):
+    z_ref, p_ref, auc_a, auc_b = Delong_test(y, a, b, return_ci=False, return_auc=True)
+    diff, _, _, z, p = metrics.delong_difference(y, a, b)
+    assert diff == pytest.approx(auc_a - auc_b, abs=1e-12)
+    assert z == pytest.approx(-z_ref, rel=1e-9) and p == pytest.approx(p_ref, rel=1e-9)
+  y, score = hanley_mcneil_data()
+  z_ref, p_ref = Delong_test(y, score, -score, return_ci=False, return_auc=False)
+  _, _, _, z, p = metrics.delong_difference(y, score, -score)
+  assert z == pytest.approx(-z_ref, rel=1e-9) and p == pytest.approx(p_ref, rel=1e-9)
