@@ -14,8 +14,8 @@ at this level: refer), or, rarely, 'empty' (neither label is plausible: an atypi
 Calibration: an ensemble's out-of-fold response probabilities of the labelled development
 patients (each predicted by members that did not train on it), else a single model's
 validation split. The development coverage is cross-conformal: a patient of fold k is scored
-by sets calibrated on the other folds only; coverage on the calibration patients themselves
-would prove nothing.
+by sets calibrated on the other folds only (leave-one-out for runs without `oof_fold`);
+coverage on the calibration patients themselves would prove nothing.
 """
 
 from __future__ import annotations
@@ -145,9 +145,12 @@ def evaluate(frame: pd.DataFrame, level: float = LEVEL) -> dict[str, Any]:
   out['per_center'] = {}
   lab = frame['ic_response'].notna()
   rows = []
-  if source == 'out_of_fold' and folds is not None and len(np.unique(folds)) > 1:
+  if source == 'out_of_fold':
     part = frame[lab & frame['oof_response_logit'].notna()]
-    rows.append(('train', part, cross_conformal(prob, y, folds, level), 'cross-conformal'))
+    how = 'cross-conformal'
+    if folds is None or len(np.unique(folds)) < 2:  # runs from before oof_fold: leave one out
+      folds, how = np.arange(len(prob)), 'leave-one-out conformal'
+    rows.append(('train', part, cross_conformal(prob, y, folds, level), how))
   for split in ('train', 'val', 'test'):
     if (rows and split == 'train') or (split == 'val' and source == 'val'):
       continue  # already scored out of fold, or the calibration set itself

@@ -263,3 +263,21 @@ def test_report_section_per_split_and_center(cox_data, tmp_path):
   assert (tmp_path / 'figures' / 'os_calibration_test.png').exists()
   uncertainty_report.write(ev, tmp_path)  # rerun: the section is replaced, not added
   assert (tmp_path / 'report.html').read_text().count('<!-- uncertainty -->') == 1
+
+
+def test_development_coverage_without_folds_is_leave_one_out():
+  rng = np.random.default_rng(7)
+  prob, y = _synthetic(rng, 200)
+  frame = pd.DataFrame(
+    {
+      'center': 'A',
+      'split': 'train',
+      'response_prob': prob,
+      'ic_response': pd.array(y, dtype='Int64'),
+      'oof_response_logit': np.log(prob / (1 - prob)),
+    }
+  )
+  res = conformal.evaluate(frame)['per_split']['train']
+  assert res['method'] == 'leave-one-out conformal'
+  loo = conformal.cross_conformal(prob, y, np.arange(200))
+  assert res['coverage'] == conformal.set_summary(loo, y)['coverage']
