@@ -911,6 +911,9 @@ def response_table(ev: Evaluation, split: str) -> pd.DataFrame:
         'NPV': f('npv'),
         'Brier': f('brier'),
         'Calibration slope': f('calibration_slope'),
+        'Threshold fixed on': FIXED_ON.get(
+          ev.results['per_model'][name]['response'].get('threshold_fixed_on', ''), 'n/a'
+        ),
         f'DeLong P vs {display_name(ev.results["primary"])}': '-'
         if name == ev.results['primary']
         else format_p(d.get('p')),
@@ -943,6 +946,9 @@ def survival_table(ev: Evaluation, split: str) -> pd.DataFrame:
       'High/low risk': f'{s.get("n_high", 0)}/{s.get("n_low", 0)}',
       'HR high vs low (95% CI)': hr_text(s),
       'Log-rank P': format_p(s.get('logrank_p')) + ('*' if s.get('logrank_warning') else ''),
+      'Cutoff fixed on': FIXED_ON.get(
+        ev.results['per_model'][name]['survival'].get('cutoff_fixed_on', ''), 'n/a'
+      ),
     }
     for h, v in (s.get('td_auc') or {}).items():
       row[f'AUC({float(h) / 12:g} y)'] = f'{v:.3f}' if isinstance(v, float) else 'n/a'

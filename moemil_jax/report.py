@@ -211,6 +211,9 @@ def plot_km(ev: Evaluation, model: str, split: str, path: Path) -> Path:
       text += f'\n{s["logrank_warning"]}'
   else:
     text = s.get('logrank_undefined') or s.get('undefined') or 'log-rank not available'
+  where = ev.results['per_model'][model]['survival'].get('cutoff_fixed_on', '')
+  if where and not where.startswith('default'):
+    text += f'\nCutoff: median log-risk of {evaluation.FIXED_ON.get(where, where)}'
   ax.text(
     0.03,
     0.05,

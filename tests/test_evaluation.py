@@ -441,6 +441,24 @@ def test_ensemble_development_column_is_out_of_fold(ensemble_evaluated):
     got.loc[fold0, 'oof_response_logit'], refit.loc[fold0, 'response_logit'], rtol=1e-6
   )
   assert not np.allclose(got.loc[fold0, 'oof_response_logit'], got.loc[fold0, 'response_logit'])
+  # The per-column tables say where each threshold and cutoff was fixed.
+  for split in ('oof', 'test'):
+    assert set(evaluation.response_table(ev, split)['Threshold fixed on']) == {
+      'development out-of-fold predictions'
+    }
+    assert set(evaluation.survival_table(ev, split)['Cutoff fixed on']) == {
+      'development out-of-fold predictions'
+    }
+
+
+def test_combat_runs_are_flagged_transductive(tmp_path):
+  workdir = write_workdir(tmp_path, models=('moemil',))
+  run = workdir / 'moemil' / 'run.json'
+  info = json.loads(run.read_text())
+  info['config'] = {'data': {'harmonise': 'combat'}}
+  run.write_text(json.dumps(info))
+  ev = evaluation.evaluate(workdir, n_bootstrap=20, with_baselines=False)
+  assert any('ComBat' in n and 'transductive' in n for n in evaluation.undefined_notes(ev))
 
 
 def test_added_value_rows_and_nested_tests(ensemble_evaluated, tmp_path):
