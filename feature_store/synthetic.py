@@ -14,7 +14,8 @@ study: the MRI sees tumour burden, the slide sees tumour biology, response needs
 interaction), the hazard is nonlinear, labels are noisy and the external center differs in
 prevalence. They are drawn from their own random stream, so the clean cohort is unchanged.
 `truth.csv` then also holds the posterior-mean ceiling: the best prediction the two views
-allow (`ceiling_response_prob`, `ceiling_log_hazard`).
+allow (`ceiling_response_prob`, `ceiling_log_hazard`), and what each view allows alone
+(`ceiling_wsi_*`: the slides only; `ceiling_mri_*`: the MRI only).
 """
 
 from __future__ import annotations
@@ -164,7 +165,12 @@ def sample_patients(patients: int, seed: int, knobs: Knobs = Knobs()) -> pd.Data
     }
   )
   prob, hazard = posterior_ceiling(frame, knobs)
-  return frame.assign(ceiling_response_prob=prob, ceiling_log_hazard=hazard)
+  frame = frame.assign(ceiling_response_prob=prob, ceiling_log_hazard=hazard)
+  for view, other in (('wsi', 'has_mri'), ('mri', 'has_wsi')):  # what one view alone allows
+    prob, hazard = posterior_ceiling(frame.assign(**{other: False}), knobs)
+    frame[f'ceiling_{view}_response_prob'] = prob
+    frame[f'ceiling_{view}_log_hazard'] = hazard
+  return frame
 
 
 def _centers(u: np.ndarray, knobs: Knobs) -> np.ndarray:
@@ -241,6 +247,10 @@ TRUTH_COLUMNS = (
   'log_hazard',
   'ceiling_response_prob',
   'ceiling_log_hazard',
+  'ceiling_wsi_response_prob',
+  'ceiling_wsi_log_hazard',
+  'ceiling_mri_response_prob',
+  'ceiling_mri_log_hazard',
 )
 
 

@@ -19,6 +19,11 @@ and splits it uses for the deep models:
   wsi_meanpool      each patient's patch embeddings as the store holds them (not harmonised),
                     averaged over all slides, standardised and reduced to 32 principal
                     components, then the same two models.
+  wsi_prototypes    the prototype slide vector of the deep model's default slide pathway
+                    (`moemil_jax/prototypes.py`: k-means tissue types and per-type PCA, fitted
+                    on the training patients' patches with the primary run's
+                    `data.slide_prototypes` / `prototype_components`, default 16 / 4), then
+                    the same two models: the cheap slide model a deep one must beat.
 
 Splits come from the primary model's predictions; every statistic (standardisation, PCA,
 imputation, CV, the fits) uses training patients only, so validation and test outcomes never
@@ -40,7 +45,7 @@ from scipy.special import expit
 from feature_store import store as store_lib
 from moemil_jax import evaluation, metrics, preprocess, store_reader
 
-BASELINES = ('tnm', 'tnm_ebv', 'radiomics_linear', 'wsi_meanpool')
+BASELINES = ('tnm', 'tnm_ebv', 'radiomics_linear', 'wsi_meanpool', 'wsi_prototypes')
 COMBINED = 'moemil_clinical'
 ALL_BASELINES = BASELINES
 LABELS = {
@@ -48,6 +53,7 @@ LABELS = {
   'tnm_ebv': 'TNM + EBV DNA baseline',
   'radiomics_linear': 'Radiomics baseline',
   'wsi_meanpool': 'WSI mean-pool baseline',
+  'wsi_prototypes': 'WSI prototypes baseline',
   COMBINED: 'MoEMIL + clinical (TNM, EBV DNA)',
 }
 STAGE_ORDER = {'I': 1, 'II': 2, 'III': 3, 'IVA': 4, 'IVB': 5}
@@ -698,6 +704,63 @@ def wsi_matrix(
   return x
 
 
+def wsi_prototype_matrix(
+  root: Path,
+  patient_ids: Sequence[str],
+  train: np.ndarray,
+  *,
+  data_config: Mapping[str, Any] | None = None,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(x, has): prototype slide vectors (`prototypes.fit` on the `train` rows' bags only, as
+  the deep model's preprocessing does); rows without slides are 0 (the training mean)."""
+  from moemil_jax import prototypes
+
+  cohort = store_reader.load_store(root)
+  rows = pd.Index(cohort.patient_id).get_indexer(pd.Index(patient_ids).astype(str))
+  bags = prototypes.bags_of(cohort, rows)
+  has = np.array([len(b) > 0 for b in bags])
+  if not has.any():
+    raise BaselineSkipped('the store has no slides')
+  dc = dict(data_config or {})
+  fitted = prototypes.fit(
+    bags,
+    train,
+    types=int(dc.get('slide_prototypes') or 16),
+    components=int(dc.get('prototype_components', 4)),
+    seed=seed,
+  )
+  if fitted is None:
+    raise BaselineSkipped(f'{int((train & has).sum())} training patients with slides: too few')
+  return fitted.transform(bags).astype(np.float64), has
+
+
+def key_patch_oracle(store_dir, split_of: pd.Series, key_patches) -> pd.DataFrame:
+  """A synthetic store's key-patch oracle: the mean of each patient's true key patches
+  (`truth_key_patches.parquet`: slide_id, row), standardised and reduced as `wsi_matrix`
+  does, then the penalised logistic and Cox models of the other baselines, fitted on the
+  training patients: the best an instance-level reader of these embeddings can do."""
+  root = Path(store_dir)
+  keys = pd.read_parquet(key_patches).groupby('slide_id')['row'].apply(np.asarray).to_dict()
+  clinical = pd.read_parquet(root / store_lib.CLINICAL)
+  clinical['patient_id'] = clinical['patient_id'].astype(str)
+  split_of = split_of.copy()
+  split_of.index = split_of.index.astype(str)
+  df = _patients(clinical, split_of, ())
+  index = {p: i for i, p in enumerate(df['patient_id'])}
+  dim = int(store_lib.read_store_json(root).get('encoder', {}).get('dim', store_lib.WSI_DIM))
+  sums, counts = np.zeros((len(df), dim)), np.zeros(len(df))
+  for path in store_lib.slide_files(root):
+    bag = store_lib.read_slide(path, expected_dim=dim)
+    i, rows = index.get(bag.patient_id), keys.get(bag.slide_id)
+    if i is not None and rows is not None and len(rows):
+      sums[i] += bag.embeddings[rows].astype(np.float64).sum(0)
+      counts[i] += len(rows)
+  has = counts > 0
+  x = wsi_matrix(sums / np.maximum(counts, 1)[:, None], has, (df['split'] == 'train').to_numpy())
+  return _linear_predictions(df, 'key_patch_oracle', x, has, seed=0)
+
+
 # --------------------------------------------------------------------------- all baselines
 
 
@@ -839,6 +902,10 @@ def _baseline_predictions(
           os_event=cohort.os_event,
         )
         x, has = x[rows], has[rows]
+      elif name == 'wsi_prototypes':
+        x, has = wsi_prototype_matrix(
+          root, df['patient_id'], train, data_config=data_config, seed=seed
+        )
       else:
         means, counts = wsi_mean_embeddings(root, df['patient_id'])
         has = counts > 0

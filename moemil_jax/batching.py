@@ -415,6 +415,8 @@ def gather_inputs(
     'mri_deep_valid': jnp.arange(s)[None] < deep_count[:, None],
     'has_mri_deep': (deep_count > 0) & pmask,
   }
+  if 'wsi_summary' in data:  # prototype slide vectors (device_data.slide_vectors)
+    inputs['wsi_summary'] = data['wsi_summary'][p]
   targets = {
     'patient_mask': pmask,
     'response': data['response'][p],

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moemil_jax import parallel, preprocess
+from moemil_jax import parallel, preprocess, prototypes
 from moemil_jax.batching import BagLayout, bag_layout
 from moemil_jax.store_reader import Cohort
 
@@ -29,6 +29,7 @@ class DeviceData:
   patch_mean: jax.Array  # (1024,) float32
   patch_inv_std: jax.Array  # (1024,) float32
   radiomics: jax.Array  # (P, F) float32 (z-scored, 0 where missing)
+  wsi_summary: jax.Array  # (P, W) float32 prototype slide vectors (z-scored, 0 without slides)
   has_radiomics: jax.Array  # (P,) bool
   mri_deep: jax.Array  # (P, S, 2048) float32 (z-scored)
   mri_deep_count: jax.Array  # (P,) int32
@@ -95,6 +96,7 @@ def prepare(
     rad = np.zeros((cohort.num_patients, max(fitted.radiomics.width, 1)), np.float32)
   has_rad = cohort.has_radiomics & (len(fitted.radiomics.columns) > 0)
   rad[~has_rad] = 0.0
+  summary = slide_vectors(cohort, data_config, fitted)
   deep = ((cohort.mri_deep - fitted.deep_mean) / fitted.deep_std).astype(np.float32)
   deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
   surv = ~np.isnan(cohort.os_months)
@@ -109,6 +111,7 @@ def prepare(
     patch_mean=put(fitted.patch_mean.astype(np.float32)),
     patch_inv_std=put(fitted.patch_inv_std.astype(np.float32)),
     radiomics=put(rad),
+    wsi_summary=put(summary),
     has_radiomics=put(has_rad),
     mri_deep=put(deep),
     mri_deep_count=put(cohort.mri_deep_count.astype(np.int32)),
@@ -119,6 +122,37 @@ def prepare(
     has_survival=put(surv),
     radiomics_columns=fitted.radiomics.columns,
     fitted=fitted,
+  )
+
+
+def slide_vector_width(data_config) -> int:
+  """Width of the prototype slide vector that `data_config` asks for (1: off, a zero column)."""
+  k = int(data_config.get('slide_prototypes', 0))
+  return k * (int(data_config.get('prototype_components', 4)) + 1) if k > 0 else 1
+
+
+def slide_vectors(cohort: Cohort, data_config, fitted: preprocess.Fitted) -> np.ndarray:
+  """(P, W) prototype slide vectors; zeros when prototypes are off or could not be fitted."""
+  out = np.zeros((cohort.num_patients, slide_vector_width(data_config)), np.float32)
+  if fitted.slide_prototypes is not None:
+    out[:] = fitted.slide_prototypes.transform(prototypes.bags_of(cohort))
+  return out
+
+
+def _fit_prototypes(cohort: Cohort, data_config, train: np.ndarray, seed: int):
+  if int(data_config.get('slide_prototypes', 0)) <= 0:
+    return None
+  if cohort.bags_partitioned:
+    raise ValueError(
+      'data.slide_prototypes > 0 needs every bag on every process (prototypes are fitted on '
+      'all training patients); set data.slide_prototypes=0 for a multi-process run'
+    )
+  return prototypes.fit(
+    prototypes.bags_of(cohort),
+    train,
+    types=int(data_config.slide_prototypes),
+    components=int(data_config.get('prototype_components', 4)),
+    seed=seed,
   )
 
 
@@ -159,6 +193,7 @@ def _fit(cohort: Cohort, data_config, seed, layout, patches, device, mesh) -> pr
     patch_inv_std=np.asarray(p_inv_std.addressable_data(0)),
     radiomics_abs_z_max=z_max,
     bag_range=(int(bags.min(initial=0)), int(bags.max(initial=0))),
+    slide_prototypes=_fit_prototypes(cohort, data_config, train, seed),
   )
 
 

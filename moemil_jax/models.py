@@ -15,6 +15,7 @@ from flax import nnx
 
 MODALITIES = ('wsi', 'radiomics', 'mri_deep')
 TASKS = ('response', 'survival')
+WSI_PATHWAYS = ('attention', 'prototypes', 'both')
 
 
 def masked_softmax(scores: jax.Array, valid: jax.Array) -> jax.Array:
@@ -200,6 +201,7 @@ class MoEMIL(nnx.Module):
     radiomics_dim: int,
     wsi_dim: int = 1024,
     mri_deep_dim: int = 2048,
+    slide_vector_dim: int = 0,
     rngs: nnx.Rngs,
   ):
     mods = tuple(config.modalities)
@@ -209,6 +211,21 @@ class MoEMIL(nnx.Module):
     self.modalities = mods
     dtype = jnp.dtype(config.get('compute_dtype', 'float32'))
     self.modality_dropout = float(config.get('modality_dropout', 0.0))
+    pathway = config.get('wsi_pathway', 'attention') if 'wsi' in mods else None
+    if pathway is not None and pathway not in WSI_PATHWAYS:
+      raise ValueError(f'model.wsi_pathway {pathway!r}: choose one of {WSI_PATHWAYS}')
+    uses_vector = pathway in ('prototypes', 'both')
+    if uses_vector and slide_vector_dim <= 1:
+      raise ValueError(
+        f'model.wsi_pathway={pathway!r} reads the prototype slide vector: set '
+        'data.slide_prototypes > 0, or model.wsi_pathway="attention"'
+      )
+    # The prototype slide vector (moemil_jax/prototypes.py) through an MLP to the experts.
+    self.wsi_vector = (
+      MLP((slide_vector_dim, config.wsi_hidden_dim), config.dropout, dtype=dtype, rngs=rngs)
+      if uses_vector
+      else None
+    )
     self.wsi = (
       WSIBranch(
         wsi_dim,
@@ -219,7 +236,7 @@ class MoEMIL(nnx.Module):
         dtype=dtype,
         rngs=rngs,
       )
-      if 'wsi' in mods
+      if pathway in ('attention', 'both')
       else None
     )
     self.radiomics = (
@@ -242,21 +259,25 @@ class MoEMIL(nnx.Module):
     fused = (
       len(mods)  # one presence bit per modality
       + (config.wsi_hidden_dim if self.wsi is not None else 0)
+      + (config.wsi_hidden_dim if self.wsi_vector is not None else 0)
       + (config.radiomics_hidden_dims[-1] if self.radiomics is not None else 0)
       + (config.mri_deep_hidden_dim if self.mri_deep is not None else 0)
     )
 
-    # Linear radiomics terms in the log-risk and the response logit, from zero (wide and
-    # deep): early-stopped gradient descent from zero on them approaches strongly penalised
-    # Cox and logistic models, the baselines that win at n ~ 170.
-    def wide(flag):
-      if not (config.get(flag, False) and self.radiomics is not None):
+    # Linear terms in the log-risk and the response logit, from zero (wide and deep), on the
+    # radiomics and on the prototype slide vector: early-stopped gradient descent from zero
+    # on them approaches strongly penalised Cox and logistic models, the baselines that win at
+    # n ~ 170.
+    def wide(flag, branch, dim):
+      if not (config.get(flag, False) and branch is not None):
         return None
       init = nnx.initializers.zeros
-      return nnx.Linear(radiomics_dim, 1, use_bias=False, kernel_init=init, rngs=rngs)
+      return nnx.Linear(dim, 1, use_bias=False, kernel_init=init, rngs=rngs)
 
-    self.wide_survival = wide('wide_survival')
-    self.wide_response = wide('wide_response')
+    self.wide_survival = wide('wide_survival', self.radiomics, radiomics_dim)
+    self.wide_response = wide('wide_response', self.radiomics, radiomics_dim)
+    self.slide_wide_survival = wide('wide_slide', self.wsi_vector, slide_vector_dim)
+    self.slide_wide_response = wide('wide_slide', self.wsi_vector, slide_vector_dim)
     self.mmoe = MMoE(
       fused,
       config.num_experts,
@@ -279,16 +300,23 @@ class MoEMIL(nnx.Module):
 
   def __call__(self, inputs: Mapping[str, jax.Array], *, rngs: nnx.Rngs | None = None):
     """inputs: wsi (G,C,1024) packed patch slots + wsi_segment (G,C) (see WSIBranch; the
-    B = G*R patients are the rows of the other inputs), radiomics (B,F), mri_deep
+    B = G*R patients are the rows of the other inputs), wsi_summary (B,W) prototype slide
+    vectors (wsi_pathway 'prototypes' or 'both'), radiomics (B,F), mri_deep
     (B,S,2048) + mri_deep_valid, and has_<modality> (B,) bools. rngs=None means inference
     (no dropout)."""
     present = self._presence(inputs, rngs)
     parts, out = [], {}
     for i, m in enumerate(self.modalities):
       if m == 'wsi':
-        rows = present.shape[0] // inputs['wsi'].shape[0]
-        z, extra = self.wsi(inputs['wsi'], inputs['wsi_segment'], rows, rngs=rngs)
-        out.update(extra)
+        pooled = []
+        if self.wsi is not None:
+          rows = present.shape[0] // inputs['wsi'].shape[0]
+          z, extra = self.wsi(inputs['wsi'], inputs['wsi_segment'], rows, rngs=rngs)
+          out.update(extra)
+          pooled.append(z)
+        if self.wsi_vector is not None:
+          pooled.append(self.wsi_vector(inputs['wsi_summary'], rngs=rngs))
+        z = jnp.concatenate([p.astype(jnp.float32) for p in pooled], -1)
       elif m == 'radiomics':
         z = self.radiomics(inputs['radiomics'], rngs=rngs)
       else:
@@ -296,12 +324,18 @@ class MoEMIL(nnx.Module):
       parts.append(z.astype(jnp.float32) * present[:, i : i + 1])
     parts.append(present.astype(jnp.float32))
     (response_logit, log_risk), gates = self.mmoe(jnp.concatenate(parts, -1), rngs=rngs)
-    if self.radiomics is not None:
-      has_mri = present[:, self.modalities.index('radiomics')]
-      if self.wide_survival is not None:
-        log_risk = log_risk + self.wide_survival(inputs['radiomics'])[:, 0] * has_mri
-      if self.wide_response is not None:
-        response_logit = response_logit + self.wide_response(inputs['radiomics'])[:, 0] * has_mri
+    for modality, key, terms in (
+      ('radiomics', 'radiomics', (self.wide_response, self.wide_survival)),
+      ('wsi', 'wsi_summary', (self.slide_wide_response, self.slide_wide_survival)),
+    ):
+      if modality not in self.modalities:
+        continue
+      has = present[:, self.modalities.index(modality)]
+      response_term, survival_term = terms
+      if response_term is not None:
+        response_logit = response_logit + response_term(inputs[key])[:, 0] * has
+      if survival_term is not None:
+        log_risk = log_risk + survival_term(inputs[key])[:, 0] * has
     out.update(
       response_logit=response_logit, log_risk=log_risk, gates=gates, modality_present=present
     )

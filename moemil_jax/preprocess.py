@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from moemil_jax import parallel
+from moemil_jax import parallel, prototypes
 from moemil_jax.store_reader import Cohort
 
 
@@ -67,6 +67,7 @@ class Fitted:
   patch_inv_std: np.ndarray
   radiomics_abs_z_max: np.ndarray  # (F,) largest |z| of each kept column in training
   bag_range: tuple[int, int]  # smallest and largest non-empty training bag
+  slide_prototypes: prototypes.SlidePrototypes | None = None  # data.slide_prototypes > 0
 
   def arrays(self) -> dict[str, np.ndarray]:
     out = {
@@ -81,6 +82,8 @@ class Fitted:
     if self.radiomics.quantile is not None:
       out['quantiles'] = self.radiomics.quantile.quantiles_
       out['references'] = self.radiomics.quantile.references_
+    if self.slide_prototypes is not None:
+      out |= {f'prototypes_{k}': v for k, v in self.slide_prototypes.arrays().items()}
     return {k: np.asarray(v) for k, v in out.items()}
 
   def metadata(self) -> dict[str, Any]:
@@ -89,6 +92,7 @@ class Fitted:
       'radiomics_sequences': list(self.radiomics.sequences),
       'radiomics_transform': 'quantile' if self.radiomics.quantile is not None else 'zscore',
       'bag_range': [int(b) for b in self.bag_range],
+      'slide_prototypes': self.slide_prototypes is not None,
     }
 
   @classmethod
@@ -117,6 +121,11 @@ class Fitted:
       np.asarray(arrays['patch_inv_std'], np.float32),
       np.asarray(arrays['radiomics_abs_z_max'], np.float64),
       tuple(meta['bag_range']),
+      prototypes.SlidePrototypes.from_arrays(
+        {k: arrays[f'prototypes_{k}'] for k in prototypes.ARRAYS}
+      )
+      if meta.get('slide_prototypes')
+      else None,
     )
 
 

@@ -63,6 +63,7 @@ PER_FOLD = (
   'patch_inv_std',
   'radiomics',
   'has_radiomics',
+  'wsi_summary',
   'deep_mean',
   'deep_inv_std',
 )
@@ -153,6 +154,7 @@ def _fold_data(config, cohort, splits: dict[int, np.ndarray]):
     per_fold['patch_inv_std'].append(np.asarray(d.patch_inv_std))
     per_fold['radiomics'].append(np.asarray(d.radiomics))
     per_fold['has_radiomics'].append(np.asarray(d.has_radiomics))
+    per_fold['wsi_summary'].append(np.asarray(d.wsi_summary))
     per_fold['deep_mean'].append(mean.astype(np.float32))
     per_fold['deep_inv_std'].append((1.0 / std).astype(np.float32))
     if f == next(iter(splits)):

@@ -50,7 +50,11 @@ def build_model(config, radiomics_dim: int, patch_dim: int = 1024) -> models.MoE
   """The model for these input widths: the store's patch embedding width (1,024 for the
   ResNet50-layer3 trunk) and the selected radiomics columns."""
   return models.MoEMIL(
-    config.model, radiomics_dim=radiomics_dim, wsi_dim=patch_dim, rngs=nnx.Rngs(params=config.seed)
+    config.model,
+    radiomics_dim=radiomics_dim,
+    wsi_dim=patch_dim,
+    slide_vector_dim=device_data_lib.slide_vector_width(config.data),
+    rngs=nnx.Rngs(params=config.seed),
   )
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moemil_jax import batching, models
+from moemil_jax import batching, device_data, models
 from moemil_jax.configs import dlr, pathomics
 from moemil_jax.configs import test as test_config
 
 F = 12  # radiomics features
+W = device_data.slide_vector_width(test_config.get_config().data)  # prototype slide vector
 
 
 def _inputs(b=3, s=6, seed=0, empty_slots=3):
@@ -22,6 +23,7 @@ def _inputs(b=3, s=6, seed=0, empty_slots=3):
   return {
     **packed,
     'radiomics': rng.normal(size=(b, F)).astype(np.float32),
+    'wsi_summary': rng.normal(size=(b, W)).astype(np.float32),
     'mri_deep': rng.random((b, s, 2048)).astype(np.float32),
     'mri_deep_valid': np.arange(s)[None] < np.array([6, 3, 6])[:b, None],
     'has_wsi': counts > 0,
@@ -33,7 +35,7 @@ def _inputs(b=3, s=6, seed=0, empty_slots=3):
 def _model(config_module=test_config, **overrides):
   c = config_module.get_config().model
   c.update(overrides)
-  return models.MoEMIL(c, radiomics_dim=F, rngs=nnx.Rngs(0))
+  return models.MoEMIL(c, radiomics_dim=F, slide_vector_dim=W, rngs=nnx.Rngs(0))
 
 
 def test_forward_shapes_and_attention_over_real_patches_only():
@@ -107,14 +109,60 @@ def test_wide_term_adds_a_linear_radiomics_term_to_its_output_that_trains(term, 
 def test_baselines_build_only_their_modality():
   path_model = _model(pathomics)
   dlr_model = _model(dlr)
-  assert path_model.radiomics is None and path_model.mri_deep is None and path_model.wsi
-  assert dlr_model.wsi is None and dlr_model.radiomics and dlr_model.mri_deep
+  assert path_model.radiomics is None and path_model.mri_deep is None
+  assert path_model.wsi_vector is not None  # the default slide pathway: prototypes
+  assert dlr_model.wsi is None and dlr_model.wsi_vector is None
+  assert dlr_model.radiomics and dlr_model.mri_deep
   x = _inputs()
   out = dlr_model(x)
   assert 'attention_scores' not in out
   # DLR ignores the slides entirely.
   other = dlr_model(dict(x, wsi=x['wsi'] * 3.0))
   np.testing.assert_array_equal(np.asarray(out['log_risk']), np.asarray(other['log_risk']))
+
+
+@pytest.mark.parametrize(
+  'term, output, other',
+  [
+    ('slide_wide_survival', 'log_risk', 'response_logit'),
+    ('slide_wide_response', 'response_logit', 'log_risk'),
+  ],
+)
+def test_slide_wide_terms_add_a_linear_term_in_the_slide_vector(term, output, other):
+  model = _model(wsi_pathway='prototypes')
+  x = _inputs()
+  assert model.wsi is None and not np.asarray(getattr(model, term).kernel[...]).any()
+  base = model(x)
+  w = np.random.default_rng(2).normal(size=(W, 1)).astype(np.float32)
+  getattr(model, term).kernel[...] = jnp.asarray(w)
+  out = model(x)
+  linear = (x['wsi_summary'] @ w)[:, 0] * x['has_wsi']  # none for the patient without slides
+  np.testing.assert_allclose(np.asarray(out[output] - base[output]), linear, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out[other]), np.asarray(base[other]))
+  assert getattr(_model(wsi_pathway='prototypes', wide_slide=False), term) is None
+
+
+def test_prototype_pathway_reads_the_slide_vector_not_the_patches():
+  model = _model(wsi_pathway='prototypes')
+  x = _inputs()
+  base = model(x)
+  assert 'attention_scores' not in base
+  same = model(dict(x, wsi=x['wsi'] * 3.0))  # patches reach it only through the vector
+  np.testing.assert_array_equal(np.asarray(same['log_risk']), np.asarray(base['log_risk']))
+  moved = model(dict(x, wsi_summary=x['wsi_summary'] + np.array([[1.0], [1.0], [50.0]])))
+  changed = np.abs(np.asarray(moved['response_logit'] - base['response_logit'])) > 1e-6
+  # Patients 0 and 1 have slides; patient 2 has none, so its vector must not matter.
+  np.testing.assert_array_equal(changed, [True, True, False])
+
+
+def test_prototype_pathway_needs_the_slide_vector():
+  c = test_config.get_config().model
+  c.wsi_pathway = 'prototypes'
+  with pytest.raises(ValueError, match='data.slide_prototypes'):
+    models.MoEMIL(c, radiomics_dim=F, slide_vector_dim=0, rngs=nnx.Rngs(0))
+  c.wsi_pathway = 'pooling'
+  with pytest.raises(ValueError, match='wsi_pathway'):
+    models.MoEMIL(c, radiomics_dim=F, slide_vector_dim=W, rngs=nnx.Rngs(0))
 
 
 def test_dropout_uses_explicit_rngs_and_is_deterministic_per_key():

@@ -67,6 +67,9 @@ def _torch_patient(inputs, i):
 
 
 def _models(config):
+  # The reference mirrors the CLAM attention pathway; the prototype pathway is an MLP and
+  # linear terms on a precomputed vector (tests/test_models.py, tests/test_prototypes.py).
+  config.model.wsi_pathway = 'attention'
   flax_model = models.MoEMIL(config.model, radiomics_dim=F, rngs=nnx.Rngs(params=1))
   for seed, wide in enumerate((flax_model.wide_survival, flax_model.wide_response), start=2):
     if wide is not None:  # zero at initialisation: give it weights to compare
@@ -124,7 +127,9 @@ def test_training_loss_matches_torch_reference(ties):
 
 
 def test_copy_rejects_a_mismatched_architecture():
-  flax_model = models.MoEMIL(test_config.get_config().model, radiomics_dim=F, rngs=nnx.Rngs(0))
-  other = torch_reference.TorchMoEMIL(moemil.get_config().model, radiomics_dim=F)
+  small, large = test_config.get_config().model, moemil.get_config().model
+  small.wsi_pathway = large.wsi_pathway = 'attention'
+  flax_model = models.MoEMIL(small, radiomics_dim=F, rngs=nnx.Rngs(0))
+  other = torch_reference.TorchMoEMIL(large, radiomics_dim=F)
   with pytest.raises(ValueError, match='shape'):
     torch_reference.copy_flax_params(other, flax_model)

@@ -8,4 +8,5 @@ def get_config():
   c.name = 'dlr'
   c.model.modalities = ('radiomics', 'mri_deep')
   c.loss.instance = 0.0
+  c.data.slide_prototypes = 0  # no slides
   return c

@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Bags are packed into steps of one fixed shape (moemil_jax/batching.py).
   c.data.max_train_patches = 4096  # random subsample of larger bags in training; 0 = off
   c.data.max_eval_patches = 0  # 0 = whole bag
+  # Slide prototypes (moemil_jax/prototypes.py): k-means tissue types fitted on the training
+  # patients' patches, each slide summarised per type (share, and its mean along the type's
+  # `prototype_components` directions of between-patient variation); 0 = off.
+  c.data.slide_prototypes = 16
+  c.data.prototype_components = 4
   # 'none'/'reference': every statistic from the training (development-center) patients,
   # applied unchanged to every center; 'per_center': each center z-scored on its own patients
   # (transductive; needs data.min_center_patients per center). moemil_jax/preprocess.py.
@@ -48,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.modalities = ('wsi', 'radiomics', 'mri_deep')
   # Sized for cohorts of a few hundred patients (BUILD.md, "Training recipe"): the paper's
   # widths (512, 256, (128, 64), 256, 128, 64) memorise ~200 training patients.
+  # How the slide reaches the experts: 'prototypes' (an MLP and linear terms on the prototype
+  # slide vector), 'attention' (gated-attention MIL over the patches, CLAM), or 'both'.
+  c.model.wsi_pathway = 'prototypes'
   c.model.wsi_hidden_dim = 128
   c.model.attention_dim = 64
   c.model.radiomics_hidden_dims = (32,)
@@ -66,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   # recipe choice was made". Bundles saved without a key load without it.
   c.model.wide_survival = True
   c.model.wide_response = True
+  # The same zero-initialised linear terms on the prototype slide vector (wsi_pathway
+  # 'prototypes' or 'both').
+  c.model.wide_slide = True
   c.model.compute_dtype = 'float32'  # "bfloat16": bf16 matmuls, f32 parameters
 
   c.loss = ml_collections.ConfigDict()

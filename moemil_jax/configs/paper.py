@@ -18,6 +18,8 @@ def get_config():
   c.model.tower_dim = 64
   c.model.wide_survival = False  # the paper's model has no linear terms
   c.model.wide_response = False
+  c.model.wsi_pathway = 'attention'  # the paper's CLAM branch
+  c.data.slide_prototypes = 0
   c.train.epochs = 60
   c.train.learning_rate = 3e-4
   c.train.weight_decay = 0.01

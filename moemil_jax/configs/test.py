@@ -8,6 +8,9 @@ def get_config():
   c.data.max_train_patches = 128
   c.data.radiomics_lasso = False
   c.data.radiomics_top_k = 0  # the tiny test stores have few columns: keep them all
+  # Both slide pathways, so that every test that trains or predicts also runs the prototype
+  # one (the default) and the attention one (heatmaps, instance loss).
+  c.model.wsi_pathway = 'both'
   c.model.wsi_hidden_dim = 64
   c.model.attention_dim = 32
   c.model.radiomics_hidden_dims = (32,)
