@@ -400,6 +400,13 @@ def harmonise(cohort: Cohort, data_config) -> str:
   if mode == 'combat':
     from moemil_jax import combat
 
+    if len(set(map(str, cohort.center))) == 1:
+      logging.warning(
+        'data.harmonise=combat on a store of one center (%s): nothing is harmonised. Training '
+        'on it is fine; to score a new center, put its patients in a store with the development '
+        "center's (ComBat maps a center onto the reference with both present)",
+        cohort.center[0],
+      )
     cohort.radiomics = combat.combat_to_reference(
       cohort.radiomics,
       cohort.center,
