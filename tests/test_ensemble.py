@@ -63,6 +63,10 @@ def test_members_cover_the_development_center_once(run):
     frame.oof_response_logit[dev], result.logits[k[dev], np.flatnonzero(dev)], rtol=1e-6
   )
   assert frame.oof_response_logit[~dev].isna().all()
+  # oof_fold: the fold that validated each development patient (cross-conformal coverage).
+  folds = np.array([m.fold for m in result.members])
+  np.testing.assert_array_equal(frame.oof_fold[dev], folds[k[dev]])
+  assert (frame.oof_fold[~dev] == -1).all()
 
 
 def test_epoch_is_chosen_on_the_smoothed_out_of_fold_score(run):
@@ -120,6 +124,11 @@ def test_bundle_scores_like_the_ensemble(run, tmp_path):
   got = model.predict(moved)
   np.testing.assert_allclose(got.response_prob, frame.response_prob, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.log_risk, frame.log_risk, rtol=1e-5, atol=1e-5)
+  # OS probabilities from the Breslow baseline of the out-of-fold log-risks; members' spread.
+  assert model.meta['uncertainty']['survival']['source'] == 'out_of_fold'
+  assert got.os_prob_12m.between(0, 1).all()
+  assert (got.response_prob_lo <= got.response_prob).all()
+  assert (got.response_prob <= got.response_prob_hi).all()
 
 
 def test_repeats_give_each_fold_its_own_seeds_and_average_out_of_fold():
