@@ -97,6 +97,9 @@ def main(argv):
     ) from None
   if not 0 < _LEVEL.value < 1:
     raise cli.UserError(f'--conformal_level={_LEVEL.value}: use a value between 0 and 1, e.g. 0.9')
+  bad = [f for f in _CARD_FORMATS.value if f not in ('png', 'html')]
+  if _CARDS.value and bad:
+    raise cli.UserError(f'--card_formats={",".join(_CARD_FORMATS.value)}: use png and/or html')
   options = uncertainty.Options(horizons=horizons, level=_LEVEL.value, spread_warning=_SPREAD.value)
   try:
     models = [predict.load_bundle(path) for path in _MODELS.value]
@@ -154,15 +157,12 @@ def main(argv):
   if _CARDS.value:
     from moemil_jax import patient_card
 
-    try:
-      cards = patient_card.write_cards(
-        table,
-        _CARDS.value,
-        explain_dir=out.parent / 'explain' if _EXPLAIN.value else None,
-        formats=_CARD_FORMATS.value,
-      )
-    except ValueError as e:
-      raise cli.UserError(f'--card_formats: {e}') from None
+    cards = patient_card.write_cards(
+      table,
+      _CARDS.value,
+      explain_dir=out.parent / 'explain' if _EXPLAIN.value else None,
+      formats=_CARD_FORMATS.value,
+    )
     print(f'{len(cards)} patient card files -> {_CARDS.value}')
   extras = uncertainty.extras(table)
   for note in extras.notes if extras else []:
