@@ -35,7 +35,9 @@ _LEVEL = flags.DEFINE_integer(
   'Pyramid level of the heatmaps (default: finest level with both sides <= --max_side).',
 )
 _MAX_SIDE = flags.DEFINE_integer('max_side', 4096, 'Longest heatmap side when choosing a level.')
-_BLUR = flags.DEFINE_float('blur', 0.0, 'Gaussian smoothing sigma, in patch sides.')
+_BLUR = flags.DEFINE_float(
+  'blur', 0.5, 'Gaussian smoothing sigma, in patch sides (0: one flat square per patch).'
+)
 _ALPHA = flags.DEFINE_float('alpha', 0.5, 'Heatmap opacity.')
 _OVERLAP = flags.DEFINE_bool(
   'overlap',
@@ -86,7 +88,7 @@ def explain(
   task: str = 'response',
   level: int | None = None,
   max_side: int = 4096,
-  blur: float = 0.0,
+  blur: float = 0.5,
   alpha: float = 0.5,
   overlap: bool = False,
   top_k: int = 8,
@@ -126,9 +128,9 @@ def explain(
   wsi_enc = mri_enc = None
   for pid in patients:
     patient = by_id[pid]
-    if heatmaps and run.model.wsi is not None:
+    if heatmaps and run.scores_patches:
       paths = {s.slide_id: s.path for s in patient.slides}
-      for att in run.slide_attention(pid):
+      for att in run.slide_attention(pid, task):
         if att.slide_id not in paths:
           logging.warning(
             '%s: slide %s is in the store but not in %s; skipped', pid, att.slide_id, manifest
@@ -141,7 +143,7 @@ def explain(
         rescore = None
         if overlap:
           wsi_enc = wsi_enc or _encoder('wsi', info, encoder_weights, device)
-          rescore = {'encoder': wsi_enc, 'score_fn': run.patch_scorer()}
+          rescore = {'encoder': wsi_enc, 'score_fn': run.patch_scorer(pid, task)}
         res = heatmaps_lib.slide_heatmap(
           paths[att.slide_id],
           att.slide_id,

@@ -94,6 +94,7 @@ class HeatmapParams:
   alpha: float = 0.5
   blur: float = 0.0
   cmap: str = 'jet'
+  colorbar: bool = True  # a percentile colour bar to the right of the slide
   tissue_only: bool = True
   tissue: slides.TissueParams = slides.TissueParams()
 
@@ -177,6 +178,27 @@ def render(
     strip = canvas[rows]
     strip[m] = np.clip((1 - params.alpha) * base + params.alpha * colour, 0, 255).astype(np.uint8)
   return canvas, level
+
+
+def add_colorbar(image: np.ndarray, cmap: str = 'jet', label: str = 'percentile') -> np.ndarray:
+  """The image with a white panel on its right holding the colour map, 0 (bottom) to 100."""
+  h, w = image.shape[:2]
+  panel_w = int(max(48, min(160, w // 8)))
+  panel = np.full((h, panel_w, 3), 255, np.uint8)
+  top, bottom = int(0.1 * h), int(0.9 * h)
+  if bottom - top >= 2:
+    ramp = np.linspace(255, 0, bottom - top).round().astype(np.uint8)  # 100 at the top
+    bar = slice(panel_w // 8, panel_w // 8 + max(4, panel_w // 5))
+    panel[top:bottom, bar] = _lut(cmap)[ramp][:, None, :]
+    scale = max(0.3, min(1.0, h / 600))
+    x = bar.stop + 3
+    for frac, text in ((0.0, '100'), (0.5, '50'), (1.0, '0')):
+      y = int(top + frac * (bottom - top - 1)) + int(4 * scale)
+      cv2.putText(panel, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, (0, 0, 0), 1)
+    cv2.putText(
+      panel, label, (2, max(top - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * scale, (0, 0, 0), 1
+    )
+  return np.concatenate([image, panel], 1)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
@@ -346,6 +368,8 @@ def slide_heatmap(
     else:
       draw_xy, pct = xy, percentiles(raw_scores)
     image, level = render(slide, draw_xy, pct, patch_l0, params)
+    if params.colorbar:
+      image = add_colorbar(image, params.cmap)
     write_png(out_png, image)
     out = {
       'slide_id': slide_id,
@@ -417,13 +441,44 @@ class TrainedRun:
     )
     return inputs
 
-  def slide_attention(self, patient_id: str) -> list[SlideAttention]:
-    """Raw attention scores of every stored patch of the patient, slide by slide."""
-    if self.model.wsi is None:
-      raise HeatmapError(f'model {self.config.name!r} has no WSI branch')
-    out = _forward(self.model, self.patient_inputs(patient_id))
+  @property
+  def scores_patches(self) -> bool:
+    return self.model.wsi is not None or self.model.wsi_vector is not None
+
+  def _slide_vector_gradient(self, patient_id: str, task: str) -> np.ndarray:
+    """(W,) gradient of the task output in the patient's prototype slide vector: the weights
+    of its linearisation (exact for the linear slide terms)."""
+    import jax
+    import jax.numpy as jnp
+
+    inputs = self.patient_inputs(patient_id)
+    key = 'response_logit' if task == 'response' else 'log_risk'
+
+    def output(summary):
+      return self.model(dict(inputs, wsi_summary=summary), rngs=None)[key][0]
+
+    return np.asarray(jax.grad(output)(jnp.asarray(inputs['wsi_summary'])), np.float64)[0]
+
+  def _bag(self, patient_id: str) -> np.ndarray:
+    from moemil_jax import prototypes
+
+    return prototypes.bags_of(self.cohort, [self.patient_index(patient_id)])[0]
+
+  def slide_attention(self, patient_id: str, task: str = 'response') -> list[SlideAttention]:
+    """A score for every stored patch of the patient, slide by slide: the raw attention score
+    (attention pathway; also for 'both'), or, for the prototype pathway, the patch's exact share
+    of the task output's linearisation in the slide vector (`prototypes.patch_contributions`:
+    positive pushes towards response, or higher risk)."""
     n = int(self.cohort.patch_count[self.patient_index(patient_id)])
-    scores = np.asarray(out['attention_scores'][0, :n], np.float64)
+    if self.model.wsi is not None:
+      out = _forward(self.model, self.patient_inputs(patient_id))
+      scores = np.asarray(out['attention_scores'][0, :n], np.float64)
+    elif self.model.wsi_vector is not None:
+      weights = self._slide_vector_gradient(patient_id, task)
+      protos = self.device_data.fitted.slide_prototypes
+      scores = protos.patch_contributions(self._bag(patient_id), weights).astype(np.float64)
+    else:
+      raise HeatmapError(f'model {self.config.name!r} has no WSI branch')
     result, start = [], 0
     for row in self.slide_table[self.slide_table.patient_id == patient_id].itertuples():
       table = pq.read_table(row.path, columns=['x', 'y'])
@@ -438,10 +493,21 @@ class TrainedRun:
       raise HeatmapError(f'patient {patient_id}: {n} patches in the bag but {start} in its slides')
     return result
 
-  def patch_scorer(self) -> Callable[[np.ndarray], np.ndarray]:
-    """Raw store features (n, d) -> raw attention scores, as inside the trained WSI branch."""
+  def patch_scorer(
+    self, patient_id: str | None = None, task: str = 'response'
+  ) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw store features (n, d) -> scores on the scale of `slide_attention`: raw attention
+    scores as inside the trained WSI branch, or (prototype pathway) shares of the patient's
+    task output, as if each patch sat in the patient's stored bag."""
     import jax
     import jax.numpy as jnp
+
+    if self.model.wsi is None and self.model.wsi_vector is not None:
+      if patient_id is None:
+        raise HeatmapError('the prototype pathway scores patches for one patient: name it')
+      weights = self._slide_vector_gradient(patient_id, task)
+      protos, bag = self.device_data.fitted.slide_prototypes, self._bag(patient_id)
+      return lambda feats: protos.patch_contributions(feats, weights, reference=bag)
 
     wsi = self.model.wsi
     mean, inv_std = self.device_data.patch_mean, self.device_data.patch_inv_std

@@ -82,24 +82,32 @@ class SlidePrototypes:
           out[i] = (self.raw_vector(bag) - self.feature_mean) / self.feature_std
     return out
 
-  def patch_contributions(self, patches: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(n,) each patch's exact share of weights . transform([patches]) minus its value at the
-    training mean: a patch of type k moves its type's mean by (x - mean_k) / n_k and its
-    type's share by 1 / n. Empty types contribute nothing, so the shares sum to the score."""
+  def patch_contributions(
+    self, patches: np.ndarray, weights: np.ndarray, reference: np.ndarray | None = None
+  ) -> np.ndarray:
+    """(n,) each patch's exact share of weights . transform([patches]): a patch of type k moves
+    its type's mean by (x - mean_k) / n_k and its type's share by 1 / n, and the value at the
+    training mean is spread evenly, so the shares sum to the score (empty types add nothing).
+
+    reference: the bag whose type counts to use (for patches scored beside a stored bag,
+    e.g. half-step neighbours in a heatmap); default the patches themselves."""
     k, m, _ = self.type_components.shape
     x = np.asarray(patches, np.float32)
     if len(x) == 0:
       return np.zeros(0, np.float32)
+    bag_types = self.assign(np.asarray(reference, np.float32)) if reference is not None else None
     w = np.asarray(weights, np.float64) / self.feature_std
     w_proj, w_share = w[: k * m].reshape(k, m), w[k * m :]
     types = self.assign(x)
-    counts = np.bincount(types, minlength=k)
+    counts = np.bincount(types if bag_types is None else bag_types, minlength=k)
+    counts = np.maximum(counts, 1)
+    n = len(x) if bag_types is None else len(bag_types)
     # The projection of every patch on its own type's directions, weighted.
     direction = np.einsum('km,kmd->kd', w_proj, self.type_components)  # (K, D)
     along = np.einsum('nd,nd->n', x - self.type_mean[types], direction[types])
-    share = along / counts[types] + w_share[types] / len(x)
+    share = along / counts[types] + w_share[types] / n
     # Centring: the score at the training mean, spread evenly so the shares still add up.
-    offset = -float(w @ self.feature_mean) / len(x)
+    offset = -float(w @ self.feature_mean) / n
     return (share + offset).astype(np.float32)
 
   def arrays(self) -> dict[str, np.ndarray]:
@@ -116,13 +124,18 @@ def _type_sums(types: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _leading_directions(x: np.ndarray, c: int) -> np.ndarray:
-  """(c, D) unit principal directions of the rows of x (n << D), from the n x n Gram matrix:
-  scipy's SVD of the n x D matrix is far slower here, for the same directions."""
-  centred = np.asarray(x, np.float64) - x.mean(0)
-  values, vectors = np.linalg.eigh(centred @ centred.T)
+  """(c, D) unit principal directions of the rows of x, deterministic: the eigenvectors of the
+  smaller of the n x n Gram and D x D covariance matrices (scipy's SVD is far slower here,
+  and scikit-learn's randomized PCA differs from run to run in the fourth decimal)."""
+  centred = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+  gram = centred.shape[0] <= centred.shape[1]
+  values, vectors = np.linalg.eigh(centred @ centred.T if gram else centred.T @ centred)
   top = np.argsort(values)[::-1][:c]
-  directions = vectors[:, top].T @ centred
-  return directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+  directions = vectors[:, top].T @ centred if gram else vectors[:, top].T
+  directions = directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+  # A sign convention, so that equal inputs give equal outputs whatever the eigensolver does.
+  signs = np.sign(directions[np.arange(len(directions)), np.abs(directions).argmax(1)])
+  return directions * np.where(signs == 0, 1.0, signs)[:, None]
 
 
 def bags_of(cohort, rows: np.ndarray | None = None) -> list[np.ndarray]:
@@ -162,7 +175,6 @@ def fit(
 
 def _fit(bags, train, types, components, reduce_dims, sample_per_patient, seed):
   from sklearn.cluster import KMeans
-  from sklearn.decomposition import PCA
 
   rows = [i for i in np.flatnonzero(train) if len(bags[i])]
   if len(rows) < 4:
@@ -176,13 +188,14 @@ def _fit(bags, train, types, components, reduce_dims, sample_per_patient, seed):
     ]
   ).astype(np.float32)
   r = int(min(reduce_dims, sample.shape[1], len(sample) - 1))
-  pca = PCA(r, svd_solver='randomized', random_state=seed).fit(sample)
+  reduce_mean = sample.mean(0)
+  reduce_components = _leading_directions(sample, r).astype(np.float32)
   k = int(min(types, len(sample)))
-  km = KMeans(k, n_init=4, random_state=seed).fit(pca.transform(sample))
+  km = KMeans(k, n_init=4, random_state=seed).fit((sample - reduce_mean) @ reduce_components.T)
   dim = sample.shape[1]
   protos = SlidePrototypes(
-    reduce_mean=pca.mean_.astype(np.float32),
-    reduce_components=pca.components_.astype(np.float32),
+    reduce_mean=reduce_mean.astype(np.float32),
+    reduce_components=reduce_components,
     centroids=km.cluster_centers_.astype(np.float32),
     type_mean=np.zeros((k, dim), np.float32),
     type_components=np.zeros((k, components, dim), np.float32),

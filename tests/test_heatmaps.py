@@ -54,7 +54,7 @@ def test_heatmap_of_small_svs_renders(shared_data, tmp_path, no_associated_image
     scores,
     4.0,
     tmp_path / 'small.png',
-    params=heatmaps.HeatmapParams(alpha=1.0, tissue_only=False),
+    params=heatmaps.HeatmapParams(alpha=1.0, tissue_only=False, colorbar=False),
     tiles_dir=tmp_path / 'tiles',
     top_k=3,
     patch_px=8,
@@ -93,7 +93,7 @@ def test_heatmap_of_small_svs_renders(shared_data, tmp_path, no_associated_image
     scores,
     4.0,
     tmp_path / 'tissue.png',
-    params=heatmaps.HeatmapParams(alpha=1.0, blur=0.5),
+    params=heatmaps.HeatmapParams(alpha=1.0, blur=0.5, colorbar=False),
   )
   tissue = cv2.imread(str(tmp_path / 'tissue.png'))[..., ::-1]
   rgb = np.asarray(slide.read_region((0, 0), 0, (16, 16)))[..., :3]
