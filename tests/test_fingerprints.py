@@ -211,3 +211,21 @@ def test_a_bundle_trained_on_imported_features_predicts(cohort, extracted, tmp_p
     )
     is None
   )
+
+
+def test_precisions_give_features_within_the_tolerance(shared_data):
+  """What makes precision an environment key: the same real patches in fp32 and bf16
+  (CPU autocast) give features with cosine > 0.999 (docs/stain.md, "Fingerprints")."""
+  from feature_store import encoders, stain
+
+  tile = stain.read_image(shared_data / 'he_tile_strong.png')
+  crops = np.stack([tile[y : y + 224, x : x + 224] for y in (0, 200) for x in (0, 300)])
+  feats = {
+    p: encoders.Encoder(
+      'wsi', 'random', name='timm:vit_tiny_patch16_224', kwargs={'depth': 2}, precision=p
+    )(crops)
+    for p in ('fp32', 'bf16')
+  }
+  a, b = feats['fp32'], feats['bf16']
+  cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+  assert cos.min() > 0.999 and not np.array_equal(a, b)
