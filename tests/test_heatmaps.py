@@ -244,3 +244,76 @@ def test_planted_key_patches_get_the_highest_attention_percentiles(trained):
   assert len(key_pct) > 100
   assert np.median(key_pct) > 80, (np.median(key_pct), np.median(other_pct))
   assert np.median(other_pct) < 55
+
+
+@pytest.fixture(scope='module')
+def trained_prototypes(tmp_path_factory):
+  """A pathomics model whose slide pathway is the prototype one (the default)."""
+  store = synthetic_store.make_store(
+    tmp_path_factory.mktemp('store'),
+    patients=40,
+    seed=1,
+    knobs=synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95),
+    median_patches=50,
+    max_patches=120,
+    key_fraction=0.1,
+    wsi_key_gain=3.0,
+  )
+  c = test_config.get_config()
+  c.store = str(store)
+  c.model.modalities = ('wsi',)
+  c.model.wsi_pathway = 'prototypes'
+  c.data.slide_prototypes = 8
+  c.train.epochs = 12
+  c.train.learning_rate = 2e-3
+  c.split.val_fraction = 0.4
+  workdir = tmp_path_factory.mktemp('run')
+  train.train_and_evaluate(c, workdir)
+  return store, workdir
+
+
+def test_prototype_pathway_scores_every_patch_and_the_scores_add_up(trained_prototypes):
+  _, workdir = trained_prototypes
+  run = heatmaps.load_run(workdir)
+  assert run.model.wsi is None and run.scores_patches
+  for pid in run.cohort.patient_id[run.cohort.patch_count > 0][:12]:
+    shares = run.slide_attention(pid)
+    total = sum(s.raw_scores.sum() for s in shares)
+    # The shares add up to the patient's slide-vector linearisation: gradient . vector.
+    grad = run._slide_vector_gradient(pid, 'response')
+    vector = np.asarray(run.patient_inputs(pid)['wsi_summary'])[0]
+    np.testing.assert_allclose(total, grad @ vector, rtol=1e-3, atol=1e-4)
+    assert all(np.isfinite(s.raw_scores).all() and s.raw_scores.std() > 0 for s in shares)
+
+
+def test_prototype_heatmap_renders_with_overlap_blur_and_a_colour_bar(
+  trained_prototypes, shared_data, tmp_path
+):
+  from feature_store import encoders
+
+  _, workdir = trained_prototypes
+  run = heatmaps.load_run(workdir)
+  pid = run.cohort.patient_id[run.cohort.patch_count > 0][0]
+  scorer = run.patch_scorer(pid)
+  enc = encoders.Encoder('wsi', 'random')
+  xy = np.array([(0, 0), (8, 0), (0, 8), (8, 8)])
+  params = heatmaps.HeatmapParams(blur=0.5, tissue_only=False, alpha=1.0)
+  res = heatmaps.slide_heatmap(
+    shared_data / 'small.svs',
+    'small',
+    xy,
+    scorer(enc(np.zeros((4, 16, 16, 3), np.uint8) + 200)),
+    8.0,
+    tmp_path / 'small.png',
+    params=params,
+    rescore={'encoder': enc, 'score_fn': scorer},
+    patch_px=16,
+  )
+  assert res['patches'] == 4 + 5  # stored plus half-step neighbours
+  img = cv2.imread(str(res['png']))[..., ::-1]
+  assert img.shape[0] == 16 and img.shape[1] > 16  # the slide, then the colour bar panel
+  lut = heatmaps._lut('jet')
+  bar = img[:, 16:]
+  # The bar shows the colour map's ends: 100th percentile near the top, 0th near the bottom.
+  assert (np.abs(bar.astype(int) - lut[255]).sum(-1) < 40).any()
+  assert (np.abs(bar.astype(int) - lut[0]).sum(-1) < 40).any()
