@@ -399,7 +399,7 @@ class Normaliser:
       m = self._he @ ((self._conc / max_c)[..., None] * _pinv(est['he']))
       ok &= torch.isfinite(m).all(-1).all(-1)  # then the output is finite: OD always is
       m = torch.where(ok[:, None, None], m, torch.zeros_like(m))
-      out = p.io * torch.exp(-(optical_density(x, p.io) @ m.transpose(1, 2)))
+      out = (optical_density(x, p.io) @ m.transpose(1, 2)).neg_().exp_().mul_(p.io)
     else:
       std = torch.where(ok[:, None], est['std'], torch.ones_like(est['std']))
       scale = (self._std / std)[:, None]
@@ -410,8 +410,10 @@ class Normaliser:
       out = _reinhard_apply(x, scale[:, 0], shift[:, 0]) * 255.0
     self._fallbacks += (~ok).sum()
     self.patches += int(shape[0])
-    out = out.clamp(0, 255).round().to(torch.uint8)
-    return torch.where(ok[:, None, None], out, x).reshape(shape)
+    out = out.clamp_(0, 255).round_().to(torch.uint8)
+    if not bool(ok.all()):  # one host sync per batch; the fallbacks keep their pixels
+      out[~ok] = x[~ok]
+    return out.reshape(shape)
 
 
 def normalise_numpy(images: np.ndarray, target: StainTarget, device: str = 'cpu') -> tuple:
