@@ -3,6 +3,7 @@ determinism, the real H&E tiles, the real slide's tissue mask, and the store fin
 
 import csv
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -271,3 +272,20 @@ def test_bad_stain_settings_are_one_line_errors(cohort, tmp_path):
       tmp_path / 'd',
       dataclasses.replace(CFG, stain_norm='macenko', stain_fit_centers=('Z',)),
     )
+
+
+def test_shards_fit_the_same_target_and_assemble_the_store(cohort, tmp_path):
+  """Each shard fits the default target itself, before any STORE.json exists: the fit is
+  deterministic, so the shards agree and the store assembles."""
+  out = tmp_path / 'sharded'
+  cfg = dataclasses.replace(CFG, stain_norm='macenko', shard_count=2)
+  first = extract.extract(cohort, out, dataclasses.replace(cfg, shard_index=0))
+  assert not first.finalised
+  second = extract.extract(cohort, out, dataclasses.replace(cfg, shard_index=1))
+  assert second.finalised and first.slides_done and second.slides_done
+  targets = {
+    json.dumps(store.table_metadata(p)['stain']['target'], sort_keys=True)
+    for p in store.slide_files(out)
+  }
+  assert len(targets) == 1
+  assert json.loads(targets.pop()) == _wsi(out)['fingerprint']['stain']['target']
