@@ -219,10 +219,15 @@ def load_data(config, mesh) -> RunData:
   tc, dc = config.train, config.data
   groups = parallel.bag_groups(config, mesh)
   own_groups = parallel.local_groups(mesh, groups)
+  # Slide prototypes are fitted on every training patient's patches, so with them every
+  # process reads every bag; without them each reads only its own devices' bags.
+  every_bag = jax.process_count() == 1 or int(dc.get('slide_prototypes', 0)) > 0
+  if jax.process_count() > 1 and every_bag:
+    logging.info('data.slide_prototypes > 0: every process reads every bag')
   cohort = store_reader.load_store(
     store_dir,
     bags_to_read=None
-    if jax.process_count() == 1
+    if every_bag
     else lambda counts: np.isin(batching.bag_layout(counts, groups).group, own_groups),
   )
   layout = batching.bag_layout(cohort.patch_count, groups)

@@ -204,6 +204,10 @@ def test_evaluate_adds_the_baselines_to_the_comparison(fitted, tmp_path):
     'TNM + EBV DNA',
     'Radiomics (L2 logistic / Cox)',
     'WSI mean-pool (L2 logistic / Cox)',
+    'WSI prototypes (L2 logistic / Cox)',
+    'Key-patch oracle (L2 on the true key patches)',
+    'Ceiling, slides alone',
+    'Ceiling, MRI alone',
     'Ceiling (what the views allow)',
     'Oracle (truth)',
   ]
@@ -211,6 +215,9 @@ def test_evaluate_adds_the_baselines_to_the_comparison(fitted, tmp_path):
   assert set(ev.results['delong']['test']) == set(baselines.ALL_BASELINES) | {
     'oracle',
     'ceiling',
+    'ceiling_wsi',
+    'ceiling_mri',
+    'key_patch_oracle',
     baselines.COMBINED,
   }
   for name in baselines.ALL_BASELINES:  # the same frames as baseline_predictions gives
@@ -227,7 +234,7 @@ def test_unfittable_baselines_are_skipped_with_notes(fitted, tmp_path):
   (no_mri / store_lib.RADIOMICS).unlink()
   notes = []
   out = baselines.baseline_predictions(no_mri, split_of, notes=notes)
-  assert set(out) == {'tnm', 'tnm_ebv', 'wsi_meanpool'}
+  assert set(out) == {'tnm', 'tnm_ebv', 'wsi_meanpool', 'wsi_prototypes'}
   assert notes == ['Radiomics baseline skipped: the store has no radiomics']
 
   train = split_of.loc[cohort.patient_id].eq('train').to_numpy()
@@ -242,9 +249,9 @@ def test_unfittable_baselines_are_skipped_with_notes(fitted, tmp_path):
   ev = evaluation.evaluate(workdir, n_bootstrap=20)
   # The combined comparator is fitted on the validation split, which has both classes.
   assert ev.models == ['moemil', 'moemil_clinical']
-  assert len(ev.results['notes']) == 4
+  assert len(ev.results['notes']) == 5  # the four image and clinical baselines, and TNM
   assert all('skipped' in n and 'one response class' in n for n in ev.results['notes'])
-  assert ev.results['notes'] == evaluation.undefined_notes(ev)[:4]
+  assert ev.results['notes'] == evaluation.undefined_notes(ev)[:5]
 
 
 def test_a_choice_at_the_weak_end_of_the_grid_is_named(fitted, monkeypatch, caplog):

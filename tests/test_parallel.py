@@ -38,6 +38,10 @@ CHILD = textwrap.dedent(r"""
         c = test_config.get_config()
         c.store = str(store)
         c.train.epochs = 3
+        # Partitioned bag reading is what this file checks; slide prototypes make every
+        # process read every bag (train.load_data), so the runs here use attention only.
+        c.data.slide_prototypes = 0
+        c.model.wsi_pathway = "attention"
         c.mesh = parallel.mesh_config()
         c.mesh.data = devices
         return c
@@ -115,6 +119,8 @@ MULTI_PROCESS = textwrap.dedent(r"""
     c = test_config.get_config()
     c.store = out_dir + "/store"
     c.train.epochs = 3
+    c.data.slide_prototypes = 0  # as in the 8-device run: partitioned bag reading
+    c.model.wsi_pathway = "attention"
     c.mesh = parallel.mesh_config()
     c.mesh.update(data=-1, distributed=True, coordinator=f"localhost:{port}", num_processes=2,
                   process_id=process_id)
