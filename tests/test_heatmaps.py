@@ -202,19 +202,23 @@ def test_heatmap_memory_is_bounded_by_output_size(tmp_path):
   ).all()
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  knobs = synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95)
-  store = synthetic_store.make_store(
+def _planted_store(tmp_path_factory):
+  """40 patients whose slide signal sits in 10% planted key patches (truth_key_patches)."""
+  return synthetic_store.make_store(
     tmp_path_factory.mktemp('store'),
     patients=40,
     seed=1,
-    knobs=knobs,
+    knobs=synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95),
     median_patches=50,
     max_patches=120,
     key_fraction=0.1,
     wsi_key_gain=3.0,
   )
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  store = _planted_store(tmp_path_factory)
   c = test_config.get_config()
   c.store = str(store)
   c.model.modalities = ('wsi',)
@@ -249,16 +253,7 @@ def test_planted_key_patches_get_the_highest_attention_percentiles(trained):
 @pytest.fixture(scope='module')
 def trained_prototypes(tmp_path_factory):
   """A pathomics model whose slide pathway is the prototype one (the default)."""
-  store = synthetic_store.make_store(
-    tmp_path_factory.mktemp('store'),
-    patients=40,
-    seed=1,
-    knobs=synthetic.Knobs(response_strength=6.0, wsi_signal=0.95, mri_signal=0.95),
-    median_patches=50,
-    max_patches=120,
-    key_fraction=0.1,
-    wsi_key_gain=3.0,
-  )
+  store = _planted_store(tmp_path_factory)
   c = test_config.get_config()
   c.store = str(store)
   c.model.modalities = ('wsi',)
