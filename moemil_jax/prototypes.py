@@ -43,10 +43,6 @@ class SlidePrototypes:
   feature_std: np.ndarray  # (W,)
 
   @property
-  def num_types(self) -> int:
-    return self.centroids.shape[0]
-
-  @property
   def width(self) -> int:
     k, m = self.type_components.shape[:2]
     return k * (m + 1)
