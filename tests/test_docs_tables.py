@@ -86,7 +86,7 @@ def test_means_and_ranges_match_a_plain_reading_of_the_csv():
   """The fresh-seed MoEMIL cell against the standard library's mean of the CSV rows."""
   rows = [
     r
-    for r in csv.DictReader((ROOT / 'docs' / 'stress_cpu_fresh.csv').open())
+    for r in csv.DictReader((ROOT / 'docs' / docs_tables.HEADLINE_CSV).open())
     if r['preset'] == 'realistic' and r['model'] == 'moemil'
   ]
   auc = [float(r['auc']) for r in rows]

@@ -222,6 +222,10 @@ def trained(tmp_path_factory):
   c = test_config.get_config()
   c.store = str(store)
   c.model.modalities = ('wsi',)
+  # The attention pathway alone: beside the prototype vector (the test config's 'both') the
+  # attention need not find the key patches, and did not.
+  c.model.wsi_pathway = 'attention'
+  c.data.slide_prototypes = 0
   c.train.epochs = 12
   c.train.learning_rate = 2e-3
   c.model.dropout = 0.0
