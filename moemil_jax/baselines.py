@@ -657,10 +657,13 @@ def harmonised_radiomics(cohort, data_config: Mapping[str, Any] | None) -> pd.Da
 
 
 def wsi_mean_embeddings(
-  store_dir: str | Path, patient_ids: Sequence[str]
+  store_dir: str | Path,
+  patient_ids: Sequence[str],
+  rows: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(means (P, D) float64, patch counts (P,)): patches averaged over all of a patient's
-  slides, read one slide at a time so memory stays at one slide."""
+  slides, read one slide at a time so memory stays at one slide. `rows`: slide_id -> the rows
+  to average (e.g. a synthetic store's key patches); slides not in it are left out."""
   root = Path(store_dir)
   dim = int(store_lib.read_store_json(root).get('encoder', {}).get('dim', store_lib.WSI_DIM))
   index = {str(p): i for i, p in enumerate(patient_ids)}
@@ -671,8 +674,11 @@ def wsi_mean_embeddings(
     i = index.get(bag.patient_id)
     if i is None:
       continue
-    sums[i] += bag.embeddings.astype(np.float64).sum(0)
-    counts[i] += len(bag.embeddings)
+    emb = bag.embeddings
+    if rows is not None:
+      emb = emb[rows.get(bag.slide_id, np.zeros(0, np.int64))]
+    sums[i] += emb.astype(np.float64).sum(0)
+    counts[i] += len(emb)
   return sums / np.maximum(counts, 1)[:, None], counts
 
 
@@ -747,17 +753,9 @@ def key_patch_oracle(store_dir, split_of: pd.Series, key_patches) -> pd.DataFram
   split_of = split_of.copy()
   split_of.index = split_of.index.astype(str)
   df = _patients(clinical, split_of, ())
-  index = {p: i for i, p in enumerate(df['patient_id'])}
-  dim = int(store_lib.read_store_json(root).get('encoder', {}).get('dim', store_lib.WSI_DIM))
-  sums, counts = np.zeros((len(df), dim)), np.zeros(len(df))
-  for path in store_lib.slide_files(root):
-    bag = store_lib.read_slide(path, expected_dim=dim)
-    i, rows = index.get(bag.patient_id), keys.get(bag.slide_id)
-    if i is not None and rows is not None and len(rows):
-      sums[i] += bag.embeddings[rows].astype(np.float64).sum(0)
-      counts[i] += len(rows)
+  means, counts = wsi_mean_embeddings(root, df['patient_id'], rows=keys)
   has = counts > 0
-  x = wsi_matrix(sums / np.maximum(counts, 1)[:, None], has, (df['split'] == 'train').to_numpy())
+  x = wsi_matrix(means, has, (df['split'] == 'train').to_numpy())
   return _linear_predictions(df, 'key_patch_oracle', x, has, seed=0)
 
 

@@ -145,7 +145,7 @@ def _fit_prototypes(cohort: Cohort, data_config, train: np.ndarray, seed: int):
   if cohort.bags_partitioned:
     raise ValueError(
       'data.slide_prototypes > 0 needs every bag on every process (prototypes are fitted on '
-      'all training patients); set data.slide_prototypes=0 for a multi-process run'
+      'all training patients): load the store without bags_to_read, as train.load_data does'
     )
   return prototypes.fit(
     prototypes.bags_of(cohort),

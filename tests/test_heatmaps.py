@@ -216,23 +216,28 @@ def _planted_store(tmp_path_factory):
   )
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def _trained_pathomics(tmp_path_factory, pathway: str, slide_prototypes: int, **model):
+  """A WSI-only model on the planted store, through one slide pathway."""
   store = _planted_store(tmp_path_factory)
   c = test_config.get_config()
   c.store = str(store)
   c.model.modalities = ('wsi',)
-  # The attention pathway alone: beside the prototype vector (the test config's 'both') the
-  # attention need not find the key patches, and did not.
-  c.model.wsi_pathway = 'attention'
-  c.data.slide_prototypes = 0
+  c.model.wsi_pathway = pathway
+  c.model.update(model)
+  c.data.slide_prototypes = slide_prototypes
   c.train.epochs = 12
   c.train.learning_rate = 2e-3
-  c.model.dropout = 0.0
   c.split.val_fraction = 0.4
   workdir = tmp_path_factory.mktemp('run')
   train.train_and_evaluate(c, workdir)
   return store, workdir
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  # The attention pathway alone: beside the prototype vector (the test config's 'both') the
+  # attention need not find the key patches, and did not.
+  return _trained_pathomics(tmp_path_factory, 'attention', 0, dropout=0.0)
 
 
 @pytest.mark.slow  # day-to-day subset stays under 3 minutes
@@ -257,18 +262,7 @@ def test_planted_key_patches_get_the_highest_attention_percentiles(trained):
 @pytest.fixture(scope='module')
 def trained_prototypes(tmp_path_factory):
   """A pathomics model whose slide pathway is the prototype one (the default)."""
-  store = _planted_store(tmp_path_factory)
-  c = test_config.get_config()
-  c.store = str(store)
-  c.model.modalities = ('wsi',)
-  c.model.wsi_pathway = 'prototypes'
-  c.data.slide_prototypes = 8
-  c.train.epochs = 12
-  c.train.learning_rate = 2e-3
-  c.split.val_fraction = 0.4
-  workdir = tmp_path_factory.mktemp('run')
-  train.train_and_evaluate(c, workdir)
-  return store, workdir
+  return _trained_pathomics(tmp_path_factory, 'prototypes', 8)
 
 
 def test_prototype_pathway_scores_every_patch_and_the_scores_add_up(trained_prototypes):
