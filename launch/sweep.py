@@ -1,10 +1,11 @@
-"""Trains K models (folds x seeds x learning rates) in one vmapped program.
+"""Trains K models (folds x seeds x learning rates) in one vmapped program (`trainer.fit`).
 
 python -m launch.sweep --config=moemil --store=STORE --workdir=runs/sweep \
     --folds=0,1,2,3,4 --seeds=0,1 --learning_rates=3e-4,1e-3 --config.split.folds=5
 
 Writes workdir/sweep.json (per-member, per-fold and ensemble metrics) and
-workdir/predictions.parquet (one row per member and patient, plus member "ensemble").
+workdir/predictions.parquet (one row per member and patient, plus member "ensemble"), and
+keeps orbax checkpoints in workdir/checkpoints (--resume continues a killed sweep).
 """
 
 import sys
@@ -29,9 +30,7 @@ _STORE = flags.DEFINE_string('store', None, 'Feature store directory (overrides 
 _FOLDS = flags.DEFINE_list('folds', None, 'Validation folds (default: all of split.folds, or 0).')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (initialisation, dropout, batch order).')
 _LRS = flags.DEFINE_list('learning_rates', None, "Peak learning rates (default: the config's).")
-_SEQUENTIAL = flags.DEFINE_bool(
-  'sequential', False, 'Train the members one after another (same results, slower).'
-)
+_RESUME = flags.DEFINE_bool('resume', False, 'Continue from the latest checkpoint in workdir.')
 _REPORT_TEST = flags.DEFINE_enum(
   'report_test',
   'selected',
@@ -71,7 +70,9 @@ def main(argv):
   logging.info('%d members', len(members))
   if cli.verbose():
     logging.info('config:\n%s', config)
-  result = sweep.train_sweep(config, sweep.load(config), members, vectorize=not _SEQUENTIAL.value)
+  result = sweep.train_sweep(
+    config, sweep.load(config), members, workdir=_WORKDIR.value, resume=_RESUME.value
+  )
   sweep.write(result, _WORKDIR.value, report_test=_REPORT_TEST.value)
   shown = sweep.reported(result, _REPORT_TEST.value)
   print(shown['metrics'].to_string(index=False, float_format='%.3f'))
@@ -93,8 +94,8 @@ def run():
   cli.run(
     main,
     example=EXAMPLE,
-    interrupted='interrupted: no file is left half-written; run the same command again to '
-    'train the sweep from the start',
+    interrupted='interrupted: the checkpoints are intact; run the same command with --resume '
+    'to continue from the latest one',
   )
 
 

@@ -64,12 +64,6 @@ def final_line(info: dict, workdir: str | Path, ensemble: bool) -> str:
 
 
 def _interrupted() -> str:
-  config = _CONFIG.value
-  if (_ENSEMBLE.value if _ENSEMBLE.value is not None else config.train.ensemble) or 0:
-    return (
-      'interrupted: no file is left half-written, but an ensemble cannot resume: run the same '
-      'command again to train it from the start'
-    )
   return (
     f'interrupted: the checkpoints in {_WORKDIR.value} are intact; run the same command with '
     '--resume to continue from the latest one'
@@ -94,8 +88,6 @@ def main(argv):
   k = int(config.train.ensemble or 0)
   if k == 1 or k < 0:
     raise cli.UserError(f'--ensemble={k}: use 0 for one model or K >= 2 for K fold members')
-  if k and _RESUME.value:
-    raise cli.UserError('--resume is not supported for ensembles: rerun without --resume')
   if not k and int(config.split.folds) <= 1 and not 0 < config.split.val_fraction < 1:
     raise cli.UserError(
       f'config.split.val_fraction={config.split.val_fraction}: one model needs validation '
@@ -103,7 +95,7 @@ def main(argv):
       'ensemble (--ensemble=5)'
     )
   latest = Path(_WORKDIR.value) / 'checkpoints' / 'latest'
-  if not k and not _RESUME.value and latest.is_dir() and any(latest.glob('[0-9]*')):
+  if not _RESUME.value and latest.is_dir() and any(latest.glob('[0-9]*')):
     raise cli.UserError(
       f'--workdir={_WORKDIR.value} already holds a run: pass --resume to continue it, or '
       'another --workdir'
@@ -120,12 +112,9 @@ def main(argv):
   logging.info('%s', note)
   cli.add_log_filter(cli.EpochFilter(config.train.get('log_epochs', 5), improvements=not k))
 
-  from moemil_jax import ensemble, train  # after flag parsing: keeps --help fast
+  from moemil_jax import train  # after flag parsing: keeps --help fast
 
-  if k:
-    info = ensemble.train_ensemble(config, _WORKDIR.value)
-  else:
-    info = train.train_and_evaluate(config, _WORKDIR.value, resume=_RESUME.value)
+  info = train.train_and_evaluate(config, _WORKDIR.value, resume=_RESUME.value)
   if info.get('process_index', 0) == 0 and 'stopped_at_epoch' not in info:
     print(final_line(info, _WORKDIR.value, bool(k)), flush=True)
 

@@ -31,8 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moemil_jax import parallel
-
 LOOKAHEAD = 4  # patients tried past one that does not fit before a training block is closed
 EVAL_LOOKAHEAD = 64  # evaluation order is free: pack tighter
 
@@ -44,12 +42,12 @@ EVAL_LOOKAHEAD = 64  # evaluation order is free: pack tighter
 class BagLayout:
   """Where every bag lives in `DeviceData.patches`.
 
-  The patches array is `groups` blocks of `rows` rows, one block per device of the data
-  axis (a multiple of 256 rows); each block ends in zero rows, the last of which padding
-  points at. Patient p's bag is in block
-  `group[p]`, from the global row `offset[p]`. Batches put a group's patients in that
-  group's rows, so with a mesh each device gathers only from its own block. One group is
-  the single-device layout: bags back to back in patient order, then one zero row.
+  The patches array is `groups` blocks of `rows` rows (`data.bag_groups`; a multiple of
+  256 rows); each block ends in zero rows, the last of which padding points at. Patient
+  p's bag is in block `group[p]`, from the global row `offset[p]`. Batches put a group's
+  patients in that group's rows, so the groups of a step can be split over the devices of
+  the mesh's data axis. One group (the default): bags back to back in patient order, then
+  one zero row.
   """
 
   group: np.ndarray  # (P,) int32
@@ -210,6 +208,17 @@ def empty_block(layout: BagLayout, packing: Packing, g: int = 0) -> tuple[np.nda
     np.zeros(packing.rows, bool),
     np.full(packing.capacity, layout.pad_row(g), np.int32),
     np.full(packing.capacity, packing.rows, np.int32),
+  )
+
+
+def empty_batch(layout: BagLayout, packing: Packing) -> Batch:
+  """A step holding no patient in any group (a member's no-op step)."""
+  parts = [empty_block(layout, packing, g) for g in range(layout.groups)]
+  return Batch(
+    np.concatenate([p[0] for p in parts]),
+    np.concatenate([p[1] for p in parts]),
+    np.stack([p[2] for p in parts]),
+    np.stack([p[3] for p in parts]),
   )
 
 
@@ -388,17 +397,12 @@ def padding_fraction(batches: Sequence[Batch]) -> float:
 # --------------------------------------------------------------------------- inside jit
 
 
-def gather_inputs(
-  data: dict[str, jax.Array],
-  batch: dict[str, jax.Array],
-  compute_dtype,
-  mesh: jax.sharding.Mesh | None = None,
-):
+def gather_inputs(data: dict[str, jax.Array], batch: dict[str, jax.Array], compute_dtype):
   """Inside jit: model inputs and targets of one batch from the resident arrays."""
   p = batch['patient']
   segment = batch['patch_segment']
   groups, rows = segment.shape[0], p.shape[0] // segment.shape[0]
-  wsi = parallel.gather_local_rows(data['patches'], batch['patch_index'], mesh)
+  wsi = data['patches'][batch['patch_index']]
   wsi = wsi.astype(jnp.float32)
   wsi = ((wsi - data['patch_mean']) * data['patch_inv_std']).astype(compute_dtype)
   bag_size = jax.vmap(lambda s: jnp.bincount(s, length=rows + 1)[:rows])(segment)

@@ -3,8 +3,8 @@
 `prepare` fits the preprocessing on the training patients (radiomics selection and
 scaling, deep MRI and patch statistics; `preprocess.Fitted`), or applies a saved one, and
 puts every array on the device once, the
-patches laid out by `batching.BagLayout` (with a mesh: one block per device of the data
-axis, each built by the process that owns the device).
+patches laid out by `batching.BagLayout`. The trainer takes these arrays to the host and
+places them on its mesh (`trainer.fold_data`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moemil_jax import parallel, preprocess, prototypes
+from moemil_jax import preprocess, prototypes
 from moemil_jax.batching import BagLayout, bag_layout
 from moemil_jax.store_reader import Cohort
 
@@ -77,20 +77,14 @@ def prepare(
   seed: int = 0,
   device=None,
   layout: BagLayout | None = None,
-  mesh: jax.sharding.Mesh | None = None,
   fitted: preprocess.Fitted | None = None,
 ) -> DeviceData:
   """Fits preprocessing on cohort.split == 'train' (or applies `fitted`, for patients
-  scored by a saved model) and puts the arrays on the device.
-
-  Without a mesh everything goes to `device`. With one, the per-patient arrays are
-  replicated and the patches are split in `layout.groups` blocks along the data axis, each
-  built by the process that owns its device from the bags that process read.
-  """
+  scored by a saved model) and puts the arrays on `device`."""
   layout = layout or bag_layout(cohort.patch_count)
-  patches = _device_patches(cohort, layout, device, mesh)
+  patches = _device_patches(cohort, layout, device)
   if fitted is None:
-    fitted = _fit(cohort, data_config, seed, layout, patches, device, mesh)
+    fitted = _fit(cohort, data_config, seed, layout, patches, device)
   rad = fitted.radiomics.transform(cohort.radiomics) if len(cohort.radiomics.columns) else None
   if rad is None:
     rad = np.zeros((cohort.num_patients, max(fitted.radiomics.width, 1)), np.float32)
@@ -100,8 +94,6 @@ def prepare(
   deep = ((cohort.mri_deep - fitted.deep_mean) / fitted.deep_std).astype(np.float32)
   deep *= (np.arange(deep.shape[1])[None] < cohort.mri_deep_count[:, None])[..., None]
   surv = ~np.isnan(cohort.os_months)
-  if mesh is not None:
-    device = parallel.replicated(mesh)
 
   def put(x):
     return jax.device_put(x, device)
@@ -145,7 +137,7 @@ def _fit_prototypes(cohort: Cohort, data_config, train: np.ndarray, seed: int):
   if cohort.bags_partitioned:
     raise ValueError(
       'data.slide_prototypes > 0 needs every bag on every process (prototypes are fitted on '
-      'all training patients): load the store without bags_to_read, as train.load_data does'
+      'all training patients): load the store without bags_to_read, as trainer.load does'
     )
   return prototypes.fit(
     prototypes.bags_of(cohort),
@@ -156,7 +148,7 @@ def _fit_prototypes(cohort: Cohort, data_config, train: np.ndarray, seed: int):
   )
 
 
-def _fit(cohort: Cohort, data_config, seed, layout, patches, device, mesh) -> preprocess.Fitted:
+def _fit(cohort: Cohort, data_config, seed, layout, patches, device) -> preprocess.Fitted:
   """Radiomics selection and scaling, deep MRI statistics (host) and patch statistics
   (device) from the training patients."""
   if cohort.split is None:
@@ -178,7 +170,7 @@ def _fit(cohort: Cohort, data_config, seed, layout, patches, device, mesh) -> pr
     os_event=cohort.os_event,
   )
   d_mean, d_std = preprocess.masked_mean_std(cohort.mri_deep, train, cohort.mri_deep_count)
-  weights = _device_rows(layout, lambda g: _train_rows(cohort, layout, train, g), device, mesh)
+  weights = _device_rows(layout, lambda g: _train_rows(cohort, layout, train, g), device)
   p_mean, p_inv_std = _patch_statistics(patches, weights)
   z_max = np.zeros(len(sel.columns))
   rows = train & cohort.has_radiomics
@@ -233,23 +225,10 @@ def _patch_statistics(patches: jax.Array, weights: jax.Array):
   return mean, 1.0 / jnp.where(std > 1e-6, std, 1.0)
 
 
-def _device_rows(layout: BagLayout, block, device, mesh, width: int | None = None) -> jax.Array:
-  """A per-row array laid out like the patches: block(g) for each group g (with a mesh,
-  each process builds only the blocks of its own devices)."""
-  if mesh is None:
-    return jax.device_put(np.concatenate([block(g) for g in range(layout.groups)]), device)
-  if mesh.shape[parallel.DATA] != layout.groups:
-    raise ValueError(
-      f"bag layout has {layout.groups} groups, the mesh's data axis "
-      f'{mesh.shape[parallel.DATA]} devices'
-    )
-  shape = (layout.groups * layout.rows,) + (() if width is None else (width,))
-  return jax.make_array_from_callback(
-    shape, parallel.batch_sharded(mesh), lambda index: block((index[0].start or 0) // layout.rows)
-  )
+def _device_rows(layout: BagLayout, block, device) -> jax.Array:
+  """A per-row array laid out like the patches: block(g) for each group g."""
+  return jax.device_put(np.concatenate([block(g) for g in range(layout.groups)]), device)
 
 
-def _device_patches(cohort: Cohort, layout: BagLayout, device, mesh) -> jax.Array:
-  return _device_rows(
-    layout, lambda g: _bag_block(cohort, layout, g), device, mesh, cohort.patches.shape[1]
-  )
+def _device_patches(cohort: Cohort, layout: BagLayout, device) -> jax.Array:
+  return _device_rows(layout, lambda g: _bag_block(cohort, layout, g), device)

@@ -1,36 +1,34 @@
-"""Data parallelism with `jax.sharding`: one mesh axis "data", batches split along it.
+"""The device mesh of training: two axes, `member` x `data`, with `AxisType.Auto`.
 
-Training stays a single SPMD program. Parameters, optimiser state and the small
-per-patient arrays are replicated on every device. Patients are dealt to one group per
-device (`data.bag_layout`); the patches array is split in blocks along "data" so each
-device holds only its group's bags, and each batch puts a group's patients in that
-device's rows, so the gather (`gather_local_rows`) never moves patches between devices.
-Per-patient outputs and targets are resharded to replicated before the loss: the Cox
-partial likelihood sorts the *global* batch by time, and a sort over a batch-sharded array
-would otherwise sort only within each shard (explicit axes refuse it, auto axes would hide
-the cross-device gather).
+Training state is K stacked members (`trainer.py`). The member axis splits them over
+devices: an ensemble on 8 GPUs trains one member per GPU with no communication at all,
+the natural layout for a model of this size. The data axis splits each member's batch by
+bag group (`data.bag_groups`), so a member's step is data-parallel. The batches depend on
+the config alone, never on the device count: sharding only places the program, and XLA's
+partitioner (auto axes) keeps its results those of one device, to round-off. Per-patient
+tables and the patches are replicated on every device.
 
-The mesh uses `AxisType.Auto` axes so that XLA's sharding propagation places every
-intermediate; jax 0.10's `jax.make_mesh` default (Explicit) would demand annotations on
-every gather of the model.
+Config (all optional):
 
-Config (all optional; a config without `mesh` trains on the default device as before):
+  config.mesh.member = 0          # devices on the member axis; 0 = automatic
+  config.mesh.data = 0            # devices on the data axis; 0 or -1 = automatic
+  config.mesh.distributed = False # call jax.distributed.initialize() first (multi-host)
+  config.mesh.coordinator = ""    # host:port of process 0; "" = from the cluster environment
+  config.mesh.num_processes = 0   # 0 = from the cluster environment
+  config.mesh.process_id = -1     # -1 = from the cluster environment
 
-  config.mesh.data = -1          # devices on the data axis; -1 = all (over all hosts)
-  config.mesh.distributed = False  # call jax.distributed.initialize() first (multi-host)
-  config.mesh.coordinator = ""   # host:port of process 0; "" = from the cluster environment
-  config.mesh.num_processes = 0  # 0 = from the cluster environment
-  config.mesh.process_id = -1    # -1 = from the cluster environment
-
-On TPU pods, SLURM and Open MPI, `jax.distributed.initialize()` finds the coordinator and
-process ids by itself, so only `distributed = True` is needed. Every process runs the same
-program on the same host-side batch plan (same seeds); `shard_batch` hands each device only
-its rows, so a process transfers just its own part of every batch, and each process reads
-from the store only the bags its own devices hold.
+Automatic: data = gcd(bag groups, devices) (1 without bag groups), member = the smallest
+divisor of the remaining devices that holds every member (all of them with several
+processes, which must all take part); members are padded with idle copies to a multiple of
+the member axis. On TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds the
+coordinator and process ids by itself, so only `distributed = True` is needed. Every
+process runs the same program on the same host-side batch plan (same seeds) and places
+only its own devices' parts (`put`); process 0 alone writes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -40,13 +38,21 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+MEMBER = 'member'
 DATA = 'data'
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  """Defaults for `config.mesh` (single device, no multi-host)."""
+  """Defaults for `config.mesh` (automatic axes, no multi-host)."""
   return ml_collections.ConfigDict(
-    {'data': 0, 'distributed': False, 'coordinator': '', 'num_processes': 0, 'process_id': -1}
+    {
+      'member': 0,
+      'data': 0,
+      'distributed': False,
+      'coordinator': '',
+      'num_processes': 0,
+      'process_id': -1,
+    }
   )
 
 
@@ -62,7 +68,7 @@ def _mesh_fields(config) -> ml_collections.ConfigDict | None:
 def initialize_distributed(config) -> None:
   """jax.distributed.initialize() when config.mesh.distributed; idempotent.
 
-  Must run before anything touches a JAX backend (launch.train calls training first thing).
+  Must run before anything touches a JAX backend (training calls it first thing).
   """
   mc = _mesh_fields(config)
   if mc is None or not mc.distributed or jax.distributed.is_initialized():
@@ -84,62 +90,62 @@ def initialize_distributed(config) -> None:
   )
 
 
-def make_mesh(data: int = -1) -> jax.sharding.Mesh:
-  """A 1-D mesh over `data` devices (-1 = every device of every process)."""
-  n = jax.device_count() if data in (-1, None) else int(data)
-  if not 1 <= n <= jax.device_count():
+def training_mesh(config, members: int, groups: int = 1) -> jax.sharding.Mesh:
+  """The (member, data) mesh for `members` stacked members whose batches have `groups` bag
+  groups (see the module docstring for the automatic rule)."""
+  mc = _mesh_fields(config) or mesh_config()
+  n = jax.device_count()
+  data = int(mc.data) if int(mc.data) > 0 else math.gcd(groups, n)
+  if groups % data or data > n:
     raise ValueError(
-      f'mesh.data={data}: this job has {jax.device_count()} devices '
-      f'({jax.process_count()} processes)'
+      f'mesh.data={data}: the data axis splits the {groups} bag groups of a step '
+      f'(data.bag_groups) over devices, so it must divide them and fit the {n} devices; '
+      'set data.bag_groups to a multiple of mesh.data'
     )
-  if jax.process_count() > 1 and n != jax.device_count():
+  member = int(mc.get('member', 0))
+  if member <= 0:
+    rest = n // data
+    fits = [m for m in range(1, rest + 1) if rest % m == 0 and m >= members]
+    member = rest if jax.process_count() > 1 or not fits else fits[0]
+  if member * data > n:
+    raise ValueError(f'mesh.member={member} x mesh.data={data} needs more than the {n} devices')
+  if jax.process_count() > 1 and member * data != n:
     raise ValueError(
-      f'mesh.data={data}: with {jax.process_count()} processes the data axis '
-      f'must span all {jax.device_count()} devices (use -1)'
+      f'mesh.member={member} x mesh.data={data}: with {jax.process_count()} processes the '
+      f'mesh must span all {n} devices (use 0 for automatic)'
     )
-  return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+  return jax.make_mesh(
+    (member, data),
+    (MEMBER, DATA),
+    axis_types=(AxisType.Auto, AxisType.Auto),
+    devices=jax.devices()[: member * data],
+  )
 
 
-def mesh_from_config(config) -> jax.sharding.Mesh | None:
-  """The data mesh asked for by config.mesh.data, or None (plain single-device run)."""
-  mc = _mesh_fields(config)
-  if mc is None or not mc.data:
-    return None
-  return make_mesh(int(mc.data))
+def padded_members(mesh: jax.sharding.Mesh, members: int) -> int:
+  """Members rounded up to a multiple of the member axis (the rest train as idle copies)."""
+  m = mesh.shape[MEMBER]
+  return -(-members // m) * m
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA))
+def member_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading member axis split over `member`."""
+  return NamedSharding(mesh, P(MEMBER))
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None) -> None:
-  if mesh is not None and batch_size % mesh.shape[DATA]:
-    raise ValueError(
-      f'train.batch_size={batch_size} is not divisible by the {mesh.shape[DATA]} '
-      'devices of mesh.data; pick a multiple'
-    )
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """(members, bag groups or patient slots, ...) batches: members over `member`, groups
+  (and their patient slots) over `data`."""
+  return NamedSharding(mesh, P(MEMBER, DATA))
 
 
-def replicate(tree, mesh: jax.sharding.Mesh | None):
-  """Host or device arrays -> replicated on every device of the mesh (no-op without one)."""
-  if mesh is None:
-    return tree
-  return jax.device_put(tree, replicated(mesh))
-
-
-def shard_batch(tree: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None):
-  """Host batch (leading axis = patients) -> global arrays split along "data".
-
-  Every process holds the same host batch (same seeds); each device receives only its rows,
-  which works unchanged on one host and across hosts.
-  """
-  if mesh is None:
-    return tree
-  sharding = batch_sharded(mesh)
+def put(tree, sharding: NamedSharding):
+  """Host arrays (the same on every process) -> global arrays; each process transfers only
+  the parts its own devices hold, on one host and across hosts alike."""
 
   def place(x):
     x = np.asarray(x)
@@ -148,55 +154,17 @@ def shard_batch(tree: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None):
   return jax.tree.map(place, tree)
 
 
-def constrain_replicated(tree, mesh: jax.sharding.Mesh | None):
-  """Inside jit: gather (reshard) to every device, e.g. before sorting the global batch."""
-  if mesh is None:
-    return tree
-  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
-
-
-def bag_groups(config, mesh: jax.sharding.Mesh | None) -> int:
-  """Groups of the bag layout (`data.bag_layout`): one per device on the data axis.
-
-  config.data.bag_groups > 0 asks for that many on a single device too, which reproduces
-  the batches (and so the training) of a data-parallel run with that many devices.
-  """
-  asked = int(config.data.get('bag_groups', 0) or 0)
-  if mesh is None:
-    return asked or 1
-  if asked and asked != mesh.shape[DATA]:
-    raise ValueError(
-      f'data.bag_groups={asked} but the data axis has {mesh.shape[DATA]} '
-      'devices; use 0 (one group per device)'
-    )
-  return mesh.shape[DATA]
-
-
-def local_groups(mesh: jax.sharding.Mesh | None, groups: int) -> np.ndarray:
-  """Positions on the data axis whose devices belong to this process (all without a mesh)."""
-  if mesh is None:
-    return np.arange(groups)
-  return np.array(
-    [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
-  )
-
-
-def gather_local_rows(table: jax.Array, index: jax.Array, mesh: jax.sharding.Mesh | None):
-  """Inside jit: table[index], where table and index are split alike along "data".
-
-  Each device holds one block of the table (its patients' bags) and the batch rows that
-  point into that block, so the gather runs device by device without moving any table row
-  (a plain gather on a sharded table would all-gather it first). Indices are global rows.
-  """
-  if mesh is None:
-    return table[index]
-
-  def local(block, idx):
-    return block[idx - jax.lax.axis_index(DATA) * block.shape[0]]
-
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(
-    table, index
-  )
+def host(x) -> np.ndarray:
+  """A global array as a host numpy array, on any process (gathered when it is split over
+  devices of other processes)."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  whole = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+  return np.asarray(whole.addressable_data(0))
 
 
 def sum_over_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -219,22 +187,3 @@ def sum_over_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 def is_writer() -> bool:
   """Process 0 writes predictions, run.json and TensorBoard events; the others only compute."""
   return jax.process_index() == 0
-
-
-# Per-patient model outputs the losses combine across the whole batch.
-PATIENT_OUTPUTS = ('response_logit', 'log_risk', 'gates')
-
-
-def gather_for_loss(outputs: dict, targets: dict, mesh: jax.sharding.Mesh | None):
-  """Inside jit: per-patient outputs and all targets resharded to replicated.
-
-  Bag-level outputs (attention scores, instance logits) stay split by patient: the
-  instance loss works row by row and only its sums cross devices.
-  """
-  if mesh is None:
-    return outputs, targets
-  outputs = dict(outputs)
-  for k in PATIENT_OUTPUTS:
-    if k in outputs:
-      outputs[k] = constrain_replicated(outputs[k], mesh)
-  return outputs, constrain_replicated(targets, mesh)

@@ -20,6 +20,7 @@ the bundle. Labels are not needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +33,7 @@ import pandas as pd
 from absl import logging
 from flax import nnx
 
-from moemil_jax import batching, bundle, models, preprocess, store_reader, train, uncertainty
+from moemil_jax import batching, bundle, models, preprocess, store_reader, trainer, uncertainty
 from moemil_jax import device_data as device_data_lib
 
 MODALITY_NAMES = {'wsi': 'WSI', 'radiomics': 'MRI radiomics', 'mri_deep': 'deep MRI'}
@@ -71,11 +72,47 @@ def member_model(config, member: bundle.Member, cohort, layout=None):
   data = device_data_lib.prepare(cohort, config.data, layout=layout, fitted=member.fitted)
   have = int(data.radiomics.shape[1])
   data.radiomics = jnp.pad(data.radiomics, ((0, 0), (0, member.radiomics_width - have)))
-  model = train.build_model(config, member.radiomics_width, int(data.patches.shape[1]))
+  model = trainer.build_model(config, member.radiomics_width, int(data.patches.shape[1]))
   _, params, _ = nnx.split(model, nnx.Param, ...)
   nnx.replace_by_pure_dict(params, member.params)
   nnx.update(model, params)
   return data, model
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(config_json: str, radiomics_width: int, patch_dim: int):
+  """A jitted forward pass of one member on this host's default device. The training mesh
+  saved in the config is never applied: a bundle trained on 8 devices predicts on 1."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  graphdef, _, _ = nnx.split(
+    trainer.build_model(config, radiomics_width, patch_dim), nnx.Param, ...
+  )
+  dtype = jnp.dtype(config.model.compute_dtype)
+
+  @jax.jit
+  def eval_step(params, rest, data, batch):
+    model = nnx.merge(graphdef, params, rest)
+    inputs, _ = batching.gather_inputs(data, batch, dtype)
+    out = model(inputs, rngs=None)
+    return {k: out[k] for k in ('response_logit', 'log_risk', 'gates')}
+
+  return eval_step
+
+
+def predict_patients(eval_step, params, rest, device_data, batches, num_patients, num_experts):
+  """(response logits, log-risks, gates) of every patient in `batches` (NaN elsewhere)."""
+  data_tree = device_data.tree()
+  outs = [(b, eval_step(params, rest, data_tree, b.tree())) for b in batches]
+  logit = np.full(num_patients, np.nan)
+  risk = np.full(num_patients, np.nan)
+  gates = np.full((num_patients, len(models.TASKS), num_experts), np.nan)
+  for b, out in outs:
+    out = jax.device_get(out)
+    rows, mask = b.patient[b.patient_mask], b.patient_mask
+    logit[rows] = out['response_logit'][mask]
+    risk[rows] = out['log_risk'][mask]
+    gates[rows] = out['gates'][mask]
+  return logit, risk, gates
 
 
 class Bundle:
@@ -143,12 +180,12 @@ class Bundle:
       data, model = member_model(config, member, cohort, layout)
       config_json = json.dumps(config.to_dict(), sort_keys=True)
       patch_dim = int(data.patches.shape[1])
-      _, _, eval_step = train.compiled_steps(config_json, member.radiomics_width, 1, patch_dim)
+      eval_step = _eval_step(config_json, member.radiomics_width, patch_dim)
       _, params, rest = nnx.split(model, nnx.Param, ...)
       params, rest = jax.device_put((params, rest), jax.devices()[0])
-      logit, risk, gate = train.predict_patients(
+      logit, risk, gate = predict_patients(
         eval_step, params, rest, data, batches, cohort.num_patients, config.model.num_experts
-      )()
+      )
       logits.append(logit)
       risks.append(risk - member.risk_offset)
       gates.append(gate)
