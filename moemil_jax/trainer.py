@@ -209,7 +209,7 @@ def member_splits(config, cohort, folds: Sequence[int]) -> dict[int, np.ndarray]
 def fold_data(config, cohort, splits: dict[int, np.ndarray], layout: batching.BagLayout):
   """(shared host arrays, per-fold host arrays stacked along a fold axis, radiomics width,
   {fold: preprocess.Fitted}): preprocessing fitted on each fold's training patients."""
-  cpu = jax.devices('cpu')[0]
+  cpu = jax.local_devices(backend='cpu')[0]  # this process's own (multi-process runs)
   per_fold = {k: [] for k in PER_FOLD}
   fitted, shared = {}, None
   for f, split in splits.items():
@@ -662,6 +662,7 @@ def fit(
       tc.val_metric, cohort, split_rows[real], logits[real], risks[real]
     )
     improved = _select(meta, auc, cidx, score, int(tc.get('patience', 0)))
+    meta['history'][-1]['train_loss'] = float(np.mean(meta['train_loss'][-1]))
     if improved:
       best_params = jax.tree.map(jnp.copy, params)  # the steps donate `params`
     logging.info(

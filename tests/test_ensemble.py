@@ -1,6 +1,13 @@
-"""`launch.train --ensemble=K`: K fold members in one program, predicting with their mean."""
+"""`launch.train --ensemble=K`: K fold members in one program, predicting with their mean;
+killed and resumed, it ends as an uninterrupted run."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -8,10 +15,12 @@ import pandas as pd
 import pytest
 
 from feature_store import synthetic, synthetic_store
-from moemil_jax import ensemble, metrics, sweep
+from moemil_jax import metrics, train, trainer
 from moemil_jax.configs import test as test_config
 
-pytestmark = pytest.mark.slow  # trains a 3-member ensemble
+pytestmark = pytest.mark.slow  # trains a 3-member ensemble, then kills and resumes one
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +39,7 @@ def run(tmp_path_factory):
   c.train.epochs = 4
   c.train.ensemble = 3
   workdir = tmp_path_factory.mktemp('ensemble')
-  info = ensemble.train_ensemble(c, workdir)
+  info = train.train_and_evaluate(c, workdir)
   return c, workdir, info
 
 
@@ -72,30 +81,48 @@ def test_members_cover_the_development_center_once(run):
 def test_epoch_is_chosen_on_the_smoothed_out_of_fold_score(run):
   config, workdir, info = run
   result = info['result']
-  history = result.selection_history
+  history = result.meta['history']
   assert [h['epoch'] for h in history] == [1, 2, 3, 4]
   smoothed = [h['smoothed'] for h in history]
   assert result.best_epoch == int(np.nanargmax(smoothed)) + 1
+  for prev, h in zip(history, history[1:]):  # an exponential moving average, weight 1/2
+    assert h['smoothed'] == pytest.approx(0.5 * (prev['smoothed'] + h['val_metric']), abs=1e-12)
   saved = json.loads((workdir / 'run.json').read_text())
-  assert saved['ensemble']['best_epoch'] == result.best_epoch
+  assert saved['best_step'] == saved['selected']['epoch'] == result.best_epoch
+  assert saved['selected']['on'] == 'out-of-fold'
+  # run.json: members' figures out of fold only (no member's test-center figure), compile
+  # counts, devices and mesh.
+  assert [m['member'] for m in saved['members']] == [m.name for m in result.members]
+  assert all(set(m) == {'member', 'val_auc', 'val_cindex'} for m in saved['members'])
+  assert 'test' not in json.dumps(saved['members']) and 'test_auc' not in json.dumps(saved)
+  assert saved['compiled'] == {'train_step': 1, 'eval_step': 1}
+  assert saved['mesh'] == {'member': 1, 'data': 1} and len(saved['devices']) == 1
   # The score is the validation metric over the pooled out-of-fold predictions of that epoch
   # (checked for the selected epoch, whose member predictions the result holds).
-  oof = sweep.out_of_fold(result.logits, result.splits)
+  oof = trainer.out_of_fold(result.logits, result.splits)
   rows = ~np.isnan(oof)
-  cohort = sweep.load(config)
+  cohort = trainer.load(config)
   auc = metrics.labelled_auc_or_nan(cohort.response[rows], oof[rows])
-  risk = sweep.out_of_fold(sweep.centred_log_risk(result.log_risk, result.splits), result.splits)
+  risk = trainer.out_of_fold(
+    trainer.centred_log_risk(result.log_risk, result.splits), result.splits
+  )
   cidx = metrics.cindex_or_nan(cohort.os_months[rows], cohort.os_event[rows], risk[rows])
-  assert history[result.best_epoch - 1]['oof_score'] == pytest.approx((auc + cidx) / 2, abs=1e-9)
+  assert history[result.best_epoch - 1]['val_metric'] == pytest.approx((auc + cidx) / 2, abs=1e-9)
 
 
 def test_checkpoint_holds_every_member(run):
   import orbax.checkpoint as ocp
 
   config, workdir, info = run
-  restored = ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / 'ensemble').resolve())
-  leaves = [np.asarray(x) for x in jax.tree.leaves(restored)]
+  best = workdir / 'checkpoints' / 'best' / str(info['best_step']) / 'state'
+  restored = ocp.StandardCheckpointer().restore(best.resolve())
+  leaves = [np.asarray(x) for x in jax.tree.leaves(restored['params'])]
   assert leaves and all(x.shape[0] == 3 for x in leaves)
+  # The members' parameters of the selected epoch are those of the bundle.
+  np.testing.assert_array_equal(
+    np.concatenate([x.ravel() for x in leaves]),
+    np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(info['result'].params)]),
+  )
 
 
 def test_explain_restores_the_first_member_exactly(run):
@@ -136,14 +163,48 @@ def test_repeats_give_each_fold_its_own_seeds_and_average_out_of_fold():
   out-of-fold value is the mean of the R members holding it out."""
   c = test_config.get_config()
   c.seed, c.train.ensemble, c.train.ensemble_repeats = 7, 3, 2
-  members = ensemble.ensemble_members(c)
+  members = train.run_members(c)
   assert [(m.fold, m.seed) for m in members] == [(f, s) for f in range(3) for s in (7, 8)]
   assert len({m.name for m in members}) == 6
   splits = np.array([['val' if m.fold == p % 3 else 'train' for p in range(6)] for m in members])
   values = np.arange(36, dtype=float).reshape(6, 6)
-  oof = sweep.out_of_fold(values, splits)
+  oof = trainer.out_of_fold(values, splits)
   for p in range(6):
     np.testing.assert_allclose(oof[p], values[[2 * (p % 3), 2 * (p % 3) + 1], p].mean())
   c.train.ensemble_repeats = 0
   with pytest.raises(ValueError, match='ensemble_repeats=0'):
-    ensemble.ensemble_members(c)
+    train.run_members(c)
+
+
+def test_killed_ensemble_resumes_to_the_uninterrupted_predictions(run, tmp_path):
+  """`launch.train` of the same ensemble, SIGKILLed after its second epoch's checkpoint and
+  rerun with --resume, ends with the predictions of the uninterrupted run."""
+  config, workdir, _ = run
+  cmd = [
+    sys.executable,
+    '-m',
+    'launch.train',
+    '--config=moemil_jax/configs/test.py',
+    f'--store={config.store}',
+    f'--workdir={tmp_path}',
+    '--ensemble=3',
+    f'--config.train.epochs={config.train.epochs}',
+  ]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  latest = tmp_path / 'checkpoints' / 'latest'
+  deadline = time.time() + 300
+  while not any(p.name.isdigit() and int(p.name) >= 2 for p in latest.glob('*')):
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline, 'no checkpoint of epoch 2 within 300 s'
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / 'predictions.parquet').exists()
+  done = subprocess.run([*cmd, '--resume'], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'resumed from epoch' in done.stderr
+  want = pd.read_parquet(workdir / 'predictions.parquet')
+  got = pd.read_parquet(tmp_path / 'predictions.parquet')
+  for column in ('response_logit', 'log_risk', 'oof_response_logit', 'oof_log_risk'):
+    np.testing.assert_allclose(got[column], want[column], rtol=1e-6, atol=1e-6)

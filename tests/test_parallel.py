@@ -1,5 +1,7 @@
-"""Data-parallel training on 8 (virtual CPU) devices equals training on one device, and
-two processes of 4 devices each (jax.distributed over localhost) equal one process of 8.
+"""The default 5-member ensemble on 8 (virtual CPU) devices, with members sharded and with
+each member's batch sharded, gives the predictions of a 1-device run; two processes of 4
+devices each (jax.distributed over localhost) give those of one process of 8; bundles
+trained on 8 devices predict on 1 and the reverse.
 
 XLA_FLAGS must be set before JAX starts, and the rest of the test session has already
 started it with one device, so the runs happen in fresh subprocesses.
@@ -20,113 +22,57 @@ import pytest
 pytestmark = pytest.mark.slow  # trains on 8 simulated devices and two processes
 
 ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
 
-CHILD = textwrap.dedent(r"""
+COMMON = textwrap.dedent(r"""
     import json, sys
-    import jax, jax.numpy as jnp, numpy as np, ml_collections
-    from flax import nnx
+    import jax
     from feature_store import synthetic_store
-    from moemil_jax import batching, device_data, losses, parallel, splits, store_reader, train
-    from moemil_jax.configs import test as test_config
-
-    out_dir = sys.argv[1]
-    assert jax.device_count() == 8, jax.devices()
-    store = synthetic_store.make_store(out_dir + "/store", patients=40, seed=1,
-                                       median_patches=40, max_patches=120)
-
-    def config(devices):
-        c = test_config.get_config()
-        c.store = str(store)
-        c.train.epochs = 3
-        # Partitioned bag reading is what this file checks; slide prototypes make every
-        # process read every bag (train.load_data), so the runs here use attention only.
-        c.data.slide_prototypes = 0
-        c.model.wsi_pathway = "attention"
-        c.mesh = parallel.mesh_config()
-        c.mesh.data = devices
-        return c
-
-    # ---------------------------------------------------------------- one step
-    cohort = store_reader.load_store(store)
-    cohort.split = splits.assign_splits(cohort, seed=0)
-    train_ids = np.flatnonzero(cohort.split == "train")
-    layout = batching.bag_layout(cohort.patch_count, 8)  # one device reads the same blocks
-    packing = batching.training_packing(cohort.patch_count[train_ids],
-                                        layout.group[train_ids], batch_size=8, groups=8,
-                                        max_patches=128)
-    batch = batching.train_batches(train_ids, cohort.patch_count, layout, packing,
-                                   rng=np.random.default_rng(0))[0]
-    key = jax.random.key(7)
-    results = {}
-    for devices in (0, 8):
-        c = config(devices)
-        mesh = parallel.mesh_from_config(c)
-        host_data = device_data.prepare(cohort, c.data, seed=0, layout=layout, mesh=mesh)
-        data = host_data.tree()
-        if mesh is not None:  # each device holds only its own group's bags
-            shards = data["patches"].addressable_shards
-            assert len(shards) == 8 and shards[0].data.shape[0] == layout.rows
-        rdim = int(host_data.radiomics.shape[1])
-        tx, train_step, _ = train.compiled_steps(
-            json.dumps(c.to_dict(), sort_keys=True), rdim, 4)
-        graphdef, params, rest = nnx.split(train.build_model(c, rdim), nnx.Param, ...)
-        opt_state = tx.init(params)
-        params, rest, opt_state = parallel.replicate((params, rest, opt_state), mesh)
-        b = parallel.shard_batch(batch.tree(), mesh)
-        if mesh is not None:
-            assert b["patch_index"].sharding.spec == jax.sharding.PartitionSpec("data")
-            assert len(b["patch_index"].addressable_shards) == 8
-
-        loss_fn = train.make_loss_fn(c, graphdef, mesh=mesh)  # the training loss
-        loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, rest, data, b, key)[0]))(
-            params)
-        new_params, _, metrics = train_step(params, opt_state, rest, data, b, key)
-        if mesh is not None:
-            leaf = jax.tree.leaves(new_params)[0]
-            assert leaf.sharding.is_fully_replicated, leaf.sharding
-        results[devices] = jax.device_get(
-            (float(loss), grads, nnx.to_pure_dict(new_params), metrics))
-
-    (l1, g1, p1, m1), (l8, g8, p8, m8) = results[0], results[8]
-    np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
-    assert sorted(m1) == sorted(m8)
-    for k in m1:
-        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(m8["loss"], l1, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g8, g1)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p8, p1)
-    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 0  # real gradients
-
-    # ---------------------------------------------------------------- short run
-    runs = {}
-    for devices in (0, 8):
-        c = config(devices)
-        c.data.bag_groups = 8  # one device, batches dealt as on eight
-        info = train.train_and_evaluate(c, f"{out_dir}/run{devices}")
-        runs[devices] = info
-    json.dump({"one_step_loss": l1, "history_1": runs[0]["history"],
-               "history_8": runs[8]["history"]}, open(out_dir + "/result.json", "w"))
-    print("CHILD OK")
-""")
-
-
-MULTI_PROCESS = textwrap.dedent(r"""
-    import json, sys
     from moemil_jax import parallel, train
     from moemil_jax.configs import test as test_config
 
-    process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    c = test_config.get_config()
-    c.store = out_dir + "/store"
-    c.train.epochs = 3
-    c.data.slide_prototypes = 0  # as in the 8-device run: partitioned bag reading
-    c.model.wsi_pathway = "attention"
-    c.mesh = parallel.mesh_config()
-    c.mesh.update(data=-1, distributed=True, coordinator=f"localhost:{port}", num_processes=2,
+    def config(store, member=0, data=0, groups=0):
+        c = test_config.get_config()
+        c.store = str(store)
+        c.train.epochs = 3
+        c.train.ensemble = 5  # the default recipe's ensemble
+        c.data.bag_groups = groups
+        c.mesh = parallel.mesh_config()
+        c.mesh.update(member=member, data=data)
+        return c
+
+    def brief(info):
+        return {k: info[k] for k in ("mesh", "devices", "compiled", "processes", "history")}
+""")
+
+CHILD = COMMON + textwrap.dedent(r"""
+    out = sys.argv[1]
+    assert jax.device_count() == 8, jax.devices()
+    store = synthetic_store.make_store(out + "/store", patients=48, seed=1,
+                                       median_patches=40, max_patches=120)
+    runs = {
+        "one": config(store, member=1, data=1),          # one device
+        "members": config(store),                        # automatic: members over 8 devices
+        "groups_one": config(store, member=1, data=1, groups=8),
+        "groups": config(store, member=1, groups=8),     # each member's batch over 8 devices
+    }
+    infos = {name: brief(train.train_and_evaluate(c, f"{out}/{name}")) for name, c in runs.items()}
+    # A bundle trained on one device, applied on this host of eight.
+    from moemil_jax import predict
+    scored = predict.load_bundle(f"{out}/one").predict(store)
+    scored[["response_prob", "log_risk"]].to_csv(f"{out}/one_bundle_on_8.csv", index=False)
+    json.dump(infos, open(out + "/infos.json", "w"))
+    print("CHILD OK")
+""")
+
+MULTI_PROCESS = COMMON + textwrap.dedent(r"""
+    process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    c = config(out + "/store")
+    c.mesh.update(distributed=True, coordinator=f"localhost:{port}", num_processes=2,
                   process_id=process_id)
-    info = train.train_and_evaluate(c, out_dir + "/run_2x4")
-    json.dump({k: info[k] for k in ("history", "process_index", "processes", "patches_read")},
-              open(f"{out_dir}/process{process_id}.json", "w"))
+    info = train.train_and_evaluate(c, out + "/run_2x4")
+    json.dump({**brief(info), "process_index": info["process_index"]},
+              open(f"{out}/process{process_id}.json", "w"))
     print("PROCESS OK")
 """)
 
@@ -136,29 +82,16 @@ def _child_env(devices: int) -> dict[str, str]:
   return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
 
 
-def _assert_same_history(h1, h2):
-  assert len(h1) == len(h2) == 3
-  for a, b in zip(h1, h2):
-    for k in ('train_loss', 'val_auc', 'val_cindex', 'val_metric'):
-      assert (a[k] is None) == (b[k] is None), k
-      if a[k] is not None:
-        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (k, a, b)
-
-
-def _assert_same_predictions(dir1: Path, dir2: Path):
-  p1 = pd.read_parquet(dir1 / 'predictions.parquet')
-  p2 = pd.read_parquet(dir2 / 'predictions.parquet')
-  # The Cox likelihood is invariant to a shift of log-risk, so log-risk is compared up to one
-  # constant (the survival pathway has no biases, so the constant should be round-off).
-  shift = (p2.log_risk - p1.log_risk).to_numpy()
-  np.testing.assert_allclose(shift, shift.mean(), atol=1e-5)
-  p2 = p2.assign(log_risk=p2.log_risk - shift.mean())
-  pd.testing.assert_frame_equal(p1, p2, check_exact=False, rtol=1e-5, atol=1e-5)
+def _assert_same_predictions(one: Path, other: Path):
+  p1 = pd.read_parquet(one / 'predictions.parquet')
+  p2 = pd.read_parquet(other / 'predictions.parquet')
+  pd.testing.assert_frame_equal(p1, p2, check_exact=False, rtol=TOLERANCE, atol=TOLERANCE)
+  assert p1.oof_response_logit.notna().sum() > 20  # the out-of-fold columns are compared too
 
 
 @pytest.fixture(scope='module')
-def single_process_runs(tmp_path_factory):
-  """One process: one step and a 3-epoch run, on one device and on eight."""
+def eight_devices(tmp_path_factory):
+  """One process of 8 devices: the ensemble on 1 device, members sharded, batches sharded."""
   out = tmp_path_factory.mktemp('parallel')
   proc = subprocess.run(
     [sys.executable, '-c', CHILD, str(out)],
@@ -166,25 +99,57 @@ def single_process_runs(tmp_path_factory):
     env=_child_env(8),
     capture_output=True,
     text=True,
-    timeout=900,
+    timeout=1200,
   )
   assert proc.returncode == 0 and 'CHILD OK' in proc.stdout, (
     f'child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}'
   )
-  return out
+  return out, json.loads((out / 'infos.json').read_text())
 
 
-def test_eight_devices_match_one(single_process_runs):
-  out = single_process_runs
-  result = json.loads((out / 'result.json').read_text())
-  _assert_same_history(result['history_1'], result['history_8'])
-  _assert_same_predictions(out / 'run0', out / 'run8')
+def test_members_sharded_match_one_device(eight_devices):
+  out, infos = eight_devices
+  assert infos['one']['mesh'] == {'member': 1, 'data': 1} and len(infos['one']['devices']) == 1
+  # Five members on eight devices: the member axis spans all eight (three idle copies).
+  assert infos['members']['mesh'] == {'member': 8, 'data': 1}
+  assert len(infos['members']['devices']) == 8
+  _assert_same_predictions(out / 'one', out / 'members')
 
 
-def test_two_processes_match_one_process(single_process_runs):
-  """Multi-host on one machine: each process reads only its devices' bags, process 0 alone
-  writes predictions, run.json and TensorBoard events, and training equals one process."""
-  out = single_process_runs
+def test_batches_sharded_match_one_device(eight_devices):
+  """Eight bag groups per step: the same batches on one device and split over eight."""
+  out, infos = eight_devices
+  assert infos['groups']['mesh'] == {'member': 1, 'data': 8}
+  _assert_same_predictions(out / 'groups_one', out / 'groups')
+
+
+def test_one_compiled_step_on_every_mesh(eight_devices):
+  _, infos = eight_devices
+  for info in infos.values():
+    assert info['compiled'] == {'train_step': 1, 'eval_step': 1}
+
+
+def test_bundles_predict_on_any_device_count(eight_devices):
+  """Trained on 1 device, predicted on a host of 8; trained on 8, predicted here on 1."""
+  import jax
+
+  from moemil_jax import predict
+
+  assert jax.device_count() == 1
+  out, _ = eight_devices
+  for run, scored in (
+    ('one', pd.read_csv(out / 'one_bundle_on_8.csv')),
+    ('members', predict.load_bundle(out / 'members').predict(out / 'store')),
+  ):
+    frame = pd.read_parquet(out / run / 'predictions.parquet')
+    np.testing.assert_allclose(scored.response_prob, frame.response_prob, atol=TOLERANCE)
+    np.testing.assert_allclose(scored.log_risk, frame.log_risk, atol=TOLERANCE)
+
+
+def test_two_processes_match_one_process(eight_devices):
+  """Multi-host on one machine: 2 processes x 4 devices train as one process of 8, and
+  process 0 alone writes predictions, run.json, the bundle and TensorBoard events."""
+  out, infos = eight_devices
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = str(sock.getsockname()[1])
@@ -200,7 +165,7 @@ def test_two_processes_match_one_process(single_process_runs):
     for i in range(2)
   ]
   try:
-    logs = [p.communicate(timeout=900) for p in procs]
+    logs = [p.communicate(timeout=1200) for p in procs]
   finally:
     for p in procs:
       p.kill()
@@ -208,20 +173,11 @@ def test_two_processes_match_one_process(single_process_runs):
     assert p.returncode == 0 and 'PROCESS OK' in stdout, (
       f'process failed:\n{stdout[-4000:]}\n{stderr[-8000:]}'
     )
-  infos = [json.loads((out / f'process{i}.json').read_text()) for i in range(2)]
-  assert [i['process_index'] for i in infos] == [0, 1]
-  assert all(i['processes'] == 2 for i in infos)
-  for info in infos:
-    _assert_same_history(
-      json.loads((out / 'result.json').read_text())['history_8'], info['history']
-    )
-  _assert_same_predictions(out / 'run8', out / 'run_2x4')
-
-  from moemil_jax import store_reader
-
-  counts = store_reader.load_store(out / 'store').patch_count
-  halves = [i['patches_read'] for i in infos]
-  assert sum(halves) == counts.sum() and max(halves) < 0.6 * counts.sum(), halves
+  got = [json.loads((out / f'process{i}.json').read_text()) for i in range(2)]
+  assert [g['process_index'] for g in got] == [0, 1]
+  assert all(g['processes'] == 2 and g['mesh'] == {'member': 8, 'data': 1} for g in got)
+  assert got[0]['history'] == got[1]['history']
+  _assert_same_predictions(out / 'members', out / 'run_2x4')
   events = list((out / 'run_2x4' / 'tensorboard').glob('events.out.tfevents.*'))
   assert len(events) == 1, events  # process 0 only
   assert json.loads((out / 'run_2x4' / 'run.json').read_text())['processes'] == 2

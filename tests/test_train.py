@@ -2,13 +2,14 @@
 
 import json
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from feature_store import synthetic, synthetic_store
-from moemil_jax import train
+from moemil_jax import train, trainer
 from moemil_jax.configs import dlr, pathomics
 from moemil_jax.configs import test as test_config
 
@@ -69,10 +70,13 @@ def test_predictions_and_run_json_contract(full_run, store):
   run = json.loads((workdir / 'run.json').read_text())
   assert run['model'] == 'moemil' and run['store'] == str(store.resolve())
   assert run['seed'] == 0 and run['config']['train']['epochs'] == EPOCHS
-  best = max(range(EPOCHS), key=lambda i: (run['history'][i]['val_metric'] or -1, -i))
-  assert run['best_step'] == best + 1
-  assert run['val_metric'] == pytest.approx(run['history'][best]['val_metric'])
+  # The epoch is chosen on the smoothed validation score (the first of equal ones).
+  best = max(range(EPOCHS), key=lambda i: (run['history'][i]['smoothed'] or -1, -i))
+  assert run['best_step'] == run['selected']['epoch'] == best + 1
+  assert run['selected']['on'] == 'validation'
+  assert run['val_metric'] == pytest.approx(run['history'][best]['smoothed'])
   assert run['compiled'] == {'train_step': 1, 'eval_step': 1}
+  assert run['mesh'] == {'member': 1, 'data': 1} and run['devices'] == [str(jax.devices()[0])]
 
 
 def test_checkpoints_best_and_latest(full_run):
@@ -108,7 +112,7 @@ def test_baseline_configs_use_only_their_modality():
   ]:
     config = module.get_config()
     assert tuple(config.model.modalities) == present
-    model = train.build_model(config, radiomics_dim=5)
+    model = trainer.build_model(config, radiomics_dim=5)
 
     def branch(m):  # the slide reaches the model through prototypes by default
       return model.wsi_vector if m == 'wsi' else getattr(model, m)
@@ -150,11 +154,25 @@ def test_no_validation_patients_stops_with_one_line(store, tmp_path):
   assert '\n' not in str(err.value)
 
 
-def test_nan_validation_metric_never_replaces_the_best_checkpoint():
-  first = {'best_epoch': None, 'best_metric': None}
-  assert train._improved(first, float('nan'))  # the first epoch is kept, whatever its metric
-  kept = {'best_epoch': 3, 'best_metric': 0.61}
-  assert not train._improved(kept, float('nan'))
-  assert not train._improved(kept, 0.60) and train._improved(kept, 0.62)
-  undefined = {'best_epoch': 1, 'best_metric': None}  # the best so far had a NaN metric
-  assert train._improved(undefined, 0.55) and not train._improved(undefined, float('nan'))
+def test_nan_validation_metric_never_replaces_the_best_epoch():
+  meta = trainer._fresh_meta()
+
+  def epoch(score):
+    meta['epoch'] += 1
+    return trainer._select(meta, score, score, score, patience=0)
+
+  assert epoch(float('nan'))  # the first epoch is kept, whatever its score
+  assert epoch(0.6) and meta['best_epoch'] == 2  # after a NaN, the score itself
+  assert not epoch(float('nan'))  # a NaN never improves ...
+  assert meta['smoothed'] is None and meta['best_score'] == pytest.approx(0.6)
+  assert epoch(0.7)  # ... and restarts the smoothing
+  assert not epoch(0.5)  # smoothed 0.6 < 0.7
+  assert meta['history'][-1]['smoothed'] == pytest.approx(0.6)
+
+
+def test_patience_stops_all_members_together():
+  meta = trainer._fresh_meta()
+  for score in (0.7, 0.6, 0.6):
+    meta['epoch'] += 1
+    trainer._select(meta, score, score, score, patience=2)
+  assert meta['done'] and meta['best_epoch'] == 1 and meta['bad_epochs'] == 2
