@@ -474,6 +474,16 @@ def _select(meta: dict, auc: float, cidx: float, score: float, patience: int) ->
   return False
 
 
+def _epoch_means(outs, real: np.ndarray) -> dict[str, np.ndarray]:
+  """Per real member, the mean of every step metric over its active steps of the epoch."""
+  sums, counts = {}, np.zeros(len(real))
+  for active, m in outs:
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + np.where(active, parallel.host(v), 0.0)
+    counts += active
+  return {k: (v / np.maximum(counts, 1))[real] for k, v in sums.items()}
+
+
 def _finite_or_none(x) -> float | None:
   return float(x) if x is not None and math.isfinite(x) else None
 
@@ -645,15 +655,12 @@ def fit(
         parallel.put(batch, batch_sharding),
         parallel.put(np.array([epoch, i], np.int32), parallel.replicated(mesh)),
       )
-      outs.append((active, m['loss']))
+      outs.append((active, m))
       meta['slots'] += int(batch['patch_segment'][active].size)
       meta['real_slots'] += int(real_slots)
     meta['step'] += len(outs)
-    sums, counts = np.zeros(len(stacked)), np.zeros(len(stacked))
-    for active, loss in outs:
-      sums += np.where(active, parallel.host(loss), 0.0)
-      counts += active
-    meta['train_loss'].append((sums / np.maximum(counts, 1))[real].tolist())
+    terms = _epoch_means(outs, real)  # per member: mean loss and loss terms of the epoch
+    meta['train_loss'].append(terms['loss'].tolist())
     meta['epoch'] = epoch + 1
 
     # Evaluation: the validation patients of every member, pooled.
@@ -662,14 +669,17 @@ def fit(
       tc.val_metric, cohort, split_rows[real], logits[real], risks[real]
     )
     improved = _select(meta, auc, cidx, score, int(tc.get('patience', 0)))
-    meta['history'][-1]['train_loss'] = float(np.mean(meta['train_loss'][-1]))
+    meta['history'][-1].update({f'train_{k}': float(v.mean()) for k, v in terms.items()})
     if improved:
       best_params = jax.tree.map(jnp.copy, params)  # the steps donate `params`
     logging.info(
-      'epoch %d/%d: train loss %.4f, %s auc %.3f cindex %.3f (smoothed %s %.3f)%s [%.1fs]',
+      'epoch %d/%d: loss %.4f (resp %.4f, surv %.4f), %s auc %.3f cindex %.3f (smoothed %s '
+      '%.3f)%s [%.1fs]',
       meta['epoch'],
       tc.epochs,
-      float(np.mean(meta['train_loss'][-1])),
+      terms['loss'].mean(),
+      terms['response'].mean(),
+      terms['survival'].mean(),
       'out-of-fold' if len(members) > 1 else 'val',
       auc,
       cidx,

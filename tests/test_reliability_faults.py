@@ -104,28 +104,24 @@ _CHECKPOINT_WRITER = textwrap.dedent("""
     import sys, numpy as np, jax.numpy as jnp
     from pathlib import Path
     from flax import nnx
-    from moemil_jax import train
-    class Big(nnx.Module):
-      def __init__(self, value, n):
-        self.w = nnx.Param(jnp.asarray(np.random.default_rng(value).random(n, np.float32)))
-    workdir = Path(sys.argv[1])
-    latest, _ = train.checkpoint_managers(workdir)
-    small = nnx.state(Big(1, 1000), nnx.Param)
-    train.save_checkpoint(latest, 1, small, {"count": jnp.int32(1)}, {"epoch": 1})
-    latest.wait_until_finished()
+    from moemil_jax import trainer
+    def tree(value, n):
+      w = jnp.asarray(np.random.default_rng(value).random(n, np.float32))
+      return {"params": {"w": w}, "opt_state": {"count": jnp.int32(value)}}
+    ckpt = trainer.Checkpoints(Path(sys.argv[1]))
+    ckpt.save(ckpt.latest, 1, tree(1, 1000), {"epoch": 1})
+    ckpt.wait()
     print("saved 1", flush=True)
-    big = nnx.state(Big(2, 150_000_000), nnx.Param)   # 600 MB: the save takes a while
-    train.save_checkpoint(latest, 2, big, {"count": jnp.int32(2)}, {"epoch": 2})
-    latest.wait_until_finished()
+    ckpt.save(ckpt.latest, 2, tree(2, 150_000_000), {"epoch": 2})  # 600 MB: takes a while
+    ckpt.wait()
     print("saved 2", flush=True)
 """)
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
   import jax.numpy as jnp
-  from flax import nnx
 
-  from moemil_jax import train
+  from moemil_jax import trainer
 
   proc = subprocess.Popen(
     [sys.executable, '-c', _CHECKPOINT_WRITER, str(tmp_path)],
@@ -149,19 +145,14 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
   assert proc.returncode == -signal.SIGKILL, 'the checkpoint write finished before the kill'
   assert not (latest / '2').exists() or not (latest / '2' / '_CHECKPOINT_METADATA').exists()
 
-  manager, _ = train.checkpoint_managers(tmp_path)
-  assert manager.latest_step() == 1
-
-  class Small(nnx.Module):
-    def __init__(self):
-      self.w = nnx.Param(jnp.zeros(1000, jnp.float32))
-
-  params = nnx.state(Small(), nnx.Param)
-  params, opt_state, meta = train.restore_checkpoint(manager, 1, params, {'count': jnp.int32(0)})
+  ckpt = trainer.Checkpoints(tmp_path)
+  assert ckpt.latest.latest_step() == 1
+  like = {'params': {'w': jnp.zeros(1000, jnp.float32)}, 'opt_state': {'count': jnp.int32(0)}}
+  tree, meta = ckpt.restore(ckpt.latest, like)
   np.testing.assert_array_equal(
-    np.asarray(params['w'][...]), np.random.default_rng(1).random(1000, np.float32)
+    np.asarray(tree['params']['w']), np.random.default_rng(1).random(1000, np.float32)
   )
-  assert meta == {'epoch': 1} and int(opt_state['count']) == 1
+  assert meta == {'epoch': 1} and int(tree['opt_state']['count']) == 1
 
 
 def _table(n: int, seed: int) -> pa.Table:

@@ -1,6 +1,6 @@
 """P1, padding and P2: how fast the real jitted training step runs, and on what.
 
-P1: FLOP/s on real patch slots only, as a fraction of a large matmul's FLOP/s measured in
+P1: FLOP/s on real patch slots only (of `trainer.make_steps`' step, one member), as a fraction of a large matmul's FLOP/s measured in
 the same process, dtype and device, alternating with the step. The FLOPs come from XLA's
 cost analysis of the compiled step at two capacities: a step's FLOPs are affine in its
 patch slots, F(C) = fixed + per_slot * C, so an epoch's real FLOPs are the sum over its
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -39,7 +38,6 @@ from absl import logging
 
 from moemil_jax import batching, store_reader
 from moemil_jax import device_data as device_data_lib
-from moemil_jax import train as train_lib
 from moemil_jax.bench import timing, torch_reference
 from moemil_jax.configs import paper
 from moemil_jax.configs import test as test_config
@@ -142,33 +140,58 @@ def slot_counts(batches: list[batching.Batch]) -> dict[str, int]:
 
 
 class JaxTrainer:
-  """The project's own compiled training step (`moemil_jax.train`), state carried along."""
+  """The project's own compiled training step (`trainer.make_steps`: the stacked-member
+  step every run uses, here with one member on one device), state carried along."""
 
   def __init__(self, s: Setup):
     from flax import nnx
 
+    from moemil_jax import parallel, trainer
+
     self.s = s
-    radiomics_dim = int(s.device_data.radiomics.shape[1])
-    config_json = json.dumps(s.config.to_dict(), sort_keys=True)
-    tx, self.step, _ = train_lib.compiled_steps(config_json, radiomics_dim, s.steps_per_epoch)
-    _, self.params, self.rest = nnx.split(
-      train_lib.build_model(s.config, radiomics_dim), nnx.Param, ...
+    d = s.device_data
+    config = s.config.copy_and_resolve_references()
+    config.mesh = parallel.mesh_config()
+    config.mesh.update(member=1, data=1)
+    mesh = parallel.training_mesh(config, 1)
+    graphdef, params, rest = nnx.split(
+      trainer.build_model(config, int(d.radiomics.shape[1]), int(d.patches.shape[1])),
+      nnx.Param,
+      ...,
     )
-    self.opt_state = tx.init(self.params)
-    self.data = s.device_data.tree()
-    self.key = jax.random.key(s.config.seed)
+    tx, self.step, _ = trainer.make_steps(config, graphdef, s.steps_per_epoch, mesh)
+    one = parallel.member_sharding(mesh)
+    self.params, self.rest = parallel.put(
+      jax.tree.map(lambda x: np.asarray(x)[None], (params, rest)), one
+    )
+    self.opt_state = jax.jit(jax.vmap(tx.init), out_shardings=one)(self.params)
+    # The device data is already preprocessed (deep MRI z-scored): identity statistics.
+    shared = {k: getattr(d, k) for k in trainer.SHARED}
+    per_fold = {
+      k: np.asarray(getattr(d, k))[None]
+      for k in ('patch_mean', 'patch_inv_std', 'radiomics', 'has_radiomics', 'wsi_summary')
+    }
+    per_fold['deep_mean'] = np.zeros((1, d.mri_deep.shape[-1]), np.float32)
+    per_fold['deep_inv_std'] = np.ones((1, d.mri_deep.shape[-1]), np.float32)
+    self.data = parallel.put((shared, per_fold), parallel.replicated(mesh))
+    self.member = parallel.put(
+      (
+        np.array([config.train.learning_rate], np.float32),
+        np.zeros(1, np.int32),
+        np.array([config.seed], np.int32),
+        np.ones(1, bool),
+      ),
+      one,
+    )
     self.patients = 0  # real patients trained on, over every epoch run
     self.patches = 0
 
+  def _args(self, batch: batching.Batch, i: int):
+    tree = {k: v[None] for k, v in batch.tree().items()}
+    return (self.rest, *self.member, *self.data, tree, np.array([0, i], np.int32))
+
   def run_step(self, batch: batching.Batch, i: int = 0):
-    self.params, self.opt_state, m = self.step(
-      self.params,
-      self.opt_state,
-      self.rest,
-      self.data,
-      batch.tree(),
-      jax.random.fold_in(self.key, i),
-    )
+    self.params, self.opt_state, m = self.step(self.params, self.opt_state, *self._args(batch, i))
     self.patients += int(batch.patient_mask.sum())
     self.patches += batch.real_slots()
     return m
@@ -189,9 +212,7 @@ class JaxTrainer:
 
   def step_flops(self, batch: batching.Batch) -> float:
     """XLA's cost analysis of the training step compiled for this batch's shape."""
-    compiled = self.step.lower(
-      self.params, self.opt_state, self.rest, self.data, batch.tree(), self.key
-    ).compile()
+    compiled = self.step.lower(self.params, self.opt_state, *self._args(batch, 0)).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0]
