@@ -119,7 +119,14 @@ def build_model(config, radiomics_dim: int, patch_dim: int = 1024) -> models.MoE
 
 
 def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
-  """AdamW on a warmup-cosine schedule with peak `tc.learning_rate`."""
+  """AdamW on a warmup-cosine schedule with peak `tc.learning_rate`.
+
+  `tc.slide_lr_multiplier` (default 1: the plain chain, unchanged) multiplies the final
+  updates of the slide branch's parameters only (top-level modules `wsi`, `wsi_vector`,
+  `slide_wide_response`, `slide_wide_survival` of models.MoEMIL): a per-branch learning rate
+  (weight decay included, as AdamW scales it by the rate), after the global gradient clip. The
+  labels come from the parameter tree's paths, so the optimiser is built before the params.
+  """
   total = max(tc.epochs * steps_per_epoch, 1)
   warmup = min(int(tc.warmup_epochs * steps_per_epoch), total - 1)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -129,9 +136,25 @@ def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
     decay_steps=total,
     end_value=tc.learning_rate * 0.01,
   )
-  return optax.chain(
+  tx = optax.chain(
     optax.clip_by_global_norm(tc.grad_clip), optax.adamw(schedule, weight_decay=tc.weight_decay)
   )
+  multiplier = float(tc.get('slide_lr_multiplier', 1.0))
+  if multiplier == 1.0:
+    return tx
+  slide_modules = ('wsi', 'wsi_vector', 'slide_wide_response', 'slide_wide_survival')
+
+  def scale_slide(updates, params=None):
+    del params
+
+    def leaf(path, u):
+      head = path[0] if path else None
+      name = getattr(head, 'key', getattr(head, 'name', None))
+      return u * jnp.asarray(multiplier, u.dtype) if name in slide_modules else u
+
+    return jax.tree_util.tree_map_with_path(leaf, updates)
+
+  return optax.chain(tx, optax.stateless(scale_slide))
 
 
 def member_inputs(data, batch, dtype):

@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.05
   c.train.warmup_epochs = 3
   c.train.grad_clip = 1.0
+  # Multiplies the learning rate of the slide branch only (wsi, wsi_vector, slide_wide_*;
+  # trainer.make_optimizer); 1 = one rate for every parameter.
+  c.train.slide_lr_multiplier = 1.0
   c.train.patience = 15  # epochs without improvement before stopping; 0 = off
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10  # steps between TensorBoard step scalars
