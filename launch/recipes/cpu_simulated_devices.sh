@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Try data parallelism without accelerators (what tests/test_parallel.py does):
+# Try the device mesh without accelerators (what tests/test_parallel.py does): the default
+# recipe's ensemble, its members sharded over the devices.
 #   launch/recipes/cpu_simulated_devices.sh STORE WORKDIR          one process, 8 virtual CPU devices
 #   launch/recipes/cpu_simulated_devices.sh STORE WORKDIR hosts    two processes of 4 devices over
 #                                                                  localhost, as two hosts would run
 set -euo pipefail
 export JAX_PLATFORMS=cpu
-ARGS=(--config=moemil_jax/configs/test.py --store="$1" --workdir="$2" --config.mesh.data=-1)
+ARGS=(--config=moemil_jax/configs/test.py --store="$1" --workdir="$2" --ensemble=5)
 if [[ "${3:-}" != hosts ]]; then
   XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m launch.train "${ARGS[@]}"
   exit

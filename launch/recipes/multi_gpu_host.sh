@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One host, N GPUs: torchrun extraction (one rank per GPU), then one JAX process that
-# data-parallelises over every local GPU (batch_size must be a multiple of N).
+# One host, N GPUs: torchrun extraction (one rank per GPU), then one JAX process that trains
+# the default recipe unchanged, its ensemble members sharded over every local GPU.
 #   launch/recipes/multi_gpu_host.sh MANIFEST STORE WORKDIR
 set -euo pipefail
 MANIFEST=$1 STORE=$2 WORKDIR=$3
@@ -10,4 +10,4 @@ NGPU=$(nvidia-smi -L | wc -l)
 OMP_NUM_THREADS=4 torchrun --standalone --nproc_per_node="$NGPU" -m launch.extract \
   --manifest="$MANIFEST" --store="$STORE" --device=cuda --batch_size=256 --workers=4
 python -m launch.train --config=moemil_jax/configs/moemil.py --store="$STORE" \
-  --workdir="$WORKDIR/moemil" --config.mesh.data=-1 --config.train.batch_size=$((16 * NGPU))
+  --workdir="$WORKDIR/moemil"

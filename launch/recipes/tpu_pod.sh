@@ -8,5 +8,4 @@ TPU=$1 ZONE=$2 STORE=$3 WORKDIR=$4
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
   cd ~/moemil-jax && . .venv/bin/activate &&
   python -m launch.train --config=moemil_jax/configs/moemil.py --store=$STORE \
-    --workdir=$WORKDIR/moemil --config.mesh.data=-1 --config.mesh.distributed=True \
-    --config.train.batch_size=64"
+    --workdir=$WORKDIR/moemil --config.mesh.distributed=True"

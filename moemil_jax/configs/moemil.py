@@ -98,7 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Multiplies the learning rate of the slide branch only (wsi, wsi_vector, slide_wide_*;
   # trainer.make_optimizer); 1 = one rate for every parameter.
   c.train.slide_lr_multiplier = 1.0
-  c.train.patience = 15  # epochs without improvement before stopping; 0 = off
+  c.train.patience = (
+    15  # epochs without a better smoothed selection score before all members stop; 0 = off
+  )
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10  # steps between TensorBoard step scalars
   c.train.log_epochs = 5  # epoch log lines: the first, every this many, the last (--verbose: all)
@@ -106,13 +108,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.min_events_per_batch = 0
   c.train.checkpoint_every = 10  # epochs between "latest" checkpoints (and the last epoch)
   # > 1: K members on K folds of the development center in one program, the epoch chosen
-  # on their pooled out-of-fold score, predictions averaged (moemil_jax/ensemble.py).
+  # on their pooled out-of-fold score, predictions averaged (moemil_jax/train.py, trainer.py).
   c.train.ensemble = 5
   # Members per fold, each from its own seed (initialisation, dropout, batch order): K x R
   # members in one program; their mean removes the seed-to-seed variance a small cohort gives.
   c.train.ensemble_repeats = 1
 
-  # Data parallelism: data = -1 uses every device (0 = single device); distributed = True
-  # calls jax.distributed.initialize() for multi-host GPU clusters and TPU pods.
+  # The member x data device mesh (moemil_jax/parallel.py): 0 = automatic, members over every
+  # device; distributed = True calls jax.distributed.initialize() (multi-host GPU, TPU pods).
   c.mesh = parallel.mesh_config()
   return c
