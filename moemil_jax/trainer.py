@@ -383,7 +383,7 @@ class Checkpoints:
   with the run's JSON state (epoch, selection, history) beside the arrays."""
 
   def __init__(self, workdir: Path):
-    root = Path(workdir) / 'checkpoints'
+    self.root = root = Path(workdir) / 'checkpoints'
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     self.latest = ocp.CheckpointManager((root / 'latest').resolve(), options=opts)
     self.best = ocp.CheckpointManager((root / 'best').resolve(), options=opts)
@@ -540,6 +540,200 @@ class Stopped(Exception):
     self.epoch = epoch
 
 
+@dataclasses.dataclass
+class Setup:
+  """What the loop reads and never changes: members (padded to the mesh), their splits and
+  data on the mesh, the step shapes and the compiled steps."""
+
+  config: ml_collections.ConfigDict
+  cohort: store_reader.Cohort
+  members: list[Member]  # the real members
+  stacked: list[Member]  # the members, then idle copies up to a multiple of the member axis
+  splits: dict[int, np.ndarray]  # fold -> every patient's split
+  plan: Plan
+  mesh: jax.sharding.Mesh
+  fitted: dict  # fold -> preprocess.Fitted
+  radiomics_dim: int
+  step: Any  # make_steps' jitted programs
+  evaluate: Any
+  rests: Any  # the members' non-trainable model state, on the mesh
+  member_args: tuple  # per member: learning rate, fold index, seed (on the mesh)
+  data: tuple  # (shared, per_fold) on the mesh
+
+  @property
+  def real(self) -> np.ndarray:
+    return np.arange(len(self.stacked)) < len(self.members)
+
+  @property
+  def split_rows(self) -> np.ndarray:
+    return np.stack([self.splits[m.fold] for m in self.stacked])
+
+
+def setup(config, cohort, members: list[Member]):
+  """(Setup, initial parameters, optimiser states): splits and per-fold preprocessing, step
+  shapes, the mesh, the members' models and optimisers, all placed on the mesh."""
+  folds = sorted({m.fold for m in members})
+  splits = member_splits(config, cohort, folds)
+  groups = int(config.data.get('bag_groups', 0) or 0) or 1
+  plan = make_plan(config, cohort, groups)
+  shared, per_fold, radiomics_dim, fitted = fold_data(config, cohort, splits, plan.layout)
+  mesh = parallel.training_mesh(config, len(members), groups)
+  stacked = members + [members[-1]] * (parallel.padded_members(mesh, len(members)) - len(members))
+  steps_per_epoch = len(plan.epoch(config, stacked, splits, 0))
+  inits = []
+  for m in stacked:
+    c = config.copy_and_resolve_references()
+    c.seed = m.seed
+    model = build_model(c, radiomics_dim, int(shared['patches'].shape[1]))
+    inits.append(nnx.split(model, nnx.Param, ...))
+  graphdef = inits[0][0]
+  tx, step, evaluate = make_steps(config, graphdef, steps_per_epoch, mesh)
+  on_member = parallel.member_sharding(mesh)
+  params, rests = parallel.put(
+    (_stack([i[1] for i in inits]), _stack([i[2] for i in inits])), on_member
+  )
+  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=on_member)(params)
+  member_args = parallel.put(
+    (
+      np.array([m.learning_rate for m in stacked], np.float32),
+      np.array([folds.index(m.fold) for m in stacked], np.int32),
+      np.array([m.seed for m in stacked], np.int32),
+    ),
+    on_member,
+  )
+  data = parallel.put((shared, per_fold), parallel.replicated(mesh))
+  logging.info(
+    'training %d member%s (%d folds, %s), %d parameters each, %d steps/epoch, mesh %s '
+    'over %d of %d devices%s',
+    len(members),
+    's' if len(members) > 1 else '',
+    len(folds),
+    config.name,
+    sum(x[0].size for x in jax.tree.leaves(params)),
+    steps_per_epoch,
+    dict(mesh.shape),
+    mesh.devices.size,
+    jax.device_count(),
+    f' ({len(stacked) - len(members)} idle padding members)' if len(stacked) > len(members) else '',
+  )
+  run = Setup(
+    config,
+    cohort,
+    members,
+    stacked,
+    splits,
+    plan,
+    mesh,
+    {f: fitted[f] for f in folds},
+    radiomics_dim,
+    step,
+    evaluate,
+    rests,
+    member_args,
+    data,
+  )
+  return run, params, opt_state
+
+
+def train_epoch(run: Setup, params, opt_state, meta: dict):
+  """One epoch of every member, each step dispatched without waiting for the device;
+  returns the new state and each real member's mean loss terms."""
+  epoch, outs = meta['epoch'], []
+  on_member, on_batch = parallel.member_sharding(run.mesh), parallel.batch_sharding(run.mesh)
+  for i, (batch, active, real_slots) in enumerate(
+    run.plan.epoch(run.config, run.stacked, run.splits, epoch)
+  ):
+    params, opt_state, m = run.step(
+      params,
+      opt_state,
+      run.rests,
+      *run.member_args,
+      parallel.put(active, on_member),
+      *run.data,
+      parallel.put(batch, on_batch),
+      parallel.put(np.array([epoch, i], np.int32), parallel.replicated(run.mesh)),
+    )
+    outs.append((active, m))
+    meta['slots'] += int(batch['patch_segment'][active].size)
+    meta['real_slots'] += int(real_slots)
+  meta['step'] += len(outs)
+  meta['epoch'] = epoch + 1
+  terms = _epoch_means(outs, run.real)
+  meta['train_loss'].append(terms['loss'].tolist())
+  return params, opt_state, terms
+
+
+def predict(run: Setup, params, patients) -> tuple[np.ndarray, ...]:
+  """(K, P) logits and log-risks, (K, P, tasks, experts) gates of every stacked member;
+  NaN for the patients not asked for."""
+  k, p = len(run.stacked), run.cohort.num_patients
+  logits, risks = np.full((k, p), np.nan), np.full((k, p), np.nan)
+  gates = np.full((k, p, len(models.TASKS), run.config.model.num_experts), np.nan)
+  on_all = parallel.replicated(run.mesh)
+  outs = [
+    (
+      b,
+      run.evaluate(
+        params, run.rests, run.member_args[1], *run.data, parallel.put(b.tree(), on_all)
+      ),
+    )
+    for b in run.plan.eval_batches(patients, run.config.seed)
+  ]
+  for b, out in outs:
+    lg, rk, gt = (parallel.host(x) for x in out)
+    rows = b.patient[b.patient_mask]
+    logits[:, rows] = lg[:, b.patient_mask]
+    risks[:, rows] = rk[:, b.patient_mask]
+    gates[:, rows] = gt[:, b.patient_mask]
+  return logits, risks, gates
+
+
+def evaluate_epoch(run: Setup, params, meta: dict, terms: dict) -> bool:
+  """Scores the validation patients of every member, pooled, and updates the selection;
+  True when the epoch is the best so far."""
+  real, rows = run.real, run.split_rows[run.real]
+  patients = np.flatnonzero((rows == 'val').any(0))
+  logits, risks, _ = predict(run, params, patients)
+  tc = run.config.train
+  auc, cidx, score = selection_scores(tc.val_metric, run.cohort, rows, logits[real], risks[real])
+  improved = _select(meta, auc, cidx, score, int(tc.get('patience', 0)))
+  meta['history'][-1].update({f'train_{k}': float(v.mean()) for k, v in terms.items()})
+  logging.info(
+    'epoch %d/%d: loss %.4f (resp %.4f, surv %.4f), %s auc %.3f cindex %.3f (smoothed %s %.3f)%s',
+    meta['epoch'],
+    tc.epochs,
+    terms['loss'].mean(),
+    terms['response'].mean(),
+    terms['survival'].mean(),
+    'out-of-fold' if len(run.members) > 1 else 'val',
+    auc,
+    cidx,
+    tc.val_metric,
+    float('nan') if meta['smoothed'] is None else meta['smoothed'],
+    ' *' if improved else '',
+  )
+  return improved
+
+
+def restore_or_start(ckpt: Checkpoints | None, resume: bool, params, opt_state):
+  """(params, opt_state, best params or None, run state): the latest checkpoint when
+  resuming; a fresh start when there is none; refuses to overwrite a run otherwise."""
+  if ckpt is None or ckpt.latest.latest_step() is None:
+    return params, opt_state, None, _fresh_meta()
+  if not resume:
+    raise FileExistsError(
+      f'{ckpt.root}/ already holds a run: pass --resume or use a fresh --workdir'
+    )
+  like = {'params': nnx.to_pure_dict(params), 'opt_state': opt_state}
+  state, meta = ckpt.restore(ckpt.latest, like)
+  nnx.replace_by_pure_dict(params, state['params'])
+  best, _ = ckpt.restore(ckpt.best, {'params': like['params']})
+  best_params = jax.tree.map(jnp.copy, params)
+  nnx.replace_by_pure_dict(best_params, best['params'])
+  logging.info('resumed from epoch %d', meta['epoch'])
+  return params, state['opt_state'], best_params, meta
+
+
 def fit(
   config: ml_collections.ConfigDict,
   cohort: store_reader.Cohort,
@@ -562,155 +756,16 @@ def fit(
     cohort.center, config.split.test_center
   )[0]
   tc = config.train
-
-  # Setup: splits and per-fold preprocessing, step shapes, the mesh, models and optimisers.
-  folds = sorted({m.fold for m in members})
-  splits = member_splits(config, cohort, folds)
-  groups = int(config.data.get('bag_groups', 0) or 0) or 1
-  plan = make_plan(config, cohort, groups)
-  shared, per_fold, radiomics_dim, fitted = fold_data(config, cohort, splits, plan.layout)
-  mesh = parallel.training_mesh(config, len(members), groups)
-  stacked = members + [members[-1]] * (parallel.padded_members(mesh, len(members)) - len(members))
-  split_rows = np.stack([splits[m.fold] for m in stacked])
-  steps_per_epoch = len(plan.epoch(config, stacked, splits, 0))
-  inits = []
-  for m in stacked:
-    c = config.copy_and_resolve_references()
-    c.seed = m.seed
-    graphdef, params, rest = nnx.split(
-      build_model(c, radiomics_dim, int(shared['patches'].shape[1])), nnx.Param, ...
-    )
-    inits.append((params, rest))
-  tx, step, evaluate = make_steps(config, graphdef, steps_per_epoch, mesh)
-  params = _stack([p for p, _ in inits])
-  rests = _stack([r for _, r in inits])
-  on_member = parallel.member_sharding(mesh)
-  params, rests = parallel.put((params, rests), on_member)
-  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=on_member)(params)
-  fold_index = np.array([folds.index(m.fold) for m in stacked], np.int32)
-  member_args = parallel.put(
-    (
-      np.array([m.learning_rate for m in stacked], np.float32),
-      fold_index,
-      np.array([m.seed for m in stacked], np.int32),
-    ),
-    on_member,
-  )
-  shared, per_fold = parallel.put((shared, per_fold), parallel.replicated(mesh))
-  logging.info(
-    'training %d member%s (%d folds, %s), %d parameters each, %d steps/epoch, mesh %s '
-    'over %d of %d devices%s',
-    len(members),
-    's' if len(members) > 1 else '',
-    len(folds),
-    config.name,
-    sum(x[0].size for x in jax.tree.leaves(params)),
-    steps_per_epoch,
-    dict(mesh.shape),
-    mesh.devices.size,
-    jax.device_count(),
-    f' ({len(stacked) - len(members)} idle padding members)' if len(stacked) > len(members) else '',
-  )
-
-  # Checkpoints: resume the latest, or refuse to overwrite another run.
+  run, params, opt_state = setup(config, cohort, members)
   ckpt = Checkpoints(Path(workdir)) if workdir is not None else None
-  meta = _fresh_meta()
-  best_params = None
-  if ckpt is not None and ckpt.latest.latest_step() is not None:
-    if not resume:
-      raise FileExistsError(
-        f'{workdir}/checkpoints already holds a run: pass --resume or use a fresh --workdir'
-      )
-    like = {'params': nnx.to_pure_dict(params), 'opt_state': opt_state}
-    state, meta = ckpt.restore(ckpt.latest, like)
-    nnx.replace_by_pure_dict(params, state['params'])
-    opt_state = state['opt_state']
-    best, _ = ckpt.restore(ckpt.best, {'params': like['params']})
-    best_params = jax.tree.map(jnp.copy, params)
-    nnx.replace_by_pure_dict(best_params, best['params'])
-    logging.info('resumed from epoch %d', meta['epoch'])
-
-  def predict(params, patients) -> tuple[np.ndarray, ...]:
-    """(K, P) logits and log-risks, (K, P, tasks, experts) gates; NaN where not scored."""
-    k, p = len(stacked), cohort.num_patients
-    logits, risks = np.full((k, p), np.nan), np.full((k, p), np.nan)
-    gates = np.full((k, p, len(models.TASKS), config.model.num_experts), np.nan)
-    outs = [
-      (
-        b,
-        evaluate(
-          params,
-          rests,
-          member_args[1],
-          shared,
-          per_fold,
-          parallel.put(b.tree(), parallel.replicated(mesh)),
-        ),
-      )
-      for b in plan.eval_batches(patients, config.seed)
-    ]
-    for b, out in outs:
-      lg, rk, gt = (parallel.host(x) for x in out)
-      rows = b.patient[b.patient_mask]
-      logits[:, rows] = lg[:, b.patient_mask]
-      risks[:, rows] = rk[:, b.patient_mask]
-      gates[:, rows] = gt[:, b.patient_mask]
-    return logits, risks, gates
-
-  real = np.arange(len(stacked)) < len(members)
-  selection_patients = np.flatnonzero((split_rows[real] == 'val').any(0))
+  params, opt_state, best_params, meta = restore_or_start(ckpt, resume, params, opt_state)
   every = max(int(tc.get('checkpoint_every', 10)), 1)
   epochs_this_call = 0
-  batch_sharding = parallel.batch_sharding(mesh)
   while not meta['done'] and meta['epoch'] < tc.epochs:
-    # Epoch loop: every step dispatched without waiting for the device.
-    epoch = meta['epoch']
-    outs = []
-    for i, (batch, active, real_slots) in enumerate(plan.epoch(config, stacked, splits, epoch)):
-      params, opt_state, m = step(
-        params,
-        opt_state,
-        rests,
-        *member_args,
-        parallel.put(active, on_member),
-        shared,
-        per_fold,
-        parallel.put(batch, batch_sharding),
-        parallel.put(np.array([epoch, i], np.int32), parallel.replicated(mesh)),
-      )
-      outs.append((active, m))
-      meta['slots'] += int(batch['patch_segment'][active].size)
-      meta['real_slots'] += int(real_slots)
-    meta['step'] += len(outs)
-    terms = _epoch_means(outs, real)  # per member: mean loss and loss terms of the epoch
-    meta['train_loss'].append(terms['loss'].tolist())
-    meta['epoch'] = epoch + 1
-
-    # Evaluation: the validation patients of every member, pooled.
-    logits, risks, _ = predict(params, selection_patients)
-    auc, cidx, score = selection_scores(
-      tc.val_metric, cohort, split_rows[real], logits[real], risks[real]
-    )
-    improved = _select(meta, auc, cidx, score, int(tc.get('patience', 0)))
-    meta['history'][-1].update({f'train_{k}': float(v.mean()) for k, v in terms.items()})
+    params, opt_state, terms = train_epoch(run, params, opt_state, meta)
+    improved = evaluate_epoch(run, params, meta, terms)
     if improved:
       best_params = jax.tree.map(jnp.copy, params)  # the steps donate `params`
-    logging.info(
-      'epoch %d/%d: loss %.4f (resp %.4f, surv %.4f), %s auc %.3f cindex %.3f (smoothed %s '
-      '%.3f)%s [%.1fs]',
-      meta['epoch'],
-      tc.epochs,
-      terms['loss'].mean(),
-      terms['response'].mean(),
-      terms['survival'].mean(),
-      'out-of-fold' if len(members) > 1 else 'val',
-      auc,
-      cidx,
-      tc.val_metric,
-      float('nan') if meta['smoothed'] is None else meta['smoothed'],
-      ' *' if improved else '',
-      time.time() - t0,
-    )
 
     # Checkpoints: "best" on improvement, "latest" every few epochs, at the end and on a stop.
     epochs_this_call += 1
@@ -730,46 +785,51 @@ def fit(
     ckpt.wait()
 
   # The selected epoch's predictions for every patient.
-  logits, risks, gates = predict(best_params, np.arange(cohort.num_patients))
-  compiled = {'train_step': step._cache_size(), 'eval_step': evaluate._cache_size()}
-  run_info = {
-    'devices': [str(d) for d in mesh.devices.flat],
-    'device_count': jax.device_count(),
-    'processes': jax.process_count(),
-    'mesh': {k: int(v) for k, v in mesh.shape.items()},
-    'padding_members': len(stacked) - len(members),
-    'compiled': compiled,
-    'step_shape': {
-      'bag_groups': groups,
-      'patient_slots': plan.packing.rows,
-      'train_patch_slots': plan.packing.capacity,
-      'eval_patch_slots': plan.eval_packing.capacity,
-      'train_padding': 1.0 - meta['real_slots'] / max(meta['slots'], 1),
-    },
-    'seconds': time.time() - t0,
-  }
-  logging.info(
-    'train_step compiled %d times, eval_step %d times; mesh %s on %d devices; %.1f%% of '
-    'training patch slots empty; members kept from epoch %d',
-    compiled['train_step'],
-    compiled['eval_step'],
-    run_info['mesh'],
-    mesh.devices.size,
-    100 * run_info['step_shape']['train_padding'],
-    meta['best_epoch'],
-  )
-  host_params = jax.tree.map(
-    lambda x: parallel.host(x)[: len(members)], nnx.to_pure_dict(best_params)
-  )
+  logits, risks, gates = predict(run, best_params, np.arange(cohort.num_patients))
+  run_info = _run_info(run, meta, time.time() - t0)
+  real = run.real
   return Result(
     members,
-    host_params,
+    jax.tree.map(lambda x: parallel.host(x)[real], nnx.to_pure_dict(best_params)),
     logits[real],
     risks[real],
     gates[real],
-    split_rows[real],
-    {f: fitted[f] for f in folds},
-    radiomics_dim,
+    run.split_rows[real],
+    run.fitted,
+    run.radiomics_dim,
     meta,
     run_info,
   )
+
+
+def _run_info(run: Setup, meta: dict, seconds: float) -> dict[str, Any]:
+  """What run.json says of the training: devices, mesh, compile counts, step shape."""
+  compiled = {'train_step': run.step._cache_size(), 'eval_step': run.evaluate._cache_size()}
+  info = {
+    'devices': [str(d) for d in run.mesh.devices.flat],
+    'device_count': jax.device_count(),
+    'processes': jax.process_count(),
+    'mesh': {k: int(v) for k, v in run.mesh.shape.items()},
+    'padding_members': len(run.stacked) - len(run.members),
+    'compiled': compiled,
+    'step_shape': {
+      'bag_groups': run.plan.layout.groups,
+      'patient_slots': run.plan.packing.rows,
+      'train_patch_slots': run.plan.packing.capacity,
+      'eval_patch_slots': run.plan.eval_packing.capacity,
+      'train_padding': 1.0 - meta['real_slots'] / max(meta['slots'], 1),
+    },
+    'seconds': seconds,
+  }
+  logging.info(
+    'train_step compiled %d times, eval_step %d times; mesh %s on %d devices; %.1f%% of '
+    'training patch slots empty; members kept from epoch %d [%.1fs]',
+    compiled['train_step'],
+    compiled['eval_step'],
+    info['mesh'],
+    run.mesh.devices.size,
+    100 * info['step_shape']['train_padding'],
+    meta['best_epoch'],
+    seconds,
+  )
+  return info
