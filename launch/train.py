@@ -1,11 +1,14 @@
 """Trains MoEMIL (or a baseline) from a feature store.
 
 By default a five-member ensemble on five folds of the development center(s), predicting
-with the members' mean (--ensemble=0: one model, early-stopped on a validation split). The
-external test center is config.split.test_center (default: the second center by name, stated
-in the log). Writes predictions.parquet, run.json (with the whole config), checkpoints and
-TensorBoard events into --workdir; the last line names the chosen epoch, its validation
-scores and the next command (launch.evaluate on the folder above --workdir).
+with the members' mean (--ensemble=0: one model, its epoch chosen on a validation split);
+both train in the one loop of moemil_jax/trainer.py, over every local device (the members
+split between them) and, with --config.mesh.distributed, over every host. The external test
+center is config.split.test_center (default: the second center by name, stated in the log).
+Writes predictions.parquet, run.json (with the whole config, devices, mesh and compile
+counts), checkpoints, the bundle and TensorBoard curves into --workdir; --resume continues a
+killed run. The last line names the chosen epoch, its validation scores and the next command
+(launch.evaluate on the folder above --workdir).
 """
 
 import sys
