@@ -11,7 +11,8 @@ TensorBoard curves; the sweep checkpoints nothing and evaluates every developmen
 for every member each epoch (the pooled out-of-fold score). Wall time from call to result
 on every side, the store load included (once for the sweep, once per separate training),
 so is compilation. The sweep's mesh is the automatic one: on a host with several devices
-(GPUs) its members are sharded over them.
+(GPUs) its members are sharded over them. On a GPU or TPU the default recipe's ensemble is
+also trained once as `launch.train` runs it (members over every local device) and timed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import logging
 
 from moemil_jax import sweep as sweep_lib
@@ -93,5 +95,23 @@ def run(quick: bool = False, workdir: str | Path | None = None) -> dict[str, Any
     f'shape (no padding to each other); sweep mesh {vmapped.run_info["mesh"]}'
     + (f'; separate trainings: {len(measured)} measured, scaled to K' if quick else ''),
   }
+  if jax.default_backend() != 'cpu':  # GPU/TPU: the default recipe, members over devices
+    out['default_ensemble'] = default_ensemble(config.store, workdir / 'default_ensemble')
   logging.info('P3: %s', out)
   return out
+
+
+def default_ensemble(store: str, workdir: Path) -> dict[str, Any]:
+  """The default recipe (`configs/moemil.py`: 5 members, 30 epochs) as `launch.train` runs
+  it, on every local device: wall time, mesh, devices and compile counts."""
+  from moemil_jax.configs import moemil
+
+  c = moemil.get_config()
+  c.store = store
+  c.split.test_center = 'B'
+  start = time.perf_counter()
+  info = train.train_and_evaluate(c, workdir)
+  return {
+    'seconds': time.perf_counter() - start,
+    **{k: info[k] for k in ('mesh', 'devices', 'compiled', 'epochs_run')},
+  }
