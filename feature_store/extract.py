@@ -87,6 +87,11 @@ class ExtractConfig:
   stain_target: Any = None
   stain_fit_centers: tuple[str, ...] = ()
   stain_fit_patches: int = 256
+  # Stain augmentation (docs/stain.md): stain_augment extra embeddings per patch from
+  # HED-jittered copies (stain.AugmentParams: scale, shift), columns embedding_view1..K.
+  stain_augment: int = 0
+  stain_augment_scale: float = 0.05
+  stain_augment_shift: float = 0.05
 
 
 @dataclasses.dataclass
@@ -245,12 +250,15 @@ def extract_slide(
   fp_sha: str,
   mpp: float | None = None,
   normaliser: stain.Normaliser | None = None,
+  augmenter: stain.Augmenter | None = None,
 ) -> int:
   """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure.
 
   mpp: the manifest's um/px for this slide, which wins over what the slide records.
   normaliser: stain-normalises each batch on the encoder's device; the patches where the
-  stain could not be estimated (kept as they are) are counted in the slide's `stain` record."""
+  stain could not be estimated (kept as they are) are counted in the slide's `stain` record.
+  augmenter: also encodes its HED-jittered views of every (normalised) patch, written as the
+  slide file's embedding_view1..K columns."""
   slide = slides.open_slide(slide_path)
   try:
     plan = slides.plan_patches(
@@ -270,6 +278,10 @@ def extract_slide(
         f'(tissue covers {plan.tissue_fraction:.1%} of the slide)'
       )
     xys, embs = [], []
+    transform = normaliser
+    if augmenter is not None:
+      augmenter.start(slide_id, len(plan.xy))
+      transform = augmenter if normaliser is None else _compose(normaliser, augmenter)
     start = time.perf_counter()
     with tqdm(total=len(plan.xy), desc=slide_id, unit='patch', leave=False) as bar:
       batches = slides.iter_patch_batches(
@@ -277,12 +289,19 @@ def extract_slide(
       )
       if normaliser is not None:
         normaliser.pop_fallbacks()
-      for xy, emb in encoder.encode_batches(batches, transform=normaliser):
+      for xy, emb in encoder.encode_batches(batches, transform=transform):
+        if augmenter is not None:  # (1 + K) B rows: the batch, then view by view
+          emb = emb.reshape(-1, len(xy), emb.shape[-1])
         embs.append(emb)
         xys.append(xy)
         bar.update(len(xy))
-    emb = np.concatenate(embs)
-    if not np.isfinite(emb.astype(np.float16)).all():
+    emb = np.concatenate(embs, axis=-2)
+    views = None
+    if augmenter is not None:
+      emb, views = emb[0], emb[1:]
+    if not np.isfinite(emb.astype(np.float16)).all() or (
+      views is not None and not np.isfinite(views.astype(np.float16)).all()
+    ):
       raise slides.SlideError('embeddings overflow float16')
     ITEM_LOG.info(
       '%s: %d patches in %.1fs (%.1f patches/s)',
@@ -312,10 +331,38 @@ def extract_slide(
           fallbacks,
           len(emb),
         )
-    store.write_slide(store_dir, slide_id, patient_id, np.concatenate(xys), emb, meta)
+    if augmenter is not None:
+      meta['stain_augment'] = fp['stain_augment']
+    store.write_slide(store_dir, slide_id, patient_id, np.concatenate(xys), emb, meta, views)
     return len(emb)
   finally:
     slide.close()
+
+
+def _compose(normaliser: stain.Normaliser, augmenter: stain.Augmenter):
+  """Normalise, then jitter the normalised patches (the views vary around the target stain)."""
+
+  def transform(images):
+    return augmenter(normaliser(images))
+
+  return transform
+
+
+def augmenter_and_fingerprint(cfg: ExtractConfig) -> tuple[stain.Augmenter | None, dict | None]:
+  """The stain augmenter of cfg.stain_augment views and its fingerprint (None, None: off)."""
+  if cfg.stain_augment < 0 or cfg.stain_augment != int(cfg.stain_augment):
+    raise stain.StainError(f'--stain_augment={cfg.stain_augment}: give 0 (off) or a count of views')
+  if not 0 <= cfg.stain_augment_scale < 1 or cfg.stain_augment_shift < 0:
+    raise stain.StainError(
+      f'--stain_augment_scale={cfg.stain_augment_scale} must be in [0, 1) and '
+      f'--stain_augment_shift={cfg.stain_augment_shift} at least 0'
+    )
+  if not cfg.stain_augment:
+    return None, None
+  params = stain.AugmentParams(
+    int(cfg.stain_augment), float(cfg.stain_augment_scale), float(cfg.stain_augment_shift)
+  )
+  return stain.Augmenter(params, cfg.device), params.fingerprint()
 
 
 def extract_mri(
@@ -551,6 +598,9 @@ def extract(
   if target is not None:  # only then: stores made without it keep their fingerprint
     wsi_fp['stain'] = target.fingerprint()
     normaliser = stain.Normaliser(target, cfg.device)
+  augmenter, augment_fp = augmenter_and_fingerprint(cfg)
+  if augment_fp is not None:  # only then, as for stain: stores made without keep theirs
+    wsi_fp['stain_augment'] = augment_fp
   wsi_sha, mri_sha = fingerprint_sha(wsi_fp), fingerprint_sha(mri_fp)
   _check_existing(store_dir, wsi_sha, mri_sha, cfg.overwrite)
   store_dir.mkdir(parents=True, exist_ok=True)
@@ -583,6 +633,7 @@ def extract(
         wsi_sha,
         mpp=slide.mpp,
         normaliser=normaliser,
+        augmenter=augmenter,
       )
       summary.slides_done += 1
     except slides.SlideError as e:

@@ -421,3 +421,120 @@ def normalise_numpy(images: np.ndarray, target: StainTarget, device: str = 'cpu'
   norm = Normaliser(target, device)
   out = norm(torch.as_tensor(np.ascontiguousarray(images)).to(device))
   return out.cpu().numpy(), norm.pop_fallbacks()
+
+
+# --------------------------------------------------------------------------- augmentation
+
+# scikit-image's HED stain matrix (skimage.color.rgb_from_hed, Ruifrok & Johnston 2001): the
+# RGB optical densities of hematoxylin, eosin and DAB, one per row; and its inverse.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+# scikit-image's rgb2hed divides the natural-log optical density by this (-ln 1e-6).
+SKIMAGE_OD_SCALE = -math.log(1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+  """HED stain jitter (Tellez et al. 2018): per patch, view and stain channel, the HED
+  concentrations are scaled by alpha ~ U(1 - scale, 1 + scale) and shifted by
+  beta ~ U(-shift, shift); beta is in optical density (natural log) units, i.e.
+  scikit-image's `rgb2hed` values times SKIMAGE_OD_SCALE (docs/stain.md)."""
+
+  views: int = 0  # extra embeddings per patch (0: off)
+  scale: float = 0.05
+  shift: float = 0.05
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {
+      'method': 'hed_jitter',
+      'views': int(self.views),
+      'scale': float(self.scale),
+      'shift': float(self.shift),
+      'shift_units': 'natural-log optical density',
+      'matrix': 'skimage.color.rgb_from_hed',
+      'seed': 'sha256(slide_id), view',
+    }
+
+
+def _log_table(device) -> torch.Tensor:
+  """ln(max(v / 255, 1e-6)) of the 256 grey levels (scikit-image's floor)."""
+  v = torch.arange(256, dtype=torch.float64) / 255.0
+  return torch.log(v.clamp(min=1e-6)).float().to(device)
+
+
+def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+  """uint8 (B, H, W, 3) patches -> their HED-jittered copies (uint8, same shape).
+
+  Per patch b: HED = ln(rgb) / ln(1e-6) @ HED_FROM_RGB (scikit-image's rgb2hed without its
+  clipping of negative concentrations at 0, which alone moves real H&E pixels by up to 117
+  grey levels), HED' = alpha[b] * HED + beta[b] / SKIMAGE_OD_SCALE, back with hed2rgb; alpha
+  and beta (B, 3) per H, E, D channel. All linear in ln(rgb): one 3 x 3 matrix and one
+  offset per patch, alpha = 1 and beta = 0 give the patch back (to rounding)."""
+  if images.shape[0] == 0:
+    return images
+  shape, dev = images.shape, images.device
+  m = torch.as_tensor(HED_FROM_RGB, dtype=torch.float32, device=dev)
+  r = torch.as_tensor(RGB_FROM_HED, dtype=torch.float32, device=dev)
+  alpha = alpha.to(device=dev, dtype=torch.float32)
+  beta = beta.to(device=dev, dtype=torch.float32)
+  a = (m[None] * alpha[:, None, :]) @ r  # (B, 3, 3): ln(rgb') = ln(rgb) @ a + c
+  c = -(beta @ r)[:, None]  # (B, 1, 3)
+  lg = torch.take(_log_table(dev), images.reshape(shape[0], -1, 3).long())
+  out = torch.baddbmm(c, lg, a).exp_().clamp_(0, 1).mul_(255.0).round_()
+  return out.to(torch.uint8).reshape(shape)
+
+
+def slide_seed(slide_id: str) -> int:
+  """A 64-bit seed from the slide id: the jitter of a slide's views never depends on the
+  run, the shard, the batch size or the device."""
+  import hashlib
+
+  return int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], 'little')
+
+
+def jitter_parameters(slide_id: str, patches: int, params: AugmentParams) -> tuple:
+  """(alpha, beta), each float64 (views, patches, 3): view v (1-based) of patch i, drawn by
+  numpy from (slide_seed(slide_id), v) in the slide's stored patch order."""
+  alphas, betas = [], []
+  for v in range(1, params.views + 1):
+    rng = np.random.default_rng([slide_seed(slide_id), v])
+    alphas.append(rng.uniform(1.0 - params.scale, 1.0 + params.scale, (patches, 3)))
+    betas.append(rng.uniform(-params.shift, params.shift, (patches, 3)))
+  return np.stack(alphas), np.stack(betas)
+
+
+class Augmenter:
+  """uint8 (B, H, W, 3) batch on a device -> ((1 + views) B, H, W, 3): the batch, then its
+  HED-jittered copies view by view, for `Encoder.encode_batches(transform=...)`.
+
+  `start(slide_id, patches)` before each slide: the batches that follow are that slide's
+  patches in stored order (as extraction sends them), so patch i of the slide always
+  gets the parameters `jitter_parameters` gives it."""
+
+  def __init__(self, params: AugmentParams, device: str | torch.device = 'cpu'):
+    if params.views < 1:
+      raise ValueError(f'stain augmentation with {params.views} views: give at least 1')
+    self.params = params
+    self.device = torch.device(device)
+    self._alpha = self._beta = None
+    self._cursor = 0
+
+  def start(self, slide_id: str, patches: int) -> None:
+    alpha, beta = jitter_parameters(slide_id, patches, self.params)
+    self._alpha = torch.as_tensor(alpha, dtype=torch.float32, device=self.device)
+    self._beta = torch.as_tensor(beta, dtype=torch.float32, device=self.device)
+    self._cursor = 0
+
+  @torch.inference_mode()
+  def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    if self._alpha is None:
+      raise RuntimeError('Augmenter.start(slide_id, patches) must be called before each slide')
+    b = images.shape[0]
+    rows = slice(self._cursor, self._cursor + b)
+    if self._cursor + b > self._alpha.shape[1]:
+      raise RuntimeError(f'augmenter started for {self._alpha.shape[1]} patches, got more')
+    self._cursor += b
+    views = [
+      hed_jitter(images, self._alpha[v, rows], self._beta[v, rows]) for v in range(len(self._alpha))
+    ]
+    return torch.cat([images, *views])

@@ -108,19 +108,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_table(table: pa.Table, path: Path, *, compression: str = 'zstd') -> None:
   """Writes a Parquet file under a temporary name, fsyncs it and renames it into place.
 
-  An `embedding` column is written uncompressed and without a dictionary (the fast layout;
-  float embeddings neither repeat nor compress much), every other column with `compression`.
+  An `embedding` column (and the stain views' `embedding_view<k>`) is written uncompressed
+  and without a dictionary (the fast layout; float embeddings neither repeat nor compress
+  much), every other column with `compression`.
   """
   path = Path(path)
   fd, tmp = _mkstemp(path)
   os.close(fd)
   names = table.column_names
-  plain = [n for n in names if n != 'embedding']
+  plain = [n for n in names if not n.startswith('embedding')]
   try:
     pq.write_table(
       table,
       tmp,
-      compression={n: ('none' if n == 'embedding' else compression) for n in names},
+      compression={n: (compression if n in plain else 'none') for n in names},
       use_dictionary=plain,
       write_statistics=plain,
     )
@@ -170,9 +171,9 @@ def binary_embeddings(emb: np.ndarray) -> pa.FixedSizeBinaryArray:
   )
 
 
-def embedding_field(emb: np.ndarray) -> pa.Field:
+def embedding_field(emb: np.ndarray, name: str = 'embedding') -> pa.Field:
   return pa.field(
-    'embedding',
+    name,
     pa.binary(emb.shape[1] * emb.itemsize),
     nullable=False,
     metadata={EMB_DTYPE_KEY: np.dtype(emb.dtype).name.encode()},
@@ -218,6 +219,12 @@ def read_embeddings(table: pa.Table, path: Path | str = '') -> np.ndarray:
 # --------------------------------------------------------------------------- WSI
 
 
+# Stain augmentation (docs/stain.md): view k (1-based) of every patch, the embedding of a
+# HED-jittered copy of it, is the column `embedding_view<k>` of the slide file, beside
+# `embedding` (the original, view 0); readers that do not ask for views never decode them.
+VIEW_COLUMN = 'embedding_view{}'
+
+
 def wsi_path(store: Path, slide_id: str) -> Path:
   return Path(store) / WSI_DIR / f'{validate_id(slide_id, what="slide_id")}.parquet'
 
@@ -229,8 +236,12 @@ def write_slide(
   xy: np.ndarray,
   embeddings: np.ndarray,
   metadata: Mapping[str, Any],
+  views: np.ndarray | None = None,
 ) -> Path:
-  """Writes wsi/<slide_id>.parquet: coordinates (level-0 px) and float16 embeddings."""
+  """Writes wsi/<slide_id>.parquet: coordinates (level-0 px) and float16 embeddings.
+
+  views: (K, n, d) embeddings of K stain-augmented views of every patch, written as the
+  columns embedding_view1..K (VIEW_COLUMN)."""
   validate_id(patient_id, what='patient_id')
   xy = np.asarray(xy)
   if xy.shape != (len(embeddings), 2):
@@ -260,6 +271,13 @@ def write_slide(
     ],
     schema=_with_meta(schema, meta),
   )
+  for k, view in enumerate([] if views is None else views, start=1):
+    view = np.ascontiguousarray(view, np.float16)
+    if view.shape != emb.shape:
+      raise ValueError(f'slide {slide_id}: stain view {k} has shape {view.shape}, not {emb.shape}')
+    table = table.append_column(
+      embedding_field(view, VIEW_COLUMN.format(k)), binary_embeddings(view)
+    )
   path = wsi_path(store, slide_id)
   atomic_write_table(table, path)
   return path
@@ -332,6 +350,31 @@ def read_slide_embeddings(
     raise StoreError(f'{path}: embedding width {emb.shape[1]}, store expects {expected_dim}')
   meta = pf.schema_arrow.metadata or {}
   return emb, (json.loads(meta[_META_KEY]) if _META_KEY in meta else {})
+
+
+def read_slide_views(path: Path, views: int, *, expected_dim: int | None = None) -> np.ndarray:
+  """(views, n, d) float16: the stain views 1..views of a slide file's patches."""
+  names = [VIEW_COLUMN.format(k) for k in range(1, views + 1)]
+  try:
+    pf = pq.ParquetFile(path)
+    missing = [n for n in names if n not in pf.schema_arrow.names]
+    if missing:
+      raise StoreError(
+        f'{path}: no column {missing[0]}: the slide holds fewer than {views} stain views; '
+        f'extract it with --stain_augment={views} (or lower data.stain_views)'
+      )
+    table = pf.read(columns=names)
+  except (OSError, pa.ArrowInvalid) as e:
+    raise StoreError(f'{path}: unreadable Parquet file ({e})') from e
+  arrays = []
+  for n in names:
+    field = table.schema.field(n)
+    dtype = (field.metadata or {}).get(EMB_DTYPE_KEY, b'float16').decode()
+    arrays.append(embeddings_from_column(table.column(n), path, dtype))
+  out = np.stack(arrays) if arrays else np.zeros((0, table.num_rows, 0), np.float16)
+  if expected_dim is not None and arrays and out.shape[2] != expected_dim:
+    raise StoreError(f'{path}: embedding width {out.shape[2]}, store expects {expected_dim}')
+  return out
 
 
 # --------------------------------------------------------------------------- MRI
@@ -466,12 +509,17 @@ def read_store_json(store: Path) -> dict[str, Any]:
 ENVIRONMENT_KEYS = frozenset(
   {'device_type', 'precision', 'torch', 'torchvision', 'timm', 'pyradiomics'}
 )
+# Fingerprint keys that add to a store without changing its features: the stain views of
+# training (view 0, the embedding every model reads, is the same with or without them), so a
+# model trained on an augmented store scores a store extracted without views.
+TRAINING_ONLY_KEYS = frozenset({'stain_augment'})
 # The parts of a store's fingerprint (moemil_jax.bundle.store_fingerprint) that are compared.
 FINGERPRINT_PARTS = ('encoder', 'wsi', 'mri')
 
 
 def split_fingerprint(fp: Any, path: str = '') -> tuple[Any, dict[str, Any]]:
-  """(fp without its environment keys, {dotted path: value} of those keys), at any depth."""
+  """(fp without its environment keys, {dotted path: value} of those keys), at any depth;
+  TRAINING_ONLY_KEYS are left out of both."""
   if not isinstance(fp, Mapping):
     return fp, {}
   features, env = {}, {}
@@ -479,6 +527,8 @@ def split_fingerprint(fp: Any, path: str = '') -> tuple[Any, dict[str, Any]]:
     where = f'{path}.{key}' if path else str(key)
     if key in ENVIRONMENT_KEYS:
       env[where] = fp[key]
+      continue
+    if key in TRAINING_ONLY_KEYS:
       continue
     features[key], inner = split_fingerprint(fp[key], where)
     env.update(inner)

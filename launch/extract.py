@@ -146,6 +146,22 @@ _STAIN_FIT_CENTERS = flags.DEFINE_list(
   'With --stain_norm and no --stain_reference: the centers whose patches the target is fitted '
   'on (default: every center but the second by name, the external one training holds out).',
 )
+_STAIN_AUGMENT = flags.DEFINE_integer(
+  'stain_augment',
+  0,
+  'Stain augmentation for training (docs/stain.md): also store K embeddings per patch of '
+  'HED-jittered copies (the slide files grow (K + 1)-fold); training draws one view per epoch '
+  'with --config.data.stain_views=K. 0: off. In the slide fingerprint.',
+  lower_bound=0,
+)
+_STAIN_AUGMENT_SCALE = flags.DEFINE_float(
+  'stain_augment_scale', 0.05, 'With --stain_augment: HED scale alpha ~ U(1 - s, 1 + s).'
+)
+_STAIN_AUGMENT_SHIFT = flags.DEFINE_float(
+  'stain_augment_shift',
+  0.05,
+  'With --stain_augment: HED shift beta ~ U(-b, b), in optical density (natural log).',
+)
 _KEEP_GOING = flags.DEFINE_bool(
   'keep_going',
   False,
@@ -231,6 +247,9 @@ def main(argv):
     stain_norm=_STAIN_NORM.value,
     stain_reference=_STAIN_REFERENCE.value,
     stain_fit_centers=tuple(_STAIN_FIT_CENTERS.value),
+    stain_augment=_STAIN_AUGMENT.value,
+    stain_augment_scale=_STAIN_AUGMENT_SCALE.value,
+    stain_augment_shift=_STAIN_AUGMENT_SHIFT.value,
     tissue=slides.TissueParams(
       sthresh=_SATURATION.value,
       mthresh=_MEDIAN.value,

@@ -38,6 +38,9 @@ class Cohort:
   mri_deep_count: np.ndarray  # (P,) int64
   split: np.ndarray | None = None  # (P,) str in SPLITS
   bags_partitioned: bool = False  # each process read only some bags (statistics span processes)
+  # (K, total, D) float16: the stain views 1..K of every patch, laid out as `patches` (the
+  # original is view 0); None unless load_store(stain_views=K) (docs/stain.md).
+  patch_views: np.ndarray | None = None
 
   @property
   def num_patients(self) -> int:
@@ -82,8 +85,17 @@ def read_centers(store_dir: str | Path) -> np.ndarray:
   return _read_clinical(Path(store_dir) / store.CLINICAL)['center'].astype(str).to_numpy()
 
 
+def store_views(info: dict) -> int:
+  """The stain views per patch a store holds (its STORE.json's slide fingerprint)."""
+  fp = (info.get('wsi') or {}).get('fingerprint') or {}
+  return int((fp.get('stain_augment') or {}).get('views', 0))
+
+
 def load_store(
-  store_dir: str | Path, *, bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None
+  store_dir: str | Path,
+  *,
+  bags_to_read: Callable[[np.ndarray], np.ndarray] | None = None,
+  stain_views: int = 0,
 ) -> Cohort:
   """Reads clinical, WSI bags, radiomics and deep MRI features into host arrays.
 
@@ -92,9 +104,18 @@ def load_store(
   A data-parallel process passes the patients its own devices hold, so that the slides
   (the bulk of a store) are read once across processes; unread bags keep their
   `patch_count` and get `patch_offset` -1. The per-patient tables are read whole.
+  stain_views: also read the first K stain views of every patch read (`Cohort.patch_views`);
+  0 reads none, whether the store holds any or not.
   """
   root = Path(store_dir)
   info = store.read_store_json(root)
+  stain_views = int(stain_views or 0)
+  if stain_views > store_views(info):
+    raise store.StoreError(
+      f'{root}: data.stain_views={stain_views}, but the store holds {store_views(info)} stain '
+      f'views per patch; extract it with --stain_augment={stain_views} (launch.extract '
+      '--overwrite re-extracts the slides only) or lower data.stain_views'
+    )
   clinical = _read_clinical(root / store.CLINICAL)
   ids = clinical['patient_id'].astype(str).to_numpy()
   index = {pid: i for i, pid in enumerate(ids)}
@@ -120,6 +141,7 @@ def load_store(
   counts = all_counts if wanted is None else np.where(wanted, all_counts, 0)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   patches = np.empty((int(counts.sum()), wsi_dim), np.float16)
+  views = np.empty((stain_views, len(patches), wsi_dim), np.float16) if stain_views else None
   cursor = offsets.copy()
   jobs = []  # slides of a patient stay in slide-id order (files are sorted)
   for path, i, rows in read:
@@ -138,6 +160,10 @@ def load_store(
         're-extract this slide into the store'
       )
     patches[start : start + rows] = emb
+    if views is not None:
+      views[:, start : start + rows] = store.read_slide_views(
+        path, stain_views, expected_dim=wsi_dim
+      )
 
   with ThreadPoolExecutor(_file_threads()) as pool:
     list(pool.map(fill, jobs))
@@ -175,6 +201,7 @@ def load_store(
     mri_deep=mri_deep,
     mri_deep_count=mri_count,
     bags_partitioned=wanted is not None,
+    patch_views=views,
   )
 
 

@@ -1,0 +1,215 @@
+"""Stain augmentation (issue 28, item 4; docs/stain.md): HED jitter against scikit-image,
+K views per patch in the slide files (deterministic, in the fingerprint), and training
+that reads one view per epoch while evaluation reads the original."""
+
+import csv
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from skimage.color import hed2rgb, hed_from_rgb, rgb2hed, rgb_from_hed, separate_stains
+
+from feature_store import extract, slides, stain, store
+from feature_store.synthetic_cohort import make_cohort
+from moemil_jax import store_reader
+
+
+@pytest.fixture(scope='module')
+def tiles(shared_data):
+  """Six 96 px crops of the two real H&E tiles (very different stains)."""
+  import cv2
+
+  out = []
+  for name in ('he_tile_strong.png', 'he_tile_pale.png'):
+    image = cv2.imread(str(shared_data / name))[..., ::-1]
+    out += [image[y : y + 96, x : x + 96] for y, x in ((0, 0), (150, 200), (300, 400))]
+  return np.ascontiguousarray(np.stack(out))
+
+
+def _skimage_jitter(image, alpha, beta):
+  """scikit-image's HED jitter of one uint8 image with beta in optical density units.
+
+  rgb2hed clips negative concentrations at 0; the unclipped ones are rgb2hed(x) minus
+  separate_stains(x, -hed_from_rgb) (its clipped negative part), all scikit-image's own code."""
+  hed = rgb2hed(image) - separate_stains(image, -hed_from_rgb)
+  return np.round(hed2rgb(alpha * hed + beta / stain.SKIMAGE_OD_SCALE) * 255)
+
+
+def test_hed_jitter_matches_scikit_image(tiles):
+  np.testing.assert_allclose(stain.RGB_FROM_HED, rgb_from_hed)
+  np.testing.assert_allclose(stain.HED_FROM_RGB, hed_from_rgb, rtol=1e-6)
+  x = torch.from_numpy(tiles)
+  n = len(tiles)
+
+  # No jitter: the patch comes back, to a grey level.
+  same = stain.hed_jitter(x, torch.ones(n, 3), torch.zeros(n, 3)).numpy()
+  assert np.abs(same.astype(int) - tiles).max() <= 1
+
+  # A given alpha and beta per patch and channel: scikit-image's computation, patch by patch.
+  rng = np.random.default_rng(0)
+  alpha, beta = rng.uniform(0.9, 1.1, (n, 3)), rng.uniform(-0.1, 0.1, (n, 3))
+  out = stain.hed_jitter(x, torch.tensor(alpha), torch.tensor(beta)).numpy()
+  compared = 0
+  for i in range(n):
+    ref = _skimage_jitter(tiles[i], alpha[i], beta[i])
+    assert np.abs(out[i] - ref).max() <= 1, i
+    # Where rgb2hed clips nothing, it is rgb2hed / hed2rgb themselves.
+    hed = rgb2hed(tiles[i])
+    unclipped = (hed > 0).all(-1)
+    direct = np.round(hed2rgb(alpha[i] * hed + beta[i] / stain.SKIMAGE_OD_SCALE) * 255)
+    compared += int(unclipped.sum())
+    assert np.abs(out[i][unclipped] - direct[unclipped]).max() <= 1
+  assert compared > 1000  # pixels compared with rgb2hed's own output
+  assert np.abs(out.astype(int) - tiles).mean() > 2  # it did change the colours
+
+  # Batched: each patch is jittered with its own parameters only.
+  alone = stain.hed_jitter(x[2:3], torch.tensor(alpha[2:3]), torch.tensor(beta[2:3])).numpy()
+  np.testing.assert_array_equal(alone[0], out[2])
+
+
+def test_jitter_parameters_are_seeded_by_slide_and_view():
+  p = stain.AugmentParams(views=3, scale=0.05, shift=0.02)
+  a1, b1 = stain.jitter_parameters('S1', 40, p)
+  a2, b2 = stain.jitter_parameters('S1', 40, p)
+  assert a1.shape == b1.shape == (3, 40, 3)
+  np.testing.assert_array_equal(a1, a2)
+  np.testing.assert_array_equal(b1, b2)
+  assert np.abs(a1 - 1).max() <= 0.05 and np.abs(b1).max() <= 0.02
+  assert not np.allclose(a1[0], a1[1])  # views differ
+  assert not np.allclose(stain.jitter_parameters('S2', 40, p)[0], a1)  # slides differ
+  # A view's parameters do not depend on how many views are asked for.
+  np.testing.assert_array_equal(
+    stain.jitter_parameters('S1', 40, dataclasses.replace(p, views=1))[0][0], a1[0]
+  )
+
+
+# --------------------------------------------------------------------------- extraction
+
+CFG = extract.ExtractConfig(
+  encoder_weights='random',
+  wsi_encoder='timm:vit_tiny_patch16_224',
+  encoder_kwargs={'depth': 1},
+  target_mpp=1.0,
+  patch_px=64,
+  batch_size=16,
+  workers=1,
+  mri_slices=1,
+  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.1),
+)
+
+
+@pytest.fixture(scope='module')
+def cohort(tmp_path_factory):
+  out = tmp_path_factory.mktemp('augment_cohort')
+  manifest = make_cohort(
+    out, patients=4, seed=5, slide_px=512, mri_px=32, mri_slices=4, progress=False
+  )
+  with open(manifest, newline='') as f:
+    rows = list(csv.DictReader(f))
+  no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
+  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:1]  # MRI for one: time
+  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
+  with open(manifest, 'w', newline='') as f:
+    w = csv.DictWriter(f, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  return manifest
+
+
+def _column_bytes(path):
+  md = pq.read_metadata(path)
+  out = {}
+  for g in range(md.num_row_groups):
+    for c in range(md.num_columns):
+      col = md.row_group(g).column(c)
+      out[col.path_in_schema] = out.get(col.path_in_schema, 0) + col.total_compressed_size
+  return out
+
+
+def _views_of(path, k):
+  return store.read_slide_views(path, k)
+
+
+def test_extraction_writes_k_views_deterministically_in_the_fingerprint(cohort, tmp_path):
+  out = tmp_path / 'store'
+  plain = extract.extract(cohort, out, CFG)
+  assert plain.finalised and plain.failed == 0 and plain.slides_done >= 4
+  wsi = store.read_store_json(out)['wsi']
+  assert 'stain_augment' not in wsi['fingerprint']  # off: the fingerprint stores had before
+  before = {p.name: store.read_slide(p) for p in store.slide_files(out)}
+  from moemil_jax import bundle
+
+  plain_fp = bundle.store_fingerprint(out)
+
+  aug = dataclasses.replace(CFG, stain_augment=2)
+  with pytest.raises(extract.FingerprintMismatch, match='another fingerprint'):
+    extract.extract(cohort, out, aug)
+  done = extract.extract(cohort, out, dataclasses.replace(aug, overwrite=True))
+  assert done.slides_done == plain.slides_done and done.slides_skipped == 0
+  assert done.mri_done == 0 and done.mri_skipped == 1  # the slides only
+  info = store.read_store_json(out)
+  assert info['wsi']['fingerprint_sha256'] != wsi['fingerprint_sha256']
+  assert info['wsi']['fingerprint']['stain_augment']['views'] == 2
+  assert store_reader.store_views(info) == 2
+
+  for path in store.slide_files(out):
+    names = pq.read_schema(path).names
+    assert names[-2:] == ['embedding_view1', 'embedding_view2']
+    bag = store.read_slide(path)
+    views = _views_of(path, 2)
+    assert views.shape == (2, *bag.embeddings.shape) and views.dtype == np.float16
+    np.testing.assert_array_equal(bag.xy, before[path.name].xy)
+    # View 0 is the plain embedding (the encoder saw a larger batch: to float16 round-off).
+    np.testing.assert_allclose(bag.embeddings, before[path.name].embeddings, atol=2e-2, rtol=1e-2)
+    # Each view is a different, nearby embedding.
+    for v in views:
+      assert not np.allclose(v, bag.embeddings, atol=1e-3)
+      cos = (v * bag.embeddings).astype(np.float32).sum(1) / (
+        np.linalg.norm(v.astype(np.float32), axis=1)
+        * np.linalg.norm(bag.embeddings.astype(np.float32), axis=1)
+      )
+      assert cos.min() > 0.9
+    assert not np.allclose(views[0], views[1], atol=1e-3)
+    assert bag.metadata['stain_augment']['views'] == 2
+    # The store grows (K + 1)-fold in embeddings: each view column is the size of the original.
+    sizes = _column_bytes(path)
+    assert sizes['embedding_view1'] == sizes['embedding_view2'] == sizes['embedding']
+    assert sizes['embedding'] >= bag.embeddings.nbytes
+
+  # The same run again, into another store: the same bytes.
+  again = tmp_path / 'again'
+  extract.extract(cohort, again, aug)
+  for path in store.slide_files(out):
+    other = store.wsi_path(again, path.stem)
+    np.testing.assert_array_equal(_views_of(path, 2), _views_of(other, 2))
+    np.testing.assert_array_equal(
+      store.read_slide(path).embeddings, store.read_slide(other).embeddings
+    )
+
+  # Readers: views only when asked for; more than the store holds is one clear line.
+  cohort_plain = store_reader.load_store(out)
+  assert cohort_plain.patch_views is None
+  loaded = store_reader.load_store(out, stain_views=2)
+  assert loaded.patch_views.shape == (2, *loaded.patches.shape)
+  np.testing.assert_array_equal(loaded.patches, cohort_plain.patches)
+  first = store.slide_files(out)[0]
+  p = list(loaded.patient_id).index(store.read_slide(first).patient_id)
+  o = loaded.patch_offset[p]
+  np.testing.assert_array_equal(loaded.patch_views[:, o : o + 3], _views_of(first, 2)[:, :3])
+  with pytest.raises(store.StoreError, match='holds 2 stain views') as err:
+    store_reader.load_store(out, stain_views=3)
+  assert '\n' not in str(err.value)
+
+  # A model trained on the augmented store scores a store extracted without views.
+  assert store.compare_fingerprints(bundle.store_fingerprint(out), plain_fp) == (None, [])
+
+
+def test_bad_augmentation_settings_are_one_line_errors(cohort, tmp_path):
+  with pytest.raises(stain.StainError, match='stain_augment_scale'):
+    extract.extract(
+      cohort, tmp_path / 'a', dataclasses.replace(CFG, stain_augment=1, stain_augment_scale=1.5)
+    )
+  with pytest.raises(stain.StainError, match='stain_augment=-1'):
+    extract.extract(cohort, tmp_path / 'b', dataclasses.replace(CFG, stain_augment=-1))
