@@ -230,5 +230,22 @@ def _device_rows(layout: BagLayout, block, device) -> jax.Array:
   return jax.device_put(np.concatenate([block(g) for g in range(layout.groups)]), device)
 
 
+def view_patches(cohort: Cohort, layout: BagLayout, patches: np.ndarray, views: int) -> np.ndarray:
+  """(1 + views, rows, D) float16: `patches` (the original, laid out by `layout`), then the
+  cohort's stain views 1..views laid out alike (config.data.stain_views, docs/stain.md)."""
+  if cohort.patch_views is None or len(cohort.patch_views) < views:
+    raise ValueError(
+      f'data.stain_views={views}: the cohort was loaded with '
+      f'{0 if cohort.patch_views is None else len(cohort.patch_views)} stain views '
+      '(store_reader.load_store(stain_views=...), as trainer.load does)'
+    )
+  out = np.empty((1 + views, *patches.shape), np.float16)
+  out[0] = patches
+  for v in range(views):
+    view = dataclasses.replace(cohort, patches=cohort.patch_views[v])
+    out[1 + v] = np.concatenate([_bag_block(view, layout, g) for g in range(layout.groups)])
+  return out
+
+
 def _device_patches(cohort: Cohort, layout: BagLayout, device) -> jax.Array:
   return _device_rows(layout, lambda g: _bag_block(cohort, layout, g), device)

@@ -448,6 +448,9 @@ def harmonise_centers(cohort: Cohort, chunk: int = 65536) -> Cohort:
       for start in range(0, len(patch_rows), chunk):
         block = patch_rows[start : start + chunk]
         cohort.patches[block] = ((cohort.patches[block] - mean) / std).astype(np.float16)
+        if cohort.patch_views is not None:  # the stain views, with the original's statistics
+          views = cohort.patch_views[:, block]
+          cohort.patch_views[:, block] = ((views - mean) / std).astype(np.float16)
     d_mean, d_std = masked_mean_std(cohort.mri_deep, rows, cohort.mri_deep_count)
     cohort.mri_deep[rows] = (cohort.mri_deep[rows] - d_mean) / d_std
     rad = cohort.radiomics.loc[rows]

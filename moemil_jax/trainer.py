@@ -98,7 +98,9 @@ def load(config) -> store_reader.Cohort:
   """The store named by config.store, read once into host arrays, harmonised as configured."""
   if not config.store:
     raise ValueError('config.store is empty: pass --store or --config.store')
-  cohort = store_reader.load_store(config.store)
+  cohort = store_reader.load_store(
+    config.store, stain_views=int(config.data.get('stain_views', 0) or 0)
+  )
   preprocess.harmonise(cohort, config.data)
   return cohort
 
@@ -157,8 +159,16 @@ def make_optimizer(tc, steps_per_epoch: int) -> optax.GradientTransformation:
   return optax.chain(tx, optax.stateless(scale_slide))
 
 
-def member_inputs(data, batch, dtype):
-  """batching.gather_inputs, with deep MRI features z-scored by the member's own fold."""
+def member_inputs(data, batch, dtype, view=None):
+  """batching.gather_inputs, with deep MRI features z-scored by the member's own fold.
+
+  With stain views (patches (V, rows, D), config.data.stain_views) it reads view `view`,
+  the original (0) when None."""
+  if data['patches'].ndim == 3:
+    v, rows, d = data['patches'].shape
+    data = {**data, 'patches': data['patches'].reshape(v * rows, d)}
+    if view is not None:
+      batch = {**batch, 'patch_index': batch['patch_index'] + view * rows}
   inputs, targets = batching.gather_inputs(data, batch, dtype)
   raw = data['mri_deep'][batch['patient']]
   z = (raw - data['deep_mean']) * data['deep_inv_std']
@@ -174,9 +184,9 @@ def make_loss_fn(config, graphdef):
     ties=config.loss.ties, k=config.loss.instance_k, subtyping=config.loss.instance_subtyping
   )
 
-  def loss_fn(params, rest, data, batch, key):
+  def loss_fn(params, rest, data, batch, key, view=None):
     model = nnx.merge(graphdef, params, rest)
-    inputs, targets = member_inputs(data, batch, dtype)
+    inputs, targets = member_inputs(data, batch, dtype, view)
     out = model(inputs, rngs=nnx.Rngs(dropout=key))
     return losses.total_loss(out, targets, weights, **loss_kw)
 
@@ -251,6 +261,9 @@ def fold_data(config, cohort, splits: dict[int, np.ndarray], layout: batching.Ba
     np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in per_fold['radiomics']
   ]
   shared['mri_deep'] = cohort.mri_deep.astype(np.float32)
+  views = int(config.data.get('stain_views', 0) or 0)
+  if views:  # (1 + views, rows, D): member_step picks one view per epoch
+    shared['patches'] = device_data.view_patches(cohort, layout, shared['patches'], views)
   return shared, {k: np.stack(v) for k, v in per_fold.items()}, width, fitted
 
 
@@ -342,7 +355,11 @@ def make_steps(config, graphdef, steps_per_epoch: int, mesh: jax.sharding.Mesh):
   ):
     data = _member_data(shared, per_fold, fold_index)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), t[0]), t[1])
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, data, batch, key)
+    # Stain views: epoch t[0] of the member reads view (seed + epoch) % V of every patch.
+    view = (seed + t[0]) % data['patches'].shape[0] if data['patches'].ndim == 3 else None
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, rest, data, batch, key, view
+    )
     updates, new_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     new_params = optax.apply_updates(params, updates)
@@ -584,7 +601,7 @@ def setup(config, cohort, members: list[Member]):
   for m in stacked:
     c = config.copy_and_resolve_references()
     c.seed = m.seed
-    model = build_model(c, radiomics_dim, int(shared['patches'].shape[1]))
+    model = build_model(c, radiomics_dim, int(shared['patches'].shape[-1]))
     inits.append(nnx.split(model, nnx.Param, ...))
   graphdef = inits[0][0]
   tx, step, evaluate = make_steps(config, graphdef, steps_per_epoch, mesh)

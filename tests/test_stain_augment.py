@@ -4,6 +4,7 @@ that reads one view per epoch while evaluation reads the original."""
 
 import csv
 import dataclasses
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,9 +12,10 @@ import pytest
 import torch
 from skimage.color import hed2rgb, hed_from_rgb, rgb2hed, rgb_from_hed, separate_stains
 
-from feature_store import extract, slides, stain, store
+from feature_store import extract, slides, stain, store, synthetic_store
 from feature_store.synthetic_cohort import make_cohort
-from moemil_jax import store_reader
+from moemil_jax import store_reader, trainer
+from moemil_jax.configs import test as test_config
 
 
 @pytest.fixture(scope='module')
@@ -213,3 +215,113 @@ def test_bad_augmentation_settings_are_one_line_errors(cohort, tmp_path):
     )
   with pytest.raises(stain.StainError, match='stain_augment=-1'):
     extract.extract(cohort, tmp_path / 'b', dataclasses.replace(CFG, stain_augment=-1))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope='module')
+def stores(tmp_path_factory):
+  """(plain, augmented): a small synthetic store, and the same store with two stain views
+  per patch (the original plus deterministic noise), as --stain_augment=2 records them."""
+  root = tmp_path_factory.mktemp('augment_train')
+  plain = synthetic_store.make_store(
+    root / 'plain', patients=30, seed=0, median_patches=24, max_patches=64
+  )
+  views = root / 'views'
+  shutil.copytree(plain, views)
+  rng = np.random.default_rng(0)
+  for path in store.slide_files(views):
+    bag = store.read_slide(path)
+    noise = rng.normal(0, 0.5, (2, *bag.embeddings.shape)).astype(np.float32)
+    view = (bag.embeddings.astype(np.float32) + noise).astype(np.float16)
+    store.write_slide(
+      views, bag.slide_id, bag.patient_id, bag.xy, bag.embeddings, bag.metadata, view
+    )
+  info = store.read_store_json(views)
+  info.pop('schema_version')
+  wsi = dict(info.get('wsi') or {})
+  wsi['fingerprint'] = {
+    **(wsi.get('fingerprint') or {}),
+    'stain_augment': stain.AugmentParams(2).fingerprint(),
+  }
+  store.write_store_json(views, {**info, 'wsi': wsi})
+  return plain, views
+
+
+def _config(store_dir, views=0, epochs=2):
+  c = test_config.get_config()
+  c.store = str(store_dir)
+  c.train.epochs = epochs
+  c.data.stain_views = views
+  return c
+
+
+def test_member_inputs_read_the_asked_view():
+  rows, d = 9, 4
+  table = np.arange(3 * rows * d, dtype=np.float32).reshape(3, rows, d).astype(np.float16)
+  batch = {
+    'patient': np.zeros(2, np.int32),
+    'patient_mask': np.ones(2, bool),
+    'patch_segment': np.array([[0, 0, 1, 2]], np.int32),
+    'patch_index': np.array([[1, 4, 7, 8]], np.int32),
+  }
+  data = {
+    'patch_mean': np.zeros(d, np.float32),
+    'patch_inv_std': np.ones(d, np.float32),
+    'mri_deep': np.zeros((1, 1, 2), np.float32),
+    'mri_deep_count': np.zeros(1, np.int32),
+    'deep_mean': np.zeros(2, np.float32),
+    'deep_inv_std': np.ones(2, np.float32),
+    'radiomics': np.zeros((1, 1), np.float32),
+    'has_radiomics': np.zeros(1, bool),
+    **{k: np.zeros(1, np.float32) for k in ('response', 'os_months')},
+    **{k: np.zeros(1, bool) for k in ('has_response', 'has_survival')},
+    'os_event': np.zeros(1, np.int32),
+  }
+  seen = {}
+  for view in (None, 0, 1, 2):
+    inputs, _ = trainer.member_inputs({**data, 'patches': table}, batch, np.float32, view)
+    seen[view] = np.asarray(inputs['wsi'])
+  plain = trainer.member_inputs({**data, 'patches': table[0]}, batch, np.float32)[0]['wsi']
+  np.testing.assert_array_equal(seen[None], np.asarray(plain))  # evaluation: the original
+  for v in (0, 1, 2):
+    np.testing.assert_array_equal(seen[v], table[v][batch['patch_index']].astype(np.float32))
+  assert not np.array_equal(seen[1], seen[2])
+
+
+@pytest.mark.slow  # three small trainings, about a minute
+def test_training_draws_one_view_per_epoch_and_evaluates_on_the_original(stores):
+  plain, views = stores
+  members = trainer.grid(folds=(0,), seeds=(0,))
+  base = trainer.fit(_config(plain), trainer.load(_config(plain)), members)
+  # data.stain_views = 0 on the augmented store: the run on the store without views.
+  off = trainer.fit(_config(views), trainer.load(_config(views)), members)
+  assert trainer.load(_config(views)).patch_views is None
+  np.testing.assert_array_equal(off.logits, base.logits)
+  assert off.meta['train_loss'] == base.meta['train_loss']
+
+  config = _config(views, views=2)
+  cohort = trainer.load(config)
+  assert cohort.patch_views.shape == (2, *cohort.patches.shape)
+  on = trainer.fit(config, cohort, members)
+  # Member seed 0: epoch 0 reads view 0 (the original), epoch 1 view 1.
+  assert on.meta['train_loss'][0] == base.meta['train_loss'][0]
+  assert on.meta['train_loss'][1] != base.meta['train_loss'][1]
+
+  # Evaluation and prediction read the original: the same parameters predict the same.
+  run_on, params_on, _ = trainer.setup(config, cohort, members)
+  run_off, params_off, _ = trainer.setup(_config(plain), trainer.load(_config(plain)), members)
+  assert run_on.data[0]['patches'].shape[0] == 3
+  patients = np.arange(cohort.num_patients)
+  np.testing.assert_array_equal(
+    trainer.predict(run_on, params_on, patients)[0],
+    trainer.predict(run_off, params_off, patients)[0],
+  )
+
+
+def test_more_views_than_the_store_holds_is_one_line(stores):
+  plain, _ = stores
+  with pytest.raises(store.StoreError, match='stain_augment=2') as err:
+    trainer.load(_config(plain, views=2))
+  assert '\n' not in str(err.value)

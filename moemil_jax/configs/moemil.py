@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Patients dealt to groups, one per device of the data axis (0 = as many as devices; on one
   # device, N reproduces the batches of an N-device run).
   c.data.bag_groups = 0
+  # Stain augmentation (docs/stain.md): with a store extracted with --stain_augment=K, each
+  # epoch of a member reads view (seed + epoch) % (K + 1) of every patch (0: the original);
+  # evaluation and prediction always read the original. 0 = off (views ignored).
+  c.data.stain_views = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.modalities = ('wsi', 'radiomics', 'mri_deep')
