@@ -247,5 +247,17 @@ def view_patches(cohort: Cohort, layout: BagLayout, patches: np.ndarray, views: 
   return out
 
 
+def view_slide_vectors(
+  cohort: Cohort, data_config, fitted: preprocess.Fitted, summary: np.ndarray, views: int
+) -> np.ndarray:
+  """(1 + views, P, W): `summary` (the original's prototype slide vectors), then those of the
+  cohort's stain views 1..views, with the prototypes fitted on the original."""
+  out = [summary]
+  for v in range(views):
+    view = dataclasses.replace(cohort, patches=cohort.patch_views[v])
+    out.append(slide_vectors(view, data_config, fitted))
+  return np.stack(out)
+
+
 def _device_patches(cohort: Cohort, layout: BagLayout, device) -> jax.Array:
   return _device_rows(layout, lambda g: _bag_block(cohort, layout, g), device)

@@ -164,6 +164,8 @@ def member_inputs(data, batch, dtype, view=None):
 
   With stain views (patches (V, rows, D), config.data.stain_views) it reads view `view`,
   the original (0) when None."""
+  if 'wsi_summary' in data and data['wsi_summary'].ndim == 3:  # each view's slide vectors
+    data = {**data, 'wsi_summary': data['wsi_summary'][0 if view is None else view]}
   if data['patches'].ndim == 3:
     v, rows, d = data['patches'].shape
     data = {**data, 'patches': data['patches'].reshape(v * rows, d)}
@@ -245,12 +247,17 @@ def fold_data(config, cohort, splits: dict[int, np.ndarray], layout: batching.Ba
   cpu = jax.local_devices(backend='cpu')[0]  # this process's own (multi-process runs)
   per_fold = {k: [] for k in PER_FOLD}
   fitted, shared = {}, None
+  views = int(config.data.get('stain_views', 0) or 0)
   for f, split in splits.items():
     c = dataclasses.replace(cohort, split=split)
     d = device_data.prepare(c, config.data, seed=config.seed, device=cpu, layout=layout)
     fitted[f] = d.fitted
     for k in ('patch_mean', 'patch_inv_std', 'radiomics', 'has_radiomics', 'wsi_summary'):
       per_fold[k].append(np.asarray(getattr(d, k)))
+    if views:  # (1 + views, P, W): the slide vectors of each view, prototypes from the original
+      per_fold['wsi_summary'][-1] = device_data.view_slide_vectors(
+        c, config.data, d.fitted, per_fold['wsi_summary'][-1], views
+      )
     per_fold['deep_mean'].append(d.fitted.deep_mean.astype(np.float32))
     per_fold['deep_inv_std'].append((1.0 / d.fitted.deep_std).astype(np.float32))
     if shared is None:
@@ -261,7 +268,6 @@ def fold_data(config, cohort, splits: dict[int, np.ndarray], layout: batching.Ba
     np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in per_fold['radiomics']
   ]
   shared['mri_deep'] = cohort.mri_deep.astype(np.float32)
-  views = int(config.data.get('stain_views', 0) or 0)
   if views:  # (1 + views, rows, D): member_step picks one view per epoch
     shared['patches'] = device_data.view_patches(cohort, layout, shared['patches'], views)
   return shared, {k: np.stack(v) for k, v in per_fold.items()}, width, fitted

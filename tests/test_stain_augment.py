@@ -279,15 +279,20 @@ def test_member_inputs_read_the_asked_view():
     **{k: np.zeros(1, bool) for k in ('has_response', 'has_survival')},
     'os_event': np.zeros(1, np.int32),
   }
+  summary = np.arange(3 * 2, dtype=np.float32).reshape(3, 1, 2)  # (views, P, W)
   seen = {}
   for view in (None, 0, 1, 2):
-    inputs, _ = trainer.member_inputs({**data, 'patches': table}, batch, np.float32, view)
-    seen[view] = np.asarray(inputs['wsi'])
-  plain = trainer.member_inputs({**data, 'patches': table[0]}, batch, np.float32)[0]['wsi']
-  np.testing.assert_array_equal(seen[None], np.asarray(plain))  # evaluation: the original
+    both = {**data, 'patches': table, 'wsi_summary': summary}
+    inputs, _ = trainer.member_inputs(both, batch, np.float32, view)
+    seen[view] = np.asarray(inputs['wsi']), np.asarray(inputs['wsi_summary'])
+  plain = {**data, 'patches': table[0], 'wsi_summary': summary[0]}
+  plain = trainer.member_inputs(plain, batch, np.float32)[0]
+  np.testing.assert_array_equal(seen[None][0], np.asarray(plain['wsi']))  # the original
+  np.testing.assert_array_equal(seen[None][1], np.asarray(plain['wsi_summary']))
   for v in (0, 1, 2):
-    np.testing.assert_array_equal(seen[v], table[v][batch['patch_index']].astype(np.float32))
-  assert not np.array_equal(seen[1], seen[2])
+    np.testing.assert_array_equal(seen[v][0], table[v][batch['patch_index']].astype(np.float32))
+    np.testing.assert_array_equal(seen[v][1], summary[v][batch['patient']])
+  assert not np.array_equal(seen[1][0], seen[2][0])
 
 
 @pytest.mark.slow  # three small trainings, about a minute
@@ -313,6 +318,10 @@ def test_training_draws_one_view_per_epoch_and_evaluates_on_the_original(stores)
   run_on, params_on, _ = trainer.setup(config, cohort, members)
   run_off, params_off, _ = trainer.setup(_config(plain), trainer.load(_config(plain)), members)
   assert run_on.data[0]['patches'].shape[0] == 3
+  assert run_on.data[1]['wsi_summary'].shape[:2] == (1, 3)  # (folds, views, P, W)
+  summary = np.asarray(run_on.data[1]['wsi_summary'])[0]
+  np.testing.assert_array_equal(summary[0], np.asarray(run_off.data[1]['wsi_summary'])[0])
+  assert not np.allclose(summary[1], summary[0])  # the views' own slide vectors
   patients = np.arange(cohort.num_patients)
   np.testing.assert_array_equal(
     trainer.predict(run_on, params_on, patients)[0],
