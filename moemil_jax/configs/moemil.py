@@ -100,8 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.warmup_epochs = 3
   c.train.grad_clip = 1.0
   # Multiplies the learning rate of the slide branch only (wsi, wsi_vector, slide_wide_*;
-  # trainer.make_optimizer); 1 = one rate for every parameter.
-  c.train.slide_lr_multiplier = 1.0
+  # trainer.make_optimizer); 1 = one rate for every parameter. 3: chosen out of fold on
+  # realistic seed 0, then better than 1 on fresh seeds 30-34 (docs/slide_branch.md).
+  c.train.slide_lr_multiplier = 3.0
   c.train.patience = (
     15  # epochs without a better smoothed selection score before all members stop; 0 = off
   )

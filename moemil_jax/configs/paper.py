@@ -23,5 +23,6 @@ def get_config():
   c.train.epochs = 60
   c.train.learning_rate = 3e-4
   c.train.weight_decay = 0.01
+  c.train.slide_lr_multiplier = 1.0  # the paper has one learning rate
   c.train.ensemble = 0
   return c
