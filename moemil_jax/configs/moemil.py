@@ -103,9 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   # trainer.make_optimizer); 1 = one rate for every parameter. 3: chosen out of fold on
   # realistic seed 0, then better than 1 on fresh seeds 30-34 (docs/slide_branch.md).
   c.train.slide_lr_multiplier = 3.0
-  c.train.patience = (
-    15  # epochs without a better smoothed selection score before all members stop; 0 = off
-  )
+  # Epochs without a better smoothed selection score before all members stop; 0 = off.
+  c.train.patience = 15
   c.train.val_metric = 'auc+cindex'  # "auc", "cindex" or their mean "auc+cindex"
   c.train.log_every = 10  # steps between TensorBoard step scalars
   c.train.log_epochs = 5  # epoch log lines: the first, every this many, the last (--verbose: all)
