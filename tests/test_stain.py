@@ -1,17 +1,16 @@
 """Stain normalisation (feature_store/stain.py): parity with torchstain, fallbacks,
 determinism, the real H&E tiles, the real slide's tissue mask, and the store fingerprint."""
 
-import csv
 import dataclasses
 import json
 
 import numpy as np
 import pytest
+import tiny_extraction
 import torch
 import torchstain
 
 from feature_store import extract, slides, stain, store
-from feature_store.synthetic_cohort import make_cohort
 
 # torchstain's own settings: estimates from every pixel, its OD threshold.
 TORCHSTAIN = stain.StainParams(fit_stride=1, beta=0.15)
@@ -170,35 +169,14 @@ def test_tissue_mask_of_the_real_slide_is_unchanged(shared_data, tmp_path):
 
 # --------------------------------------------------------------------------- the store
 
-CFG = extract.ExtractConfig(
-  encoder_weights='random',
-  wsi_encoder='timm:vit_tiny_patch16_224',
-  encoder_kwargs={'depth': 1},
-  target_mpp=1.0,
-  patch_px=64,
-  batch_size=32,
-  workers=1,
-  mri_slices=1,
-  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.1),
-)
+CFG = tiny_extraction.config(batch_size=32)
 
 
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
-  out = tmp_path_factory.mktemp('stain_cohort')
-  manifest = make_cohort(
-    out, patients=6, seed=3, slide_px=512, mri_px=32, mri_slices=4, progress=False
+  return tiny_extraction.manifest_with_one_mri(
+    tmp_path_factory.mktemp('stain_cohort'), patients=6, seed=3
   )
-  with open(manifest, newline='') as f:
-    rows = list(csv.DictReader(f))
-  no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
-  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:1]  # MRI for one: time
-  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
-  with open(manifest, 'w', newline='') as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return manifest
 
 
 def _wsi(store_dir):

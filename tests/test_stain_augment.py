@@ -2,18 +2,17 @@
 K views per patch in the slide files (deterministic, in the fingerprint), and training
 that reads one view per epoch while evaluation reads the original."""
 
-import csv
 import dataclasses
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import tiny_extraction
 import torch
 from skimage.color import hed2rgb, hed_from_rgb, rgb2hed, rgb_from_hed, separate_stains
 
-from feature_store import extract, slides, stain, store, synthetic_store
-from feature_store.synthetic_cohort import make_cohort
+from feature_store import extract, stain, store, synthetic_store
 from moemil_jax import store_reader, trainer
 from moemil_jax.configs import test as test_config
 
@@ -89,35 +88,14 @@ def test_jitter_parameters_are_seeded_by_slide_and_view():
 
 # --------------------------------------------------------------------------- extraction
 
-CFG = extract.ExtractConfig(
-  encoder_weights='random',
-  wsi_encoder='timm:vit_tiny_patch16_224',
-  encoder_kwargs={'depth': 1},
-  target_mpp=1.0,
-  patch_px=64,
-  batch_size=16,
-  workers=1,
-  mri_slices=1,
-  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.1),
-)
+CFG = tiny_extraction.config(batch_size=16)
 
 
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
-  out = tmp_path_factory.mktemp('augment_cohort')
-  manifest = make_cohort(
-    out, patients=4, seed=5, slide_px=512, mri_px=32, mri_slices=4, progress=False
+  return tiny_extraction.manifest_with_one_mri(
+    tmp_path_factory.mktemp('augment_cohort'), patients=4, seed=5
   )
-  with open(manifest, newline='') as f:
-    rows = list(csv.DictReader(f))
-  no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
-  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:1]  # MRI for one: time
-  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
-  with open(manifest, 'w', newline='') as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return manifest
 
 
 def _column_bytes(path):
