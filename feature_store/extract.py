@@ -87,6 +87,10 @@ class ExtractConfig:
   stain_target: Any = None
   stain_fit_centers: tuple[str, ...] = ()
   stain_fit_patches: int = 256
+  # patch: each patch's own stain is estimated; slide: one per slide, pooled over up to
+  # stain_slide_patches of its patches (stain.Normaliser).
+  stain_scope: str = 'patch'
+  stain_slide_patches: int = 64
   # Stain augmentation (docs/stain.md): stain_augment extra embeddings per patch from
   # HED-jittered copies (stain.AugmentParams: scale, shift), columns embedding_view1..K.
   stain_augment: int = 0
@@ -277,6 +281,10 @@ def extract_slide(
         f'no tissue: no patch has >= {cfg.tissue.min_patch_tissue:.0%} tissue '
         f'(tissue covers {plan.tissue_fraction:.1%} of the slide)'
       )
+    slide_stain = None
+    if normaliser is not None and normaliser.scope == 'slide':
+      stats = stain_sample(slide, plan, cfg.stain_slide_patches, cfg, normaliser.params)
+      slide_stain = normaliser.start_slide(stats)
     xys, embs = [], []
     transform = normaliser
     if augmenter is not None:
@@ -324,6 +332,8 @@ def extract_slide(
     if normaliser is not None:
       fallbacks = normaliser.pop_fallbacks()
       meta['stain'] = {**fp.get('stain', {}), 'fallback_patches': fallbacks}
+      if normaliser.scope == 'slide':  # what this slide was mapped from (None: kept as is)
+        meta['stain']['slide_stain'] = slide_stain
       if fallbacks:
         logging.info(
           '%s: %d of %d patches kept their own stain (too little tissue or one colour)',
@@ -597,7 +607,9 @@ def extract(
   normaliser = None
   if target is not None:  # only then: stores made without it keep their fingerprint
     wsi_fp['stain'] = target.fingerprint()
-    normaliser = stain.Normaliser(target, cfg.device)
+    if cfg.stain_scope == 'slide':  # only then: patch-scope stores keep their fingerprint
+      wsi_fp['stain'] |= {'scope': 'slide', 'slide_patches': cfg.stain_slide_patches}
+    normaliser = stain.Normaliser(target, cfg.device, cfg.stain_scope)
   augmenter, augment_fp = augmenter_and_fingerprint(cfg)
   if augment_fp is not None:  # only then, as for stain: stores made without keep theirs
     wsi_fp['stain_augment'] = augment_fp
@@ -692,6 +704,11 @@ def stain_target(
   method = cfg.stain_norm
   if method not in stain.METHODS:
     raise stain.StainError(f'--stain_norm={method}: choose {", ".join(stain.METHODS)}')
+  if cfg.stain_scope not in stain.SCOPES or cfg.stain_slide_patches < 1:
+    raise stain.StainError(
+      f'--stain_scope={cfg.stain_scope} --stain_slide_patches={cfg.stain_slide_patches}: '
+      f'choose a scope of {", ".join(stain.SCOPES)} and at least 1 patch'
+    )
   if method == 'none':
     if cfg.stain_reference:
       raise stain.StainError('--stain_reference needs --stain_norm=macenko or reinhard')
@@ -728,6 +745,19 @@ def stain_target(
 FIT_SLIDES = 16  # slides a fitted target samples at most
 
 
+def stain_sample(
+  handle, plan: slides.PatchPlan, n: int, cfg: ExtractConfig, params=stain.StainParams()
+) -> list[dict]:
+  """`stain.estimate` of up to n of the plan's patches, evenly spaced in its order, read
+  exactly as extraction reads them."""
+  idx = np.unique(np.linspace(0, len(plan.xy) - 1, min(n, len(plan.xy))).round()).astype(int)
+  sub = dataclasses.replace(plan, cells=plan.cells[idx], xy=plan.xy[idx])
+  return [
+    stain.estimate(torch.from_numpy(batch).to(cfg.device), cfg.stain_norm, params)
+    for _, batch in slides.iter_patch_batches(handle, sub, batch_size=cfg.batch_size, workers=0)
+  ]
+
+
 def fit_stain_target(
   man: manifest_lib.Manifest, cfg: ExtractConfig, centers: list[str], prefix: str
 ) -> stain.StainTarget:
@@ -762,12 +792,8 @@ def fit_stain_target(
       )
       if not len(plan.xy):
         continue
-      idx = np.unique(np.linspace(0, len(plan.xy) - 1, min(per_slide, len(plan.xy))).round())
-      idx = idx.astype(int)
-      sub = dataclasses.replace(plan, cells=plan.cells[idx], xy=plan.xy[idx])
-      for _, batch in slides.iter_patch_batches(handle, sub, batch_size=cfg.batch_size, workers=0):
-        stats.append(stain.estimate(torch.from_numpy(batch).to(cfg.device), cfg.stain_norm))
-        patches += len(batch)
+      stats += stain_sample(handle, plan, per_slide, cfg)
+      patches += min(per_slide, len(plan.xy))
       used += 1
     except slides.SlideError as e:
       logging.warning('stain fit: skipping %s: %s', slide_id, e)

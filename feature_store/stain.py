@@ -22,6 +22,7 @@ form `StainTarget.fingerprint()`, which extraction puts into the slide fingerpri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterable
 
@@ -353,19 +354,31 @@ def reference_target(
 # --------------------------------------------------------------------------- normaliser
 
 
+SCOPES = ('patch', 'slide')
+
+
 class Normaliser:
   """uint8 (B, H, W, 3) patches on a device -> the same patches in the target's stain.
+
+  scope 'patch' estimates each patch's own stain (torchstain's way). scope 'slide' estimates
+  one stain per slide (`start_slide`, pooled over a sample of its patches as a target is) and
+  maps every patch of the slide with it: the differences between a slide's patches (darker,
+  denser nuclei in some) survive, the slide's and its hospital's stain does not.
 
   Patches that fall back keep their pixels; `pop_fallbacks` returns (and resets) how many
   did since the last call, counted on the device (no synchronisation per batch).
   """
 
-  def __init__(self, target: StainTarget, device: str | torch.device = 'cpu'):
+  def __init__(self, target: StainTarget, device: str | torch.device = 'cpu', scope: str = 'patch'):
     if target.method not in ('macenko', 'reinhard'):
       raise ValueError(f'stain method {target.method!r}: choose macenko or reinhard')
+    if scope not in SCOPES:
+      raise ValueError(f'stain scope {scope!r}: choose {" or ".join(SCOPES)}')
     self.target = target
     self.params = target.params
+    self.scope = scope
     self.device = torch.device(device)
+    self._slide: dict[str, torch.Tensor] | None = None
     v = target.values
     if target.method == 'macenko':
       self._he = torch.tensor(v['stain_vectors'], dtype=torch.float32, device=self.device).T
@@ -381,13 +394,51 @@ class Normaliser:
     self._fallbacks.zero_()
     return n
 
+  def start_slide(self, stats: Iterable[dict]) -> dict[str, Any] | None:
+    """Scope 'slide': the next patches are one slide's, whose stain is pooled from `estimate`
+    outputs of a sample of its patches. Returns that stain (for the slide's record), or None
+    when it cannot be estimated (or, Macenko, a vector lies farther than
+    `max_target_angle_deg` from the target's): then every patch of the slide falls back."""
+    try:
+      own = pooled_target(stats, self.target.method, 'slide', self.params)
+    except StainError:
+      self._slide = {}
+      return None
+    to = functools.partial(torch.tensor, dtype=torch.float32, device=self.device)
+    if self.target.method == 'macenko':
+      he = to(own.values['stain_vectors']).T
+      if bool((_angle_deg(he.T, self._he.T) > self.params.max_target_angle_deg).any()):
+        self._slide = {}
+        return None
+      self._slide = {'he': he, 'max_conc': to(own.values['max_concentrations'])}
+    else:
+      self._slide = {'mean': to(own.values['lab_mean']), 'std': to(own.values['lab_std'])}
+    return own.values
+
+  def _slide_estimate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The slide's stain for every patch of the batch; 'ok': the patch has enough tissue."""
+    if self._slide is None:
+      raise RuntimeError("scope 'slide': call start_slide before normalising a slide's patches")
+    p = self.params
+    b = images.shape[0]
+    _, ok = _tissue(optical_density(_subsample(images, max(1, int(p.fit_stride))), p.io), p)
+    if not self._slide:  # the slide's stain could not be estimated
+      ok = torch.zeros_like(ok)
+      if self.target.method == 'macenko':
+        return {'he': self._he.expand(b, 3, 2), 'max_conc': self._conc.expand(b, 2), 'ok': ok}
+      return {'mean': self._mean.expand(b, 3), 'std': self._std.expand(b, 3), 'ok': ok}
+    return {k: v.expand(b, *v.shape) for k, v in self._slide.items()} | {'ok': ok}
+
   @torch.inference_mode()
   def __call__(self, images: torch.Tensor) -> torch.Tensor:
     if images.shape[0] == 0:
       return images
     shape = images.shape
     p = self.params
-    est = estimate(images, self.target.method, p)
+    if self.scope == 'slide':
+      est = self._slide_estimate(images)
+    else:
+      est = estimate(images, self.target.method, p)
     ok = est['ok']
     x = images.reshape(shape[0], -1, 3)
     if self.target.method == 'macenko':

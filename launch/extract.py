@@ -146,6 +146,20 @@ _STAIN_FIT_CENTERS = flags.DEFINE_list(
   'With --stain_norm and no --stain_reference: the centers whose patches the target is fitted '
   'on (default: every center but the second by name, the external one training holds out).',
 )
+_STAIN_SCOPE = flags.DEFINE_enum(
+  'stain_scope',
+  'patch',
+  ['patch', 'slide'],
+  "With --stain_norm: estimate each patch's own stain (patch) or one stain per slide from a "
+  'sample of its patches (slide: the differences between its patches survive). In the slide '
+  'fingerprint.',
+)
+_STAIN_SLIDE_PATCHES = flags.DEFINE_integer(
+  'stain_slide_patches',
+  64,
+  "With --stain_scope=slide: the patches (evenly spread) a slide's stain is estimated from.",
+  lower_bound=1,
+)
 _STAIN_AUGMENT = flags.DEFINE_integer(
   'stain_augment',
   0,
@@ -247,6 +261,8 @@ def main(argv):
     stain_norm=_STAIN_NORM.value,
     stain_reference=_STAIN_REFERENCE.value,
     stain_fit_centers=tuple(_STAIN_FIT_CENTERS.value),
+    stain_scope=_STAIN_SCOPE.value,
+    stain_slide_patches=_STAIN_SLIDE_PATCHES.value,
     stain_augment=_STAIN_AUGMENT.value,
     stain_augment_scale=_STAIN_AUGMENT_SCALE.value,
     stain_augment_shift=_STAIN_AUGMENT_SHIFT.value,

@@ -378,6 +378,8 @@ def extraction_config(
     tissue=slides.TissueParams(**wsi.get('tissue', {})),
     stain_norm=(wsi.get('stain') or {}).get('method', 'none'),
     stain_target=wsi.get('stain'),
+    stain_scope=(wsi.get('stain') or {}).get('scope', 'patch'),
+    stain_slide_patches=(wsi.get('stain') or {}).get('slide_patches', 64),
     outcomes_required=False,
   )
 

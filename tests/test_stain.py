@@ -105,6 +105,67 @@ def test_normalisation_is_deterministic_and_independent_of_the_batch(tiles):
     assert stain.fit_target(pale[None], method, 'pale tile') == target
 
 
+def _slide_normalise(crops, target):
+  """Normalise crops as one slide's patches, the slide's stain pooled from all of them."""
+  norm = stain.Normaliser(target, scope='slide')
+  images = torch.from_numpy(np.ascontiguousarray(crops))
+  own = norm.start_slide([stain.estimate(images, target.method)])
+  return norm(images).numpy(), norm.pop_fallbacks(), own
+
+
+def test_slide_scope_keeps_the_differences_between_a_slides_patches(tiles):
+  """Two crops of one tile, one with its hematoxylin doubled (hyperchromatic nuclei): per
+  patch, Macenko maps both to the target's concentrations and the difference is lost; per
+  slide, both get the slide's one mapping and the darker crop stays darker."""
+  strong, pale = tiles
+  target = stain.fit_target(pale[None], 'macenko', 'pale tile')
+  crop = strong[:256, :256]
+  od = -np.log((crop.astype(np.float64) + 1) / 240)
+  he = np.array(stain.fit_target(crop[None], 'macenko', 'crop').values['stain_vectors']).T
+  conc = od.reshape(-1, 3) @ np.linalg.pinv(he).T
+  conc[:, 0] *= 2.0
+  dark = np.clip(240 * np.exp(-(conc @ he.T)) - 1, 0, 255).round().astype(np.uint8)
+  crops = np.stack([crop, dark.reshape(crop.shape)])
+
+  def dark_over_plain(images, stains):  # ratio of the mean H concentrations of the two crops
+    o = -np.log((images.reshape(len(images), -1, 3).astype(np.float64) + 1) / 240)
+    h = (o @ np.linalg.pinv(stains).T)[..., 0].mean(1)
+    return h[1] / h[0]
+
+  per_patch, _ = stain.normalise_numpy(crops, target)
+  per_slide, fallbacks, own = _slide_normalise(crops, target)
+  assert fallbacks == 0 and len(own['stain_vectors']) == 2
+  tgt = np.array(target.values['stain_vectors']).T
+  ratio_before = dark_over_plain(crops, he)
+  ratio_patch = dark_over_plain(per_patch, tgt)
+  ratio_slide = dark_over_plain(per_slide, tgt)
+  assert ratio_before > 2.0  # measured 2.33
+  assert ratio_patch < 1.3, ratio_patch  # per patch: mostly gone (1.20)
+  assert abs(ratio_slide / ratio_before - 1) < 0.1, ratio_slide  # per slide: kept (2.27)
+  # ... and the slide as a whole takes the target's stain (torchstain measures it).
+  out_he, _ = _torchstain_macenko(per_slide[0])
+  ref_he, _ = _torchstain_macenko(pale)
+  assert (_angles(out_he, ref_he) < 5.0).all(), _angles(out_he, ref_he)
+
+
+def test_slide_scope_falls_back_for_blank_patches_and_unestimable_slides(tiles):
+  strong, pale = tiles
+  glass = np.full((64, 64, 3), 243, np.uint8)
+  tissue = strong[:64, 100:164]
+  for method in ('macenko', 'reinhard'):
+    target = stain.fit_target(pale[None], method, 'pale tile')
+    out, fallbacks, own = _slide_normalise(np.stack([glass, tissue]), target)
+    assert own is not None and fallbacks == 1, (method, fallbacks)
+    np.testing.assert_array_equal(out[0], glass)
+    assert not np.array_equal(out[1], tissue)
+    # A slide of glass alone: no stain to estimate, every patch kept as it is and counted.
+    out, fallbacks, own = _slide_normalise(np.stack([glass, glass]), target)
+    assert own is None and fallbacks == 2
+    np.testing.assert_array_equal(out, np.stack([glass, glass]))
+  with pytest.raises(RuntimeError, match='start_slide'):
+    stain.Normaliser(target, scope='slide')(torch.from_numpy(tissue[None].copy()))
+
+
 @pytest.mark.parametrize('direction', ['strong_to_pale', 'pale_to_strong'])
 def test_real_tiles_normalised_to_each_other_take_the_others_stain(tiles, direction):
   """Measured with torchstain's numpy Macenko, not this code: the stain vectors within 5
@@ -217,10 +278,14 @@ def test_stain_settings_in_the_fingerprint_and_a_change_re_extracts_slides_only(
         mac, overwrite=True, stain_reference=str(shared_data / 'he_tile_pale.png')
       ),
     ),
+    ('slide scope', dataclasses.replace(mac, overwrite=True, stain_scope='slide')),
     ('center B', dataclasses.replace(mac, overwrite=True, stain_fit_centers=('B',))),
   ):
     extract.extract(cohort, out, cfg)
     shas[name] = _wsi(out)['fingerprint_sha256']
+    if name == 'slide scope':  # each slide's record says which stain it was mapped from
+      record = store.table_metadata(store.slide_files(out)[0])['stain']
+      assert record['scope'] == 'slide' and len(record['slide_stain']['stain_vectors']) == 2
   assert len(set(shas.values())) == len(shas), shas  # every change changes the fingerprint
   assert _wsi(out)['fingerprint']['stain']['source'].startswith('fitted on center(s) B:')
 
@@ -230,6 +295,7 @@ def test_stain_settings_in_the_fingerprint_and_a_change_re_extracts_slides_only(
   trained = bundle.store_fingerprint(out)
   cfg = predict.extraction_config({'trained_on': trained})
   assert cfg.stain_norm == 'macenko' and cfg.stain_target == trained['wsi']['stain']
+  assert cfg.stain_scope == 'patch'
 
 
 def test_bad_stain_settings_are_one_line_errors(cohort, tmp_path):
