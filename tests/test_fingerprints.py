@@ -14,26 +14,16 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_extraction
 
-from feature_store import extract, imported, slides, store
-from feature_store.synthetic_cohort import make_cohort
+from feature_store import extract, imported, store
 from moemil_jax import bundle, predict, train
 from moemil_jax.configs import test as test_config
 
 pytestmark = pytest.mark.slow  # trains two small models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = extract.ExtractConfig(
-  encoder_weights='random',
-  wsi_encoder='timm:vit_tiny_patch16_224',
-  encoder_kwargs={'depth': 1},
-  target_mpp=4.0,
-  patch_px=32,
-  batch_size=32,
-  workers=1,
-  mri_slices=1,
-  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.1),
-)
+CFG = tiny_extraction.config(target_mpp=4.0, patch_px=32)
 
 
 def test_environment_keys_are_split_from_the_feature_defining_ones():
@@ -63,19 +53,7 @@ def test_environment_keys_are_split_from_the_feature_defining_ones():
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
   out = tmp_path_factory.mktemp('fp_cohort')
-  manifest = make_cohort(
-    out, patients=24, seed=11, slide_px=512, mri_px=32, mri_slices=6, progress=False
-  )
-  with open(manifest, newline='') as f:
-    rows = list(csv.DictReader(f))
-  no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
-  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:3]
-  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
-  with open(manifest, 'w', newline='') as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return manifest
+  return tiny_extraction.manifest_with_mri(out, patients=24, seed=11, keep=3, mri_slices=6)
 
 
 def _train(store_dir, workdir):

@@ -235,7 +235,7 @@ CFG = tiny_extraction.config(batch_size=32)
 
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
-  return tiny_extraction.manifest_with_one_mri(
+  return tiny_extraction.manifest_with_mri(
     tmp_path_factory.mktemp('stain_cohort'), patients=6, seed=3
   )
 

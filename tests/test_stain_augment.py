@@ -93,7 +93,7 @@ CFG = tiny_extraction.config(batch_size=16)
 
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
-  return tiny_extraction.manifest_with_one_mri(
+  return tiny_extraction.manifest_with_mri(
     tmp_path_factory.mktemp('augment_cohort'), patients=4, seed=5
   )
 

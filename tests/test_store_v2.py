@@ -13,43 +13,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiny_extraction
 
-from feature_store import extract, imported, slides, store
-from feature_store.synthetic_cohort import make_cohort
+from feature_store import extract, imported, store
 from moemil_jax import predict, store_reader, train
 from moemil_jax.configs import test as test_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-block ViT-Tiny (192-d, not 1024) with random weights: real timm, seconds on a CPU.
-CFG = extract.ExtractConfig(
-  encoder_weights='random',
-  wsi_encoder='timm:vit_tiny_patch16_224',
-  encoder_kwargs={'depth': 2},
-  target_mpp=4.0,
-  patch_px=32,
-  batch_size=16,
-  workers=2,
-  mri_slices=1,
-  tissue=slides.TissueParams(min_tissue_area=0.1, min_patch_tissue=0.1),
+CFG = tiny_extraction.config(
+  encoder_kwargs={'depth': 2}, target_mpp=4.0, patch_px=32, batch_size=16, workers=2
 )
 
 
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
-  out = tmp_path_factory.mktemp('v2_cohort')
-  manifest = make_cohort(
-    out, patients=24, seed=7, slide_px=512, mri_px=32, mri_slices=6, progress=False
-  )
-  with open(manifest, newline='') as f:
-    rows = list(csv.DictReader(f))
-  no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
-  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:3]  # MRI for three: time
-  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
-  with open(manifest, 'w', newline='') as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return manifest
+  out = tmp_path_factory.mktemp('v2_cohort')  # MRI for three patients: time
+  return tiny_extraction.manifest_with_mri(out, patients=24, seed=7, keep=3, mri_slices=6)
 
 
 @pytest.fixture(scope='module')

@@ -1,5 +1,5 @@
 """Shared by the extraction tests that build a small cohort: a one-block ViT extraction
-config and a manifest where only one patient keeps MRI (MRI is the slow part)."""
+config and a manifest where only a few patients keep MRI (MRI is the slow part)."""
 
 import csv
 import dataclasses
@@ -24,16 +24,22 @@ def config(**changes) -> extract.ExtractConfig:
   return dataclasses.replace(CONFIG, **changes)
 
 
-def manifest_with_one_mri(out, *, patients: int, seed: int):
-  """A synthetic cohort's manifest with MRI for one patient only."""
+def manifest_with_mri(out, *, patients: int, seed: int, keep: int = 1, mri_slices: int = 4):
+  """A synthetic cohort's manifest with MRI for its first `keep` patients that have it."""
   manifest = make_cohort(
-    out, patients=patients, seed=seed, slide_px=512, mri_px=32, mri_slices=4, progress=False
+    out,
+    patients=patients,
+    seed=seed,
+    slide_px=512,
+    mri_px=32,
+    mri_slices=mri_slices,
+    progress=False,
   )
   with open(manifest, newline='') as f:
     rows = list(csv.DictReader(f))
   no_mri = dict(mri_t1='', mri_t2='', mri_t1c='', mri_mask='')
-  keep = [i for i, r in enumerate(rows) if r['mri_mask']][:1]
-  rows = [r if i in keep else dict(r, **no_mri) for i, r in enumerate(rows)]
+  kept = [i for i, r in enumerate(rows) if r['mri_mask']][:keep]
+  rows = [r if i in kept else dict(r, **no_mri) for i, r in enumerate(rows)]
   with open(manifest, 'w', newline='') as f:
     w = csv.DictWriter(f, list(rows[0]))
     w.writeheader()

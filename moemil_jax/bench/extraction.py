@@ -11,8 +11,9 @@ Figures: end-to-end / encoder-only patches/s (how much of the model's speed the 
 keeps) and end-to-end / naive; the read path alone (ours against one read_region per
 patch, no model) shows where the pipeline's advantage lives when the model dominates.
 
-Stain normalisation (issue 28): end to end with Macenko normalisation on the encoder's
-device (target fitted on the first slide's patches) against the same run without,
+Stain normalisation (issue 28): end to end with each normalisation (Macenko, Reinhard,
+per patch and per slide) on the encoder's device (target fitted on the first slide's
+patches) against the same run without,
 alternated `stain_repeats` times each so that a busy machine slows both alike; the figure
 is the ratio of the median patches/s (on / off), and P4 with it on (encoder-only / end to
 end with normalisation).
@@ -99,9 +100,10 @@ def _stain_comparison(
   patches = np.concatenate(_read_ours(items[0][2], cfg))
   times: dict[str, list[float]] = {'none': [], **{m: [] for m in methods}}
   normalisers = {'none': None}
-  for m in methods:
-    target = stain.fit_target(patches, m, 'bench: first slide', device=device)
-    normalisers[m] = stain.Normaliser(target, device)
+  for m in methods:  # 'macenko', or 'macenko_slide' for the slide scope
+    method, _, scope = m.partition('_')
+    target = stain.fit_target(patches, method, 'bench: first slide', device=device)
+    normalisers[m] = stain.Normaliser(target, device, scope or 'patch')
   total = fallbacks = 0
   for _ in range(repeats):
     for name, norm in normalisers.items():
@@ -130,10 +132,14 @@ def _stain_comparison(
     cost['encoder'].append(time.perf_counter() - start)
     for m in methods:
       x = [torch.from_numpy(b).to(device) for b in batches]
+      norm = normalisers[m]
       sync()
       start = time.perf_counter()
+      if norm.scope == 'slide':  # the slide's own stain, from up to 64 of its patches
+        sample = torch.from_numpy(patches[:: max(1, len(patches) // 64)][:64]).to(device)
+        norm.start_slide([stain.estimate(sample, norm.target.method, norm.params)])
       for b in x:
-        normalisers[m](b)
+        norm(b)
       sync()
       cost[m].append(time.perf_counter() - start)
   out = {
@@ -156,7 +162,7 @@ def run(
   quick: bool = False,
   workdir: str | Path | None = None,
   device: str = 'cpu',
-  stain_methods: tuple[str, ...] = ('macenko',),
+  stain_methods: tuple[str, ...] = ('macenko', 'reinhard', 'macenko_slide', 'reinhard_slide'),
   stain_repeats: int | None = None,
 ) -> dict[str, Any]:
   root = Path(workdir or tempfile.mkdtemp(prefix='moemil_bench_extract_'))

@@ -166,21 +166,23 @@ def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[
         f'patches/s, {r["patches"]} patches, {r["device"]}',
       )
     )
-    if 'stain_ratio_macenko' in r:
-      med = r['stain_median_patches_per_s']
+    med = r.get('stain_median_patches_per_s', {})
+    for m in (k for k in med if k != 'none'):  # macenko, reinhard, macenko_slide, ...
+      method, _, scope = m.partition('_')
       figs.append(
         Figure(
-          'p4_stain',
-          'P4 with Macenko stain normalisation / without (end to end, medians)',
-          r['stain_ratio_macenko'],
+          'p4_stain' if m == 'macenko' else f'p4_stain_{m}',
+          f'P4 with {method.capitalize()} stain normalisation per {scope or "patch"} / '
+          'without (end to end, medians)',
+          r[f'stain_ratio_{m}'],
           '>= 0.85',
-          _ge(r['stain_ratio_macenko'], 0.85),
+          _ge(r[f'stain_ratio_{m}'], 0.85),
           '',
-          f'{med["macenko"]:.2f} vs {med["none"]:.2f} patches/s, median of '
+          f'{med[m]:.2f} vs {med["none"]:.2f} patches/s, median of '
           f'{r["stain_repeats"]} alternated runs each; P4 with it on '
-          f'{r["ratio_to_encoder_macenko"]:.2f}; the normaliser alone costs '
-          f'{r["stain_cost_vs_encoder_macenko"]:.1%} of the encoder (implied ratio '
-          f'{r["stain_implied_ratio_macenko"]:.2f}), {r["device"]}',
+          f'{r[f"ratio_to_encoder_{m}"]:.2f}; the normaliser alone costs '
+          f'{r[f"stain_cost_vs_encoder_{m}"]:.1%} of the encoder (implied ratio '
+          f'{r[f"stain_implied_ratio_{m}"]:.2f}), {r["device"]}',
         )
       )
     figs.append(
