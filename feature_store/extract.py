@@ -255,12 +255,15 @@ def extract_slide(
   mpp: float | None = None,
   normaliser: stain.Normaliser | None = None,
   augmenter: stain.Augmenter | None = None,
+  center_stain: stain.StainTarget | None = None,
 ) -> int:
   """Writes wsi/<slide_id>.parquet; returns its patch count. Raises slides.SlideError on failure.
 
   mpp: the manifest's um/px for this slide, which wins over what the slide records.
   normaliser: stain-normalises each batch on the encoder's device; the patches where the
   stain could not be estimated (kept as they are) are counted in the slide's `stain` record.
+  With its scope 'slide' the slide's own stain is estimated first; with 'center' the patches
+  are mapped from `center_stain`, the slide's hospital's.
   augmenter: also encodes its HED-jittered views of every (normalised) patch, written as the
   slide file's embedding_view1..K columns."""
   slide = slides.open_slide(slide_path)
@@ -281,10 +284,12 @@ def extract_slide(
         f'no tissue: no patch has >= {cfg.tissue.min_patch_tissue:.0%} tissue '
         f'(tissue covers {plan.tissue_fraction:.1%} of the slide)'
       )
-    slide_stain = None
+    source_stain = None
     if normaliser is not None and normaliser.scope == 'slide':
       stats = stain_sample(slide, plan, cfg.stain_slide_patches, cfg, normaliser.params)
-      slide_stain = normaliser.start_slide(stats)
+      source_stain = normaliser.start_slide(stats)
+    elif normaliser is not None and normaliser.scope == 'center':
+      source_stain = normaliser.use_stain(center_stain)
     xys, embs = [], []
     transform = normaliser
     if augmenter is not None:
@@ -332,8 +337,8 @@ def extract_slide(
     if normaliser is not None:
       fallbacks = normaliser.pop_fallbacks()
       meta['stain'] = {**fp.get('stain', {}), 'fallback_patches': fallbacks}
-      if normaliser.scope == 'slide':  # what this slide was mapped from (None: kept as is)
-        meta['stain']['slide_stain'] = slide_stain
+      if normaliser.scope != 'patch':  # what this slide was mapped from (None: kept as is)
+        meta['stain']['source_stain'] = source_stain
       if fallbacks:
         logging.info(
           '%s: %d of %d patches kept their own stain (too little tissue or one colour)',
@@ -604,11 +609,14 @@ def extract(
     'read_block': READ_BLOCK,
   }
   target = stain_target(man, store_dir, cfg)
-  normaliser = None
+  normaliser, center_stains = None, {}
   if target is not None:  # only then: stores made without it keep their fingerprint
     wsi_fp['stain'] = target.fingerprint()
     if cfg.stain_scope == 'slide':  # only then: patch-scope stores keep their fingerprint
       wsi_fp['stain'] |= {'scope': 'slide', 'slide_patches': cfg.stain_slide_patches}
+    elif cfg.stain_scope == 'center':
+      wsi_fp['stain'] |= {'scope': 'center', 'center_patches': cfg.stain_fit_patches}
+      center_stains = fit_center_stains(man, cfg)
     normaliser = stain.Normaliser(target, cfg.device, cfg.stain_scope)
   augmenter, augment_fp = augmenter_and_fingerprint(cfg)
   if augment_fp is not None:  # only then, as for stain: stores made without keep theirs
@@ -646,6 +654,7 @@ def extract(
         mpp=slide.mpp,
         normaliser=normaliser,
         augmenter=augmenter,
+        center_stain=center_stains.get(str(patient.clinical.get('center'))),
       )
       summary.slides_done += 1
     except slides.SlideError as e:
@@ -743,6 +752,23 @@ def stain_target(
 
 
 FIT_SLIDES = 16  # slides a fitted target samples at most
+
+
+def fit_center_stains(
+  man: manifest_lib.Manifest, cfg: ExtractConfig
+) -> dict[str, stain.StainTarget | None]:
+  """Scope 'center': each center's own stain, pooled as a target is (stain_fit_patches
+  patches over up to FIT_SLIDES of its slides); None for a center whose stain cannot be
+  estimated (its slides keep their own stain, counted)."""
+  out: dict[str, stain.StainTarget | None] = {}
+  for center in sorted({str(p.clinical.get('center')) for p in man.patients}):
+    try:
+      out[center] = fit_stain_target(man, cfg, [center], f'center {center}:')
+      logging.info('stain of center %s (%s): %s', center, cfg.stain_norm, out[center].source)
+    except stain.StainError as e:
+      logging.warning('center %s keeps its own stain: %s', center, e)
+      out[center] = None
+  return out
 
 
 def stain_sample(

@@ -354,31 +354,33 @@ def reference_target(
 # --------------------------------------------------------------------------- normaliser
 
 
-SCOPES = ('patch', 'slide')
+SCOPES = ('patch', 'slide', 'center')
 
 
 class Normaliser:
   """uint8 (B, H, W, 3) patches on a device -> the same patches in the target's stain.
 
-  scope 'patch' estimates each patch's own stain (torchstain's way). scope 'slide' estimates
-  one stain per slide (`start_slide`, pooled over a sample of its patches as a target is) and
-  maps every patch of the slide with it: the differences between a slide's patches (darker,
-  denser nuclei in some) survive, the slide's and its hospital's stain does not.
+  scope 'patch' estimates each patch's own stain (torchstain's way). Scopes 'slide' and
+  'center' map every patch of a slide with one stain, its slide's or its hospital's, pooled
+  over a sample of patches as a target is (`start_slide`, `use_stain`): the differences
+  between patches (darker, denser nuclei in some) survive, and with 'center' the differences
+  between one hospital's patients too; only what the slide or the hospital shares is mapped.
 
   Patches that fall back keep their pixels; `pop_fallbacks` returns (and resets) how many
-  did since the last call, counted on the device (no synchronisation per batch).
+  did since the last call, counted on the device (no synchronisation per batch). With one
+  stain per slide or center, a patch falls back only when that stain could not be estimated.
   """
 
   def __init__(self, target: StainTarget, device: str | torch.device = 'cpu', scope: str = 'patch'):
     if target.method not in ('macenko', 'reinhard'):
       raise ValueError(f'stain method {target.method!r}: choose macenko or reinhard')
     if scope not in SCOPES:
-      raise ValueError(f'stain scope {scope!r}: choose {" or ".join(SCOPES)}')
+      raise ValueError(f'stain scope {scope!r}: choose {", ".join(SCOPES)}')
     self.target = target
     self.params = target.params
     self.scope = scope
     self.device = torch.device(device)
-    self._slide: dict[str, torch.Tensor] | None = None
+    self._source: dict[str, torch.Tensor] | None = None
     v = target.values
     if target.method == 'macenko':
       self._he = torch.tensor(v['stain_vectors'], dtype=torch.float32, device=self.device).T
@@ -396,38 +398,44 @@ class Normaliser:
 
   def start_slide(self, stats: Iterable[dict]) -> dict[str, Any] | None:
     """Scope 'slide': the next patches are one slide's, whose stain is pooled from `estimate`
-    outputs of a sample of its patches. Returns that stain (for the slide's record), or None
-    when it cannot be estimated (or, Macenko, a vector lies farther than
-    `max_target_angle_deg` from the target's): then every patch of the slide falls back."""
+    outputs of a sample of its patches; returns it as `use_stain` does."""
     try:
       own = pooled_target(stats, self.target.method, 'slide', self.params)
     except StainError:
-      self._slide = {}
-      return None
+      own = None
+    return self.use_stain(own)
+
+  def use_stain(self, own: StainTarget | None) -> dict[str, Any] | None:
+    """Scopes 'slide' and 'center': map the next patches from the stain `own` (a slide's or
+    a center's, pooled like a target). Returns its values (for the slide's record), or None
+    when there is none or, Macenko, a vector lies farther than `max_target_angle_deg` from
+    the target's: then every patch falls back."""
     to = functools.partial(torch.tensor, dtype=torch.float32, device=self.device)
+    self._source = {}
+    if own is None:
+      return None
     if self.target.method == 'macenko':
       he = to(own.values['stain_vectors']).T
       if bool((_angle_deg(he.T, self._he.T) > self.params.max_target_angle_deg).any()):
-        self._slide = {}
         return None
-      self._slide = {'he': he, 'max_conc': to(own.values['max_concentrations'])}
+      self._source = {'he': he, 'max_conc': to(own.values['max_concentrations'])}
     else:
-      self._slide = {'mean': to(own.values['lab_mean']), 'std': to(own.values['lab_std'])}
+      self._source = {'mean': to(own.values['lab_mean']), 'std': to(own.values['lab_std'])}
     return own.values
 
-  def _slide_estimate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The slide's stain for every patch of the batch; 'ok': the patch has enough tissue."""
-    if self._slide is None:
-      raise RuntimeError("scope 'slide': call start_slide before normalising a slide's patches")
-    p = self.params
+  def _shared_estimate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The slide's or center's stain for every patch of the batch."""
+    if self._source is None:
+      raise RuntimeError(
+        f"scope '{self.scope}': call start_slide or use_stain before normalising patches"
+      )
     b = images.shape[0]
-    _, ok = _tissue(optical_density(_subsample(images, max(1, int(p.fit_stride))), p.io), p)
-    if not self._slide:  # the slide's stain could not be estimated
-      ok = torch.zeros_like(ok)
+    ok = torch.full((b,), bool(self._source), device=images.device)
+    if not self._source:  # no stain to map from: every patch keeps its pixels
       if self.target.method == 'macenko':
         return {'he': self._he.expand(b, 3, 2), 'max_conc': self._conc.expand(b, 2), 'ok': ok}
       return {'mean': self._mean.expand(b, 3), 'std': self._std.expand(b, 3), 'ok': ok}
-    return {k: v.expand(b, *v.shape) for k, v in self._slide.items()} | {'ok': ok}
+    return {k: v.expand(b, *v.shape) for k, v in self._source.items()} | {'ok': ok}
 
   @torch.inference_mode()
   def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -435,8 +443,8 @@ class Normaliser:
       return images
     shape = images.shape
     p = self.params
-    if self.scope == 'slide':
-      est = self._slide_estimate(images)
+    if self.scope != 'patch':
+      est = self._shared_estimate(images)
     else:
       est = estimate(images, self.target.method, p)
     ok = est['ok']

@@ -149,10 +149,11 @@ _STAIN_FIT_CENTERS = flags.DEFINE_list(
 _STAIN_SCOPE = flags.DEFINE_enum(
   'stain_scope',
   'patch',
-  ['patch', 'slide'],
-  "With --stain_norm: estimate each patch's own stain (patch) or one stain per slide from a "
-  'sample of its patches (slide: the differences between its patches survive). In the slide '
-  'fingerprint.',
+  ['patch', 'slide', 'center'],
+  "With --stain_norm: map each patch from its own stain (patch), from its slide's (slide: "
+  "pooled over a sample of the slide's patches), or from its hospital's (center: pooled over "
+  "a sample of the center's slides, as the target is). The wider the scope, the more of the "
+  'differences between patches and patients survive. In the slide fingerprint.',
 )
 _STAIN_SLIDE_PATCHES = flags.DEFINE_integer(
   'stain_slide_patches',

@@ -380,6 +380,7 @@ def extraction_config(
     stain_target=wsi.get('stain'),
     stain_scope=(wsi.get('stain') or {}).get('scope', 'patch'),
     stain_slide_patches=(wsi.get('stain') or {}).get('slide_patches', 64),
+    stain_fit_patches=(wsi.get('stain') or {}).get('center_patches', 256),
     outcomes_required=False,
   )
 
