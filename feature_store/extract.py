@@ -286,7 +286,9 @@ def extract_slide(
       )
     source_stain = None
     if normaliser is not None and normaliser.scope == 'slide':
-      stats = stain_sample(slide, plan, cfg.stain_slide_patches, cfg, normaliser.params)
+      stats = stain_sample(
+        slide, plan, cfg.stain_slide_patches, cfg, normaliser.target.method, normaliser.params
+      )
       source_stain = normaliser.start_slide(stats)
     elif normaliser is not None and normaliser.scope == 'center':
       source_stain = normaliser.use_stain(center_stain)
@@ -772,14 +774,19 @@ def fit_center_stains(
 
 
 def stain_sample(
-  handle, plan: slides.PatchPlan, n: int, cfg: ExtractConfig, params=stain.StainParams()
+  handle,
+  plan: slides.PatchPlan,
+  n: int,
+  cfg: ExtractConfig,
+  method: str,
+  params: stain.StainParams = stain.StainParams(),
 ) -> list[dict]:
   """`stain.estimate` of up to n of the plan's patches, evenly spaced in its order, read
   exactly as extraction reads them."""
   idx = np.unique(np.linspace(0, len(plan.xy) - 1, min(n, len(plan.xy))).round()).astype(int)
   sub = dataclasses.replace(plan, cells=plan.cells[idx], xy=plan.xy[idx])
   return [
-    stain.estimate(torch.from_numpy(batch).to(cfg.device), cfg.stain_norm, params)
+    stain.estimate(torch.from_numpy(batch).to(cfg.device), method, params)
     for _, batch in slides.iter_patch_batches(handle, sub, batch_size=cfg.batch_size, workers=0)
   ]
 
@@ -818,7 +825,7 @@ def fit_stain_target(
       )
       if not len(plan.xy):
         continue
-      stats += stain_sample(handle, plan, per_slide, cfg)
+      stats += stain_sample(handle, plan, per_slide, cfg, cfg.stain_norm)
       patches += min(per_slide, len(plan.xy))
       used += 1
     except slides.SlideError as e:

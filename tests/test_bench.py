@@ -29,6 +29,8 @@ EXPECTED = {
   'p4_stain_reinhard',
   'p4_stain_macenko_slide',
   'p4_stain_reinhard_slide',
+  'p4_stain_macenko_center',
+  'p4_stain_reinhard_center',
   'p5',
   'p5_bytes',
   'p5_gbps',
