@@ -82,7 +82,7 @@ class ExtractConfig:
   # is stain_target (a fingerprint's 'stain' dict: launch.predict), else fitted on the image
   # stain_reference, else fitted on stain_fit_patches patches of the centers stain_fit_centers
   # (default: every center but the second by name, the one training holds out as external).
-  stain_norm: str = 'none'  # none | macenko | reinhard
+  stain_norm: str = 'none'  # none | macenko | reinhard | histogram
   stain_reference: str | None = None
   stain_target: Any = None
   stain_fit_centers: tuple[str, ...] = ()
@@ -722,7 +722,7 @@ def stain_target(
     )
   if method == 'none':
     if cfg.stain_reference:
-      raise stain.StainError('--stain_reference needs --stain_norm=macenko or reinhard')
+      raise stain.StainError('--stain_reference needs --stain_norm=macenko, reinhard or histogram')
     return None
   if cfg.stain_target:
     target = stain.StainTarget.from_fingerprint(cfg.stain_target)

@@ -29,7 +29,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-METHODS = ('none', 'macenko', 'reinhard')
+METHODS = ('none', 'macenko', 'reinhard', 'histogram')
+STAIN_METHODS = METHODS[1:]
 
 
 class StainError(ValueError):
@@ -233,7 +234,49 @@ def estimate(images: torch.Tensor, method: str, params: StainParams = StainParam
     ok &= (std > params.min_std).all(-1) & torch.isfinite(std).all(-1)
     ok &= torch.isfinite(mean).all(-1)
     return {'mean': mean, 'std': std, 'ok': ok}
-  raise ValueError(f'stain method {method!r}: choose macenko or reinhard')
+  if method == 'histogram':
+    # Tissue here is any pixel not glass (OD >= beta in some channel): the pale eosin of
+    # stroma has almost no red OD, and its colour is most of what this method matches.
+    tissue = (od >= params.beta).any(-1)
+    counts = _channel_counts(x, tissue)
+    n = tissue.sum(1)
+    ok = n >= max(3, math.ceil(params.min_tissue * x.shape[1]))
+    # One colour (ink, a flat region): a channel with nearly all its pixels at one value.
+    ok &= (counts.amax(-1) <= 0.95 * n[:, None]).all(-1)
+    return {'cdf': counts.cumsum(-1) / n.clamp(min=1)[:, None, None], 'ok': ok}
+  raise ValueError(f'stain method {method!r}: choose {", ".join(STAIN_METHODS)}')
+
+
+def _channel_counts(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+  """(B, 3, 256) counts of each channel's values over the masked pixels of uint8 (B, N, 3)."""
+  b = x.shape[0]
+  idx = (x.long() + torch.arange(3, device=x.device) * 256).reshape(b, -1)
+  weight = mask[..., None].expand(-1, -1, 3).reshape(b, -1).to(torch.float32)
+  counts = torch.zeros(b, 3 * 256, device=x.device).scatter_add_(1, idx, weight)
+  return counts.reshape(b, 3, 256)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+  """np.interp for a batch x (..., n) on one increasing xp (k,): fp at the ends outside."""
+  if len(xp) == 1:
+    return fp.expand_as(x).clone()
+  i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+  x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+  out = f0 + (x - x0) * (f1 - f0) / (x1 - x0).clamp(min=1e-12)
+  return torch.where(x <= xp[0], fp[0], torch.where(x >= xp[-1], fp[-1], out))
+
+
+def histogram_lut(source_cdf: torch.Tensor, target_cdf: torch.Tensor) -> torch.Tensor:
+  """(B, 3, 256) lookup tables that give each channel of a source (cumulative distribution
+  (B, 3, 256)) the target's distribution (3, 256): scikit-image's match_histograms, whose
+  template is the values the target has (its distribution rises there)."""
+  out = []
+  for c in range(3):
+    cdf = target_cdf[c]
+    rises = torch.diff(cdf, prepend=cdf.new_zeros(1)) > 0
+    values = torch.nonzero(rises)[:, 0].to(cdf.dtype)
+    out.append(_interp(source_cdf[:, c], cdf[rises], values))
+  return torch.stack(out, 1)
 
 
 # torchstain's default target (Macenko's own reference), used only to keep a batch's
@@ -291,10 +334,13 @@ def pooled_target(
     mean = torch.cat([s['mean'].cpu().double() for s in stats])[ok].median(0).values
     std = torch.cat([s['std'].cpu().double() for s in stats])[ok].median(0).values
     values = {'lab_mean': _round(mean), 'lab_std': _round(std)}
+  elif method == 'histogram':  # the patches' distributions pooled (each patch weighs alike)
+    cdf = torch.cat([s['cdf'].cpu().double() for s in stats])[ok].mean(0)
+    values = {'cdf': _round(cdf)}
   else:
-    raise ValueError(f'stain method {method!r}: choose macenko or reinhard')
+    raise ValueError(f'stain method {method!r}: choose {", ".join(STAIN_METHODS)}')
   if used > 1:
-    source = f'{source} (median of {used} patches)'
+    source = f'{source} ({"mean" if method == "histogram" else "median"} of {used} patches)'
   return StainTarget(method, values, source, params)
 
 
@@ -372,8 +418,8 @@ class Normaliser:
   """
 
   def __init__(self, target: StainTarget, device: str | torch.device = 'cpu', scope: str = 'patch'):
-    if target.method not in ('macenko', 'reinhard'):
-      raise ValueError(f'stain method {target.method!r}: choose macenko or reinhard')
+    if target.method not in STAIN_METHODS:
+      raise ValueError(f'stain method {target.method!r}: choose {", ".join(STAIN_METHODS)}')
     if scope not in SCOPES:
       raise ValueError(f'stain scope {scope!r}: choose {", ".join(SCOPES)}')
     self.target = target
@@ -385,9 +431,11 @@ class Normaliser:
     if target.method == 'macenko':
       self._he = torch.tensor(v['stain_vectors'], dtype=torch.float32, device=self.device).T
       self._conc = torch.tensor(v['max_concentrations'], dtype=torch.float32, device=self.device)
-    else:
+    elif target.method == 'reinhard':
       self._mean = torch.tensor(v['lab_mean'], dtype=torch.float32, device=self.device)
       self._std = torch.tensor(v['lab_std'], dtype=torch.float32, device=self.device)
+    else:
+      self._cdf = torch.tensor(v['cdf'], dtype=torch.float32, device=self.device)
     self._fallbacks = torch.zeros((), dtype=torch.int64, device=self.device)
     self.patches = 0
 
@@ -419,8 +467,10 @@ class Normaliser:
       if bool((_angle_deg(he.T, self._he.T) > self.params.max_target_angle_deg).any()):
         return None
       self._source = {'he': he, 'max_conc': to(own.values['max_concentrations'])}
-    else:
+    elif self.target.method == 'reinhard':
       self._source = {'mean': to(own.values['lab_mean']), 'std': to(own.values['lab_std'])}
+    else:  # the table is the same for every patch: made once
+      self._source = {'lut': histogram_lut(to(own.values['cdf'])[None], self._cdf)[0]}
     return own.values
 
   def _shared_estimate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -434,6 +484,8 @@ class Normaliser:
     if not self._source:  # no stain to map from: every patch keeps its pixels
       if self.target.method == 'macenko':
         return {'he': self._he.expand(b, 3, 2), 'max_conc': self._conc.expand(b, 2), 'ok': ok}
+      if self.target.method == 'histogram':
+        return {'cdf': self._cdf.expand(b, 3, 256), 'ok': ok}
       return {'mean': self._mean.expand(b, 3), 'std': self._std.expand(b, 3), 'ok': ok}
     return {k: v.expand(b, *v.shape) for k, v in self._source.items()} | {'ok': ok}
 
@@ -459,6 +511,10 @@ class Normaliser:
       ok &= torch.isfinite(m).all(-1).all(-1)  # then the output is finite: OD always is
       m = torch.where(ok[:, None, None], m, torch.zeros_like(m))
       out = (optical_density(x, p.io) @ m.transpose(1, 2)).neg_().exp_().mul_(p.io)
+    elif self.target.method == 'histogram':
+      lut = est['lut'] if 'lut' in est else histogram_lut(est['cdf'], self._cdf)
+      idx = (x.long() + torch.arange(3, device=x.device) * 256).reshape(shape[0], -1)
+      out = torch.gather(lut.reshape(shape[0], -1), 1, idx).reshape(x.shape)
     else:
       std = torch.where(ok[:, None], est['std'], torch.ones_like(est['std']))
       scale = (self._std / std)[:, None]

@@ -130,7 +130,7 @@ _PRUNE = flags.DEFINE_bool(
 _STAIN_NORM = flags.DEFINE_enum(
   'stain_norm',
   'none',
-  ['none', 'macenko', 'reinhard'],
+  ['none', 'macenko', 'reinhard', 'histogram'],
   'Stain-normalise slide patches on the extraction device before the encoder (docs/stain.md); '
   'in the slide fingerprint: changing it re-extracts the slides (with --overwrite), not MRI.',
 )

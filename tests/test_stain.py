@@ -9,6 +9,7 @@ import pytest
 import tiny_extraction
 import torch
 import torchstain
+from skimage.exposure import match_histograms
 
 from feature_store import extract, slides, stain, store
 
@@ -70,6 +71,24 @@ def test_batched_normalisation_matches_torchstain_patch_by_patch(tiles, method):
     assert np.abs(mine.astype(int) - want.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize('direction', ['strong_to_pale', 'pale_to_strong'])
+def test_histogram_matching_matches_scikit_image(tiles, direction):
+  """With every pixel counted as tissue, each channel's table is scikit-image's
+  match_histograms, per patch and from a slide's or center's stain alike."""
+  strong, pale = tiles
+  source, reference = (strong, pale) if direction == 'strong_to_pale' else (pale, strong)
+  every_pixel = stain.StainParams(beta=-10.0, fit_stride=1)
+  target = stain.fit_target(reference[None], 'histogram', 'reference tile', every_pixel)
+  want = np.round(match_histograms(source, reference, channel_axis=-1))
+  per_patch, fallbacks = stain.normalise_numpy(source[None], target)
+  assert fallbacks == 0
+  norm = stain.Normaliser(target, scope='center')
+  norm.use_stain(stain.fit_target(source[None], 'histogram', 'source', every_pixel))
+  shared = norm(torch.from_numpy(source[None].copy())).numpy()
+  for got in (per_patch[0], shared[0]):  # float32 and 6-decimal tables: a grey level at most
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
 def test_blank_one_colour_and_ink_patches_fall_back_unchanged_and_are_counted(tiles):
   strong, pale = tiles
   target = stain.fit_target(pale[None], 'macenko', 'pale tile')
@@ -80,7 +99,7 @@ def test_blank_one_colour_and_ink_patches_fall_back_unchanged_and_are_counted(ti
   black = np.zeros((64, 64, 3), np.uint8)
   tissue = strong[:64, 100:164]
   batch = np.stack([glass, one_colour, ink, black, tissue])
-  for method in ('macenko', 'reinhard'):
+  for method in stain.STAIN_METHODS:
     tgt = target if method == 'macenko' else stain.fit_target(pale[None], method, 'pale')
     out, fallbacks = stain.normalise_numpy(batch, tgt)
     np.testing.assert_array_equal(out[:4], batch[:4], err_msg=method)  # kept as they were
@@ -95,7 +114,7 @@ def test_blank_one_colour_and_ink_patches_fall_back_unchanged_and_are_counted(ti
 def test_normalisation_is_deterministic_and_independent_of_the_batch(tiles):
   strong, pale = tiles
   crops = np.stack([strong[i : i + 128, i : i + 128] for i in range(0, 300, 60)])
-  for method in ('macenko', 'reinhard'):
+  for method in stain.STAIN_METHODS:
     target = stain.fit_target(pale[None], method, 'pale tile')
     first, _ = stain.normalise_numpy(crops, target)
     again, _ = stain.normalise_numpy(crops, target)
@@ -154,7 +173,7 @@ def test_slide_scope_maps_every_patch_and_falls_back_for_unestimable_slides(tile
   strong, pale = tiles
   glass = np.full((64, 64, 3), 243, np.uint8)
   tissue = strong[:64, 100:164]
-  for method in ('macenko', 'reinhard'):
+  for method in stain.STAIN_METHODS:
     target = stain.fit_target(pale[None], method, 'pale tile')
     out, fallbacks, own = _slide_normalise(np.stack([glass, tissue]), target)
     assert own is not None and fallbacks == 0, (method, fallbacks)
