@@ -87,8 +87,8 @@ class ExtractConfig:
   stain_target: Any = None
   stain_fit_centers: tuple[str, ...] = ()
   stain_fit_patches: int = 256
-  # patch: each patch's own stain is estimated; slide: one per slide, pooled over up to
-  # stain_slide_patches of its patches (stain.Normaliser).
+  # Whose stain is mapped (stain.Normaliser): each patch's own; one per slide, pooled over up
+  # to stain_slide_patches of its patches; one per center, pooled as the target is.
   stain_scope: str = 'patch'
   stain_slide_patches: int = 64
   # Stain augmentation (docs/stain.md): stain_augment extra embeddings per patch from

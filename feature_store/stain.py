@@ -11,6 +11,10 @@ single colour such as marker ink, too few tissue pixels, coincident or degenerat
 vectors, a stain far from the target's) keeps its own pixels and is counted.
 tests/test_stain.py checks the batched code against torchstain patch by patch.
 
+Histogram matching (scikit-image's match_histograms, each channel of the tissue pixels) is
+the third method, and every method maps from one of three scopes (`SCOPES`): each patch's
+own stain, its slide's, or its hospital's (docs/stain.md, "Scope").
+
 The target is a `StainTarget`: fitted on one reference image (`--stain_reference`) or,
 by default, a robust pooled estimate over a sample of the development center's tissue
 patches: the median of the per-patch stain vectors (each then scaled to unit length) and
