@@ -243,6 +243,19 @@ def _mri_paths(store_dir: Path, patient_id: str) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- units
 
 
+def plan_patches(slide, cfg: ExtractConfig, mpp: float | None) -> slides.PatchPlan:
+  """The slide's patch grid with the extraction settings (mpp: the manifest's um/px)."""
+  return slides.plan_patches(
+    slide,
+    target_mpp=cfg.target_mpp,
+    patch_px=cfg.patch_px,
+    tissue=cfg.tissue,
+    fallback_mpp=cfg.fallback_mpp,
+    manifest_mpp=mpp,
+    mpp_from_objective=cfg.mpp_from_objective,
+  )
+
+
 def extract_slide(
   slide_path: Path,
   slide_id: str,
@@ -268,15 +281,7 @@ def extract_slide(
   slide file's embedding_view1..K columns."""
   slide = slides.open_slide(slide_path)
   try:
-    plan = slides.plan_patches(
-      slide,
-      target_mpp=cfg.target_mpp,
-      patch_px=cfg.patch_px,
-      tissue=cfg.tissue,
-      fallback_mpp=cfg.fallback_mpp,
-      manifest_mpp=mpp,
-      mpp_from_objective=cfg.mpp_from_objective,
-    )
+    plan = plan_patches(slide, cfg, mpp)
     if plan.mpp_source != 'slide':
       _log_mpp_choice(slide, slide_id, plan.mpp, plan.mpp_source)
     if len(plan.xy) == 0:
@@ -814,15 +819,7 @@ def fit_stain_target(
       logging.warning('stain fit: skipping %s: %s', slide_id, e)
       continue
     try:
-      plan = slides.plan_patches(
-        handle,
-        target_mpp=cfg.target_mpp,
-        patch_px=cfg.patch_px,
-        tissue=cfg.tissue,
-        fallback_mpp=cfg.fallback_mpp,
-        manifest_mpp=s.mpp,
-        mpp_from_objective=cfg.mpp_from_objective,
-      )
+      plan = plan_patches(handle, cfg, s.mpp)
       if not len(plan.xy):
         continue
       stats += stain_sample(handle, plan, per_slide, cfg, cfg.stain_norm)

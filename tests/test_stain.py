@@ -227,15 +227,7 @@ def test_tissue_mask_of_the_real_slide_is_unchanged(shared_data, tmp_path):
 
   from feature_store import encoders
 
-  cfg = extract.ExtractConfig(
-    encoder_weights='random',
-    wsi_encoder='timm:vit_tiny_patch16_224',
-    encoder_kwargs={'depth': 1},
-    target_mpp=2.0,
-    patch_px=64,
-    batch_size=32,
-    workers=1,
-  )
+  cfg = tiny_extraction.config(target_mpp=2.0, tissue=tissue)
   enc = encoders.Encoder('wsi', 'random', name=cfg.wsi_encoder, kwargs=cfg.encoder_kwargs)
   norm = stain.Normaliser(target)
   bags = {}
