@@ -202,22 +202,8 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 
 def delong_test(y, score_a, score_b) -> tuple[float, float]:
   """Paired two-sided DeLong test of AUC(a) = AUC(b) on the same patients: (z, p)."""
-  y = _binary(y)
-  a = _finite(score_a, 'score_a')
-  b = _finite(score_b, 'score_b')
-  _same_length(y=y, score_a=a, score_b=b)
-  _two_classes(y)
-  if min(int(y.sum()), int(len(y) - y.sum())) < 2:
-    raise UndefinedMetric('DeLong test undefined: needs at least 2 patients in each class')
-  aucs, cov = _delong_components(y, np.stack([a, b]))
-  var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-  diff = aucs[0] - aucs[1]
-  if var <= 0:
-    if diff == 0:
-      return 0.0, 1.0
-    raise UndefinedMetric('DeLong test undefined: zero variance of the AUC difference')
-  z = float(diff / np.sqrt(var))
-  return z, float(2 * stats.norm.sf(abs(z)))
+  *_, z, p = delong_difference(y, score_a, score_b)
+  return z, p
 
 
 def delong_difference(y, score_a, score_b, *, alpha: float = 0.05):
