@@ -45,6 +45,9 @@ class Knobs:
   missing_mri_rate: float = 0.05
   missing_response_rate: float = 0.05
   center_shift: float = 1.0  # appearance shift of center B (0 = none)
+  # Rendered slides (synthetic_cohort): blue-channel shift of the nuclei per tanh(WSI view),
+  # a patient signal in nuclear hue beside density and size (0: morphology alone).
+  nuclear_hue: float = 15.0
   # Realistic-cohort knobs (off by default: the clean cohort).
   two_factor: bool = False  # MRI sees burden u, slides see biology v; outcomes need both
   response_interaction: float = 0.0  # logit term in u * v

@@ -46,8 +46,11 @@ _EOSIN = {'A': np.array([236, 160, 200], np.float32), 'B': np.array([220, 150, 2
 _HEMATOXYLIN = {'A': np.array([75, 45, 135], np.float32), 'B': np.array([95, 60, 160], np.float32)}
 
 
-def render_slide(rng: np.random.Generator, view: float, center: str, side: int) -> np.ndarray:
-  """An RGB uint8 H&E-like field: white glass, tissue islands, nuclei whose density and size rise with `view`."""
+def render_slide(
+  rng: np.random.Generator, view: float, center: str, side: int, nuclear_hue: float = 15.0
+) -> np.ndarray:
+  """An RGB uint8 H&E-like field: white glass, tissue islands, nuclei whose density and size
+  rise with `view` and whose blue shifts by nuclear_hue * tanh(view)."""
   small = side // 8
   blobs = np.zeros((small, small), np.float32)
   for _ in range(rng.integers(2, 5)):
@@ -92,7 +95,7 @@ def render_slide(rng: np.random.Generator, view: float, center: str, side: int) 
       -1,
     )
   nuclei = cv2.GaussianBlur(nuclei, (0, 0), 0.8)[..., None]
-  hema = _HEMATOXYLIN[center] - 15 * np.tanh(view) * np.array([0, 0, -1], np.float32)
+  hema = _HEMATOXYLIN[center] - nuclear_hue * np.tanh(view) * np.array([0, 0, -1], np.float32)
   img = img * (1 - nuclei) + hema * nuclei
   img += rng.normal(0, 3, img.shape).astype(np.float32)
   return np.clip(img, 0, 255).astype(np.uint8)
@@ -219,7 +222,7 @@ def make_cohort(
     if row.has_wsi:
       for s in range(row.n_slides):
         rel = Path('slides') / f'{row.patient_id}_s{s + 1}.tiff'
-        rgb = render_slide(rng, row.wsi_view, row.center, shape.slide_px)
+        rgb = render_slide(rng, row.wsi_view, row.center, shape.slide_px, knobs.nuclear_hue)
         write_pyramidal_tiff(
           out / rel,
           rgb,

@@ -66,6 +66,12 @@ flags.DEFINE_integer(
   'Exactly this many patients from center B, the external test center (overrides '
   '--center_b_fraction; the other patients are as with the fraction alone).',
 )
+flags.DEFINE_float(
+  'nuclear_hue',
+  _DEFAULT.nuclear_hue,
+  "Cohort slides: blue shift of the nuclei per tanh(patient's slide view); 0 puts the slide "
+  'signal in nuclear density and size alone, so that stain is a center effect only.',
+)
 # Size knobs.
 flags.DEFINE_integer(
   'slide_px', synthetic_cohort.CohortShape.slide_px, 'cohort: level-0 slide side in px.'
@@ -104,6 +110,7 @@ def main(argv):
     'missing_response_rate',
     'center_b_fraction',
     'center_b_patients',
+    'nuclear_hue',
   )
   knobs = dataclasses.replace(knobs, **{k: FLAGS[k].value for k in knob_flags if FLAGS[k].present})
   if FLAGS.kind == 'cohort':
