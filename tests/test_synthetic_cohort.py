@@ -122,6 +122,21 @@ def test_slide_texture_follows_the_latent():
   assert dark[0] < dark[1] < dark[2]
 
 
+def test_nuclear_hue_knob_moves_the_nuclei_colour_and_only_it():
+  """With nuclear_hue = 0 the nuclei of a low and a high view have one colour (the signal is
+  density and size); with the default they differ in blue. Same draws either way."""
+
+  def nuclei_blue(view, hue):
+    rgb = synthetic_cohort.render_slide(np.random.default_rng(0), view, 'A', 512, hue)
+    return rgb[rgb.mean(-1) < 110][:, 2].astype(float).mean()
+
+  assert abs(nuclei_blue(1.5, 0.0) - nuclei_blue(-1.5, 0.0)) < 2.0
+  assert nuclei_blue(1.5, 15.0) - nuclei_blue(-1.5, 15.0) > 10.0
+  default = synthetic_cohort.render_slide(np.random.default_rng(0), 0.7, 'A', 256)
+  explicit = synthetic_cohort.render_slide(np.random.default_rng(0), 0.7, 'A', 256, 15.0)
+  np.testing.assert_array_equal(default, explicit)
+
+
 def test_tumour_volume_follows_the_latent():
   shape = synthetic_cohort.CohortShape(mri_px=64, mri_slices=10)
   volumes = [
