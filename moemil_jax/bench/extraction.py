@@ -12,8 +12,8 @@ keeps) and end-to-end / naive; the read path alone (ours against one read_region
 patch, no model) shows where the pipeline's advantage lives when the model dominates.
 
 Stain normalisation (issue 28): end to end with each normalisation (Macenko, Reinhard;
-per patch, per slide and per center; histogram matching per center) on the encoder's device (target fitted on the first slide's
-patches) against the same run without,
+per patch, per slide and per center; histogram matching per center) on the encoder's
+device (target fitted on the first slide's patches) against the same run without,
 alternated `stain_repeats` times each so that a busy machine slows both alike; the figure
 is the ratio of the median patches/s (on / off), and P4 with it on (encoder-only / end to
 end with normalisation).
