@@ -23,6 +23,7 @@ STORE.json (identical from any shard, written atomically).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging as std_logging
@@ -616,14 +617,16 @@ def extract(
     'read_block': READ_BLOCK,
   }
   target = stain_target(man, store_dir, cfg)
-  normaliser, center_stains = None, {}
+  normaliser, center_stain = None, None
   if target is not None:  # only then: stores made without it keep their fingerprint
     wsi_fp['stain'] = target.fingerprint()
     if cfg.stain_scope == 'slide':  # only then: patch-scope stores keep their fingerprint
       wsi_fp['stain'] |= {'scope': 'slide', 'slide_patches': cfg.stain_slide_patches}
     elif cfg.stain_scope == 'center':
       wsi_fp['stain'] |= {'scope': 'center', 'center_patches': cfg.stain_fit_patches}
-      center_stains = fit_center_stains(man, cfg)
+      # Fitted when a slide of that center is first extracted: a rerun that skips every
+      # slide reads no patch for it.
+      center_stain = functools.cache(functools.partial(fit_center_stain, man, cfg))
     normaliser = stain.Normaliser(target, cfg.device, cfg.stain_scope)
   augmenter, augment_fp = augmenter_and_fingerprint(cfg)
   if augment_fp is not None:  # only then, as for stain: stores made without keep theirs
@@ -661,7 +664,7 @@ def extract(
         mpp=slide.mpp,
         normaliser=normaliser,
         augmenter=augmenter,
-        center_stain=center_stains.get(str(patient.clinical.get('center'))),
+        center_stain=center_stain and center_stain(str(patient.clinical.get('center'))),
       )
       summary.slides_done += 1
     except slides.SlideError as e:
@@ -761,21 +764,19 @@ def stain_target(
 FIT_SLIDES = 16  # slides a fitted target samples at most
 
 
-def fit_center_stains(
-  man: manifest_lib.Manifest, cfg: ExtractConfig
-) -> dict[str, stain.StainTarget | None]:
-  """Scope 'center': each center's own stain, pooled as a target is (stain_fit_patches
-  patches over up to FIT_SLIDES of its slides); None for a center whose stain cannot be
-  estimated (its slides keep their own stain, counted)."""
-  out: dict[str, stain.StainTarget | None] = {}
-  for center in sorted({str(p.clinical.get('center')) for p in man.patients}):
-    try:
-      out[center] = fit_stain_target(man, cfg, [center], f'center {center}:')
-      logging.info('stain of center %s (%s): %s', center, cfg.stain_norm, out[center].source)
-    except stain.StainError as e:
-      logging.warning('center %s keeps its own stain: %s', center, e)
-      out[center] = None
-  return out
+def fit_center_stain(
+  man: manifest_lib.Manifest, cfg: ExtractConfig, center: str
+) -> stain.StainTarget | None:
+  """Scope 'center': the center's own stain, pooled as a target is (stain_fit_patches
+  patches over up to FIT_SLIDES of its slides); None when it cannot be estimated (its slides
+  keep their own stain, counted)."""
+  try:
+    own = fit_stain_target(man, cfg, [center], f'center {center}:')
+  except stain.StainError as e:
+    logging.warning('center %s keeps its own stain: %s', center, e)
+    return None
+  logging.info('stain of center %s (%s): %s', center, cfg.stain_norm, own.source)
+  return own
 
 
 def stain_sample(
