@@ -477,32 +477,26 @@ class Normaliser:
       self._source = {'lut': histogram_lut(to(own.values['cdf'])[None], self._cdf)[0]}
     return own.values
 
-  def _shared_estimate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The slide's or center's stain for every patch of the batch."""
-    if self._source is None:
-      raise RuntimeError(
-        f"scope '{self.scope}': call start_slide or use_stain before normalising patches"
-      )
-    b = images.shape[0]
-    ok = torch.full((b,), bool(self._source), device=images.device)
-    if not self._source:  # no stain to map from: every patch keeps its pixels
-      if self.target.method == 'macenko':
-        return {'he': self._he.expand(b, 3, 2), 'max_conc': self._conc.expand(b, 2), 'ok': ok}
-      if self.target.method == 'histogram':
-        return {'cdf': self._cdf.expand(b, 3, 256), 'ok': ok}
-      return {'mean': self._mean.expand(b, 3), 'std': self._std.expand(b, 3), 'ok': ok}
-    return {k: v.expand(b, *v.shape) for k, v in self._source.items()} | {'ok': ok}
-
   @torch.inference_mode()
   def __call__(self, images: torch.Tensor) -> torch.Tensor:
     if images.shape[0] == 0:
       return images
     shape = images.shape
     p = self.params
-    if self.scope != 'patch':
-      est = self._shared_estimate(images)
-    else:
+    if self.scope == 'patch':
       est = estimate(images, self.target.method, p)
+    elif self._source is None:
+      raise RuntimeError(
+        f"scope '{self.scope}': call start_slide or use_stain before normalising patches"
+      )
+    elif not self._source:  # no slide or center stain to map from: every patch keeps its own
+      self._fallbacks += shape[0]
+      self.patches += int(shape[0])
+      return images
+    else:  # the slide's or center's stain for every patch of the batch
+      b = shape[0]
+      est = {k: v.expand(b, *v.shape) for k, v in self._source.items()}
+      est['ok'] = torch.ones(b, dtype=torch.bool, device=images.device)
     ok = est['ok']
     x = images.reshape(shape[0], -1, 3)
     if self.target.method == 'macenko':
