@@ -22,6 +22,7 @@ devices (to round-off). Outputs (predictions, run.json, bundle) are written by `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -412,6 +413,9 @@ class Checkpoints:
     self.best = ocp.CheckpointManager((root / 'best').resolve(), options=opts)
 
   def save(self, manager, epoch: int, tree, meta: dict) -> None:
+    """Saves asynchronously. orbax writes the JSON in the background while training goes on
+    and mutates `meta`, so a deep copy is saved: the state as it is now, not as it is then."""
+    meta = copy.deepcopy(meta)
     manager.save(
       epoch,
       args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),

@@ -155,6 +155,23 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
   assert meta == {'epoch': 1} and int(tree['opt_state']['count']) == 1
 
 
+def test_a_checkpoint_keeps_the_run_state_of_its_epoch(tmp_path):
+  """The save is asynchronous and training mutates its state right after it (the next
+  epoch's count, before its history): the checkpoint holds the state as it was saved."""
+  import jax.numpy as jnp
+
+  from moemil_jax import trainer
+
+  ckpt = trainer.Checkpoints(tmp_path)
+  tree = {'params': {'w': jnp.ones(1000, jnp.float32)}}
+  meta = {'epoch': 1, 'history': [{'epoch': 1}]}
+  ckpt.save(ckpt.latest, 1, tree, meta)
+  meta['epoch'] = 2
+  meta['history'].append({'epoch': 2})
+  ckpt.wait()
+  assert ckpt.restore(ckpt.latest, tree)[1] == {'epoch': 1, 'history': [{'epoch': 1}]}
+
+
 def _table(n: int, seed: int) -> pa.Table:
   return pa.table({'x': np.random.default_rng(seed).random(n)})
 
