@@ -32,6 +32,7 @@ EXPECTED = {
   'p4_stain_macenko_center',
   'p4_stain_reinhard_center',
   'p4_stain_histogram_center',
+  'p4_augment',
   'p5',
   'p5_bytes',
   'p5_gbps',

@@ -187,6 +187,27 @@ def test_slide_scope_maps_every_patch_and_falls_back_for_unestimable_slides(tile
     stain.Normaliser(target, scope='slide')(torch.from_numpy(tissue[None].copy()))
 
 
+def test_reinhard_per_center_looks_colours_up_in_a_table_equal_to_the_direct_mapping(tiles):
+  """The center's colour table gives every pixel exactly what mapping it directly from the
+  center's stain does, counts its patches, and is made once for the center's slides."""
+  strong, pale = tiles
+  target = stain.fit_target(pale[None], 'reinhard', 'pale tile')
+  own = stain.fit_target(strong[None], 'reinhard', 'center B')
+  x = torch.from_numpy(np.stack([strong[:128, :128], strong[128:256, :128]]))
+  per_center = stain.Normaliser(target, scope='center')
+  per_center.use_stain(own)
+  table = per_center._source['table']
+  direct = stain.Normaliser(target, scope='slide')
+  direct.use_stain(own)
+  assert 'table' not in direct._source
+  out = per_center(x)
+  np.testing.assert_array_equal(out.numpy(), direct(x).numpy())
+  assert not np.array_equal(out.numpy(), x.numpy())
+  assert per_center.patches == 2 and per_center.pop_fallbacks() == 0
+  per_center.use_stain(own)  # the next slide of the same center
+  assert per_center._source['table'] is table
+
+
 @pytest.mark.parametrize('direction', ['strong_to_pale', 'pale_to_strong'])
 def test_real_tiles_normalised_to_each_other_take_the_others_stain(tiles, direction):
   """Measured with torchstain's numpy Macenko, not this code: the stain vectors within 5

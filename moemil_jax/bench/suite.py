@@ -167,7 +167,7 @@ def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[
       )
     )
     med = r.get('stain_median_patches_per_s', {})
-    for m in (k for k in med if k != 'none'):  # macenko, reinhard, macenko_slide, ...
+    for m in (k for k in med if k != 'none' and not k.startswith('augment')):
       method, _, scope = m.partition('_')
       figs.append(
         Figure(
@@ -182,7 +182,27 @@ def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[
           f'{r["stain_repeats"]} alternated runs each; P4 with it on '
           f'{r[f"ratio_to_encoder_{m}"]:.2f}; the normaliser alone costs '
           f'{r[f"stain_cost_vs_encoder_{m}"]:.1%} of the encoder (implied ratio '
-          f'{r[f"stain_implied_ratio_{m}"]:.2f}), {r["device"]}',
+          f'{r[f"stain_implied_ratio_{m}"]:.2f})'
+          + (
+            f'; the center set up in {r["stain_center_setup_s"][m]:.1f} s, once'
+            if m in r.get('stain_center_setup_s', {})
+            else ''
+          )
+          + f', {r["device"]}',
+        )
+      )
+    if 'augment_ratio' in r:
+      k = r['augment_views']
+      figs.append(
+        Figure(
+          'p4_augment',
+          f'P4 with stain augmentation (K = {k} views): images encoded per second / without',
+          r['augment_images_ratio'],
+          '>= 0.85',
+          _ge(r['augment_images_ratio'], 0.85),
+          '',
+          f'{med[f"augment{k}"]:.2f} vs {med["none"]:.2f} patches/s ({r["augment_ratio"]:.2f}x; '
+          f'{k + 1} images encoded per patch), median of {r["stain_repeats"]} alternated runs',
         )
       )
     figs.append(
