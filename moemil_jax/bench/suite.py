@@ -62,6 +62,9 @@ def _p1_note(r: dict[str, Any]) -> str:
   )
 
 
+_STAIN_NAMES = {'macenko': 'Macenko', 'reinhard': 'Reinhard', 'histogram': 'histogram-matching'}
+
+
 def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[Figure]:
   figs = []
   if 'p1' in results:
@@ -172,7 +175,7 @@ def _figures(results: dict[str, Any], quick: bool, device: str = 'cpu') -> list[
       figs.append(
         Figure(
           'p4_stain' if m == 'macenko' else f'p4_stain_{m}',
-          f'P4 with {method.capitalize()} stain normalisation per {scope or "patch"} / '
+          f'P4 with {_STAIN_NAMES[method]} stain normalisation per {scope or "patch"} / '
           'without (end to end, medians)',
           r[f'stain_ratio_{m}'],
           '>= 0.85',
