@@ -710,6 +710,16 @@ def wsi_matrix(
   return x
 
 
+def prototype_bags(root: Path, patient_ids: Sequence[str]) -> list:
+  """Each patient's patch embeddings (`prototypes.bags_of`), in `patient_ids` order."""
+  from moemil_jax import prototypes
+
+  cohort = store_reader.load_store(root)
+  return prototypes.bags_of(
+    cohort, pd.Index(cohort.patient_id).get_indexer(pd.Index(patient_ids).astype(str))
+  )
+
+
 def wsi_prototype_matrix(
   root: Path,
   patient_ids: Sequence[str],
@@ -717,14 +727,14 @@ def wsi_prototype_matrix(
   *,
   data_config: Mapping[str, Any] | None = None,
   seed: int = 0,
+  bags: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(x, has): prototype slide vectors (`prototypes.fit` on the `train` rows' bags only, as
-  the deep model's preprocessing does); rows without slides are 0 (the training mean)."""
+  the deep model's preprocessing does); rows without slides are 0 (the training mean).
+  `bags`: `prototype_bags(root, patient_ids)`, when already read."""
   from moemil_jax import prototypes
 
-  cohort = store_reader.load_store(root)
-  rows = pd.Index(cohort.patient_id).get_indexer(pd.Index(patient_ids).astype(str))
-  bags = prototypes.bags_of(cohort, rows)
+  bags = prototype_bags(root, patient_ids) if bags is None else bags
   has = np.array([len(b) > 0 for b in bags])
   if not has.any():
     raise BaselineSkipped('the store has no slides')
@@ -793,10 +803,11 @@ def baseline_predictions(
   split_of = split_of.copy()
   split_of.index = split_of.index.astype(str)
   # Hundreds of small solves: one BLAS thread each is faster, and far faster on a busy machine.
+  reads: dict = {}  # the slides' reads do not depend on the split: once for every fold
   with threadpool_limits(limits=1):
-    out = _baseline_predictions(Path(store_dir), split_of, names, notes, data_config, seed)
+    out = _baseline_predictions(Path(store_dir), split_of, names, notes, data_config, seed, reads)
     if folds is not None and out:
-      _add_out_of_fold(out, Path(store_dir), split_of, folds, notes, data_config, seed)
+      _add_out_of_fold(out, Path(store_dir), split_of, folds, notes, data_config, seed, reads)
   return out
 
 
@@ -808,6 +819,7 @@ def _add_out_of_fold(
   notes: list[str],
   data_config: Mapping[str, Any] | None,
   seed: int,
+  reads: dict,
 ) -> None:
   """Adds oof_response_logit, oof_log_risk and oof_fold to each frame of `out` (in place):
   per fold, the baselines refitted with that fold's patients moved out of training."""
@@ -823,7 +835,7 @@ def _add_out_of_fold(
     split_f[split_f.index.isin(held)] = 'val'
     fold_notes: list[str] = []
     names = [n for n in out if n not in failed]
-    got = _baseline_predictions(root, split_f, names, fold_notes, data_config, seed)
+    got = _baseline_predictions(root, split_f, names, fold_notes, data_config, seed, reads)
     for name in names:
       if name not in got:
         failed[name] = f'fold {fold}: ' + '; '.join(n for n in fold_notes if label(name) in n)
@@ -850,12 +862,20 @@ def _baseline_predictions(
   notes: list[str],
   data_config: Mapping[str, Any] | None,
   seed: int,
+  reads: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
-  """baseline_predictions without the thread limit; the store is read once for all baselines."""
+  """baseline_predictions without the thread limit; the store is read once for all baselines
+  (and, with `reads` kept between calls, the slides once for all folds)."""
+  reads = {} if reads is None else reads
 
   def skip(name: str, reason: str) -> None:
     notes.append(f'{label(name)} skipped: {reason}')
     logging.warning('%s', notes[-1])
+
+  def read(key, fn, *args):
+    if (key, *args) not in reads:
+      reads[(key, *args)] = fn(root, *args)
+    return reads[(key, *args)]
 
   clinical_path = root / store_lib.CLINICAL
   if not clinical_path.exists():
@@ -902,10 +922,15 @@ def _baseline_predictions(
         x, has = x[rows], has[rows]
       elif name == 'wsi_prototypes':
         x, has = wsi_prototype_matrix(
-          root, df['patient_id'], train, data_config=data_config, seed=seed
+          root,
+          df['patient_id'],
+          train,
+          data_config=data_config,
+          seed=seed,
+          bags=read('bags', prototype_bags, tuple(df['patient_id'])),
         )
       else:
-        means, counts = wsi_mean_embeddings(root, df['patient_id'])
+        means, counts = read('means', wsi_mean_embeddings, tuple(df['patient_id']))
         has = counts > 0
         x = wsi_matrix(means, has, train)
       out[name] = _linear_predictions(df, name, x, has, seed=seed)
