@@ -315,7 +315,7 @@ def all_seeds(docs: Path) -> str:
 # --------------------------------------------------------------------------- benchmarks
 
 # launch.bench runs, oldest first: a later run's figure replaces an earlier one's by key.
-BENCH_RUNS = ('bench_cpu.json', 'bench_cpu_p5_eval.json', 'bench_cpu_p3.json', 'bench_cpu_p4.json')
+BENCH_RUNS = ('bench_cpu_p5_eval.json', 'bench_cpu.json', 'bench_cpu_p3.json', 'bench_cpu_p4.json')
 
 
 # The order of the figures in BENCHMARKS.md, by the key's first word.
