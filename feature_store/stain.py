@@ -488,25 +488,29 @@ class Normaliser:
     conversions. Kept for the next slide of the same center; None if any colour fell back."""
     key = repr(sorted(own.values.items()))
     if self._table_key != key:
-      counts = self._fallbacks.clone(), self.patches
       rgb = _unpack_rgb(torch.arange(1 << 24, dtype=torch.int32, device=self.device))
-      chunks = rgb.reshape(256, 256, 256, 3).split(16)
-      table = torch.cat([_pack_rgb(self(c)).reshape(-1) for c in chunks])
-      fell_back = bool(self._fallbacks > counts[0])
-      self._fallbacks.copy_(counts[0])
-      self.patches = counts[1]
-      self._table_key, self._table = key, None if fell_back else table
+      mapped = [self._map(c) for c in rgb.reshape(256, 256, 256, 3).split(16)]
+      table = torch.cat([_pack_rgb(out).reshape(-1) for out, _ in mapped])
+      all_mapped = all(bool(ok.all()) for _, ok in mapped)
+      self._table_key, self._table = key, table if all_mapped else None
     return None if self._table is None else {'table': self._table}
 
   @torch.inference_mode()
   def __call__(self, images: torch.Tensor) -> torch.Tensor:
     if images.shape[0] == 0:
       return images
+    out, ok = self._map(images)
+    self._fallbacks += (~ok).sum()
+    self.patches += int(images.shape[0])
+    return out
+
+  def _map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the patches in the target's stain, (B,) True where mapped; False: kept as they were)."""
     shape = images.shape
     p = self.params
     if self._source is not None and 'table' in self._source:
-      self.patches += int(shape[0])
-      return _unpack_rgb(torch.take(self._source['table'], _pack_rgb(images).long()))
+      out = _unpack_rgb(torch.take(self._source['table'], _pack_rgb(images).long()))
+      return out, torch.ones(shape[0], dtype=torch.bool, device=images.device)
     if self.scope == 'patch':
       est = estimate(images, self.target.method, p)
     elif self._source is None:
@@ -514,9 +518,7 @@ class Normaliser:
         f"scope '{self.scope}': call start_slide or use_stain before normalising patches"
       )
     elif not self._source:  # no slide or center stain to map from: every patch keeps its own
-      self._fallbacks += shape[0]
-      self.patches += int(shape[0])
-      return images
+      return images, torch.zeros(shape[0], dtype=torch.bool, device=images.device)
     else:  # the slide's or center's stain for every patch of the batch
       b = shape[0]
       est = {k: v.expand(b, *v.shape) for k, v in self._source.items()}
@@ -545,12 +547,10 @@ class Normaliser:
       scale = torch.where(ok[:, None, None], scale, torch.ones_like(scale))
       shift = torch.where(ok[:, None, None], shift, torch.zeros_like(shift))
       out = _reinhard_apply(x, scale[:, 0], shift[:, 0]) * 255.0
-    self._fallbacks += (~ok).sum()
-    self.patches += int(shape[0])
     out = out.clamp_(0, 255).round_().to(torch.uint8)
     if not bool(ok.all()):  # one host sync per batch; the fallbacks keep their pixels
       out[~ok] = x[~ok]
-    return out.reshape(shape)
+    return out.reshape(shape), ok
 
 
 def _pack_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,7 @@ def _naive_patches(slide, plan: slides.PatchPlan, start: int, stop: int) -> np.n
 def _read_ours(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
   slide = slides.open_slide(path)
   try:
-    plan = slides.plan_patches(
-      slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
-    )
+    plan = extract.plan_patches(slide, cfg, None)
     return [
       p
       for _, p in slides.iter_patch_batches(
@@ -83,9 +81,7 @@ def _read_ours(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
 def _read_naive(path: Path, cfg: extract.ExtractConfig) -> list[np.ndarray]:
   slide = slides.open_slide(path)
   try:
-    plan = slides.plan_patches(
-      slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
-    )
+    plan = extract.plan_patches(slide, cfg, None)
     return [
       _naive_patches(slide, plan, i, i + cfg.batch_size)
       for i in range(0, len(plan.xy), cfg.batch_size)
@@ -220,11 +216,7 @@ def run(
   lengths = set()
   for _, _, path in items:
     slide = slides.open_slide(path)
-    n = len(
-      slides.plan_patches(
-        slide, target_mpp=cfg.target_mpp, patch_px=cfg.patch_px, tissue=cfg.tissue
-      ).xy
-    )
+    n = len(extract.plan_patches(slide, cfg, None).xy)
     slide.close()
     lengths |= {min(batch, n)} | ({n % batch} if n % batch else set())
   for n in sorted(lengths):
